@@ -1,0 +1,89 @@
+"""Backend choice, in one place.
+
+CUDA tensors go to Triton, CPU tensors to the C++ extension, and anything a backend does not
+support to the pure-PyTorch reference (never a silent wrong answer). ``ATTNKERN_BACKEND``
+(``triton``, ``cpu`` or ``reference``) forces one; a forced backend that cannot run raises.
+Under ``TRITON_INTERPRET=1`` the Triton backend also runs on CPU tensors (that is how the
+Triton kernels are tested without a GPU).
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Callable, Optional
+
+import torch
+
+BACKENDS = ("triton", "cpu", "reference")
+_warned = set()
+
+
+def forced() -> Optional[str]:
+    v = os.environ.get("ATTNKERN_BACKEND", "").strip().lower()
+    if not v or v == "auto":
+        return None
+    if v not in BACKENDS:
+        raise ValueError(f"ATTNKERN_BACKEND must be one of {BACKENDS} or 'auto', got {v!r}")
+    return v
+
+
+def triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _why_not(backend: str, device: torch.device) -> Optional[str]:
+    """None if ``backend`` can run on tensors of ``device``, else the reason it cannot."""
+    if backend == "reference":
+        return None
+    if backend == "cpu":
+        if device.type != "cpu":
+            return f"the cpu backend takes CPU tensors, got {device.type} tensors"
+        from . import _cpu
+
+        if _cpu.extension() is None:
+            return f"the C++ extension is not available ({_cpu.load_error()})"
+        return None
+    if backend == "triton":
+        if not triton_available():
+            return "triton is not installed"
+        if device.type == "cuda":
+            return None
+        if device.type == "cpu" and triton_interpret():
+            return None
+        return (f"the triton backend takes CUDA tensors (or CPU tensors under TRITON_INTERPRET=1), "
+                f"got {device.type} tensors")
+    raise ValueError(backend)
+
+
+def pick(op: str, device: torch.device, supports: Optional[Callable[[str], Optional[str]]] = None) -> str:
+    """The backend that runs ``op`` on tensors of ``device``.
+
+    ``supports(backend)`` returns None when the op's kernels on that backend handle these
+    particular inputs, or a reason when they do not (a dtype, a head dim...); the reference
+    then runs instead, or, when the backend was forced, a RuntimeError names the reason.
+    """
+    f = forced()
+    if f is not None:
+        why = _why_not(f, device) or (supports(f) if supports else None)
+        if why:
+            raise RuntimeError(f"attnkern.{op}: ATTNKERN_BACKEND={f} cannot run here: {why}")
+        return f
+    preferred = "triton" if device.type == "cuda" else "cpu" if device.type == "cpu" else "reference"
+    why = _why_not(preferred, device) if preferred != "reference" else None
+    if why is None and supports is not None and preferred != "reference":
+        why = supports(preferred)
+    if why is None:
+        return preferred
+    key = (op, preferred, why)
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(f"attnkern.{op}: using the PyTorch reference because {why}", RuntimeWarning, stacklevel=3)
+    return "reference"

@@ -1,0 +1,79 @@
+"""Small helpers the drop-in modules share: timm's channel rounding, activation and gate lookup."""
+from __future__ import annotations
+
+from typing import Callable, Optional, Type, Union
+
+import torch
+from torch import nn
+
+LayerSpec = Union[str, Type[nn.Module], nn.Module, Callable, None]
+
+_ACTS = {
+    "relu": nn.ReLU, "relu6": nn.ReLU6, "silu": nn.SiLU, "swish": nn.SiLU, "gelu": nn.GELU,
+    "leaky_relu": nn.LeakyReLU, "elu": nn.ELU, "mish": nn.Mish, "tanh": nn.Tanh,
+    "sigmoid": nn.Sigmoid, "hard_sigmoid": nn.Hardsigmoid, "hardsigmoid": nn.Hardsigmoid,
+    "hard_swish": nn.Hardswish, "hardswish": nn.Hardswish, "identity": nn.Identity,
+}
+
+
+def make_divisible(v: float, divisor: int = 8, min_value: Optional[int] = None, round_limit: float = 0.9) -> int:
+    """Round ``v`` to a multiple of ``divisor`` the way timm does (``timm.layers.make_divisible``):
+    to the nearest multiple, at least ``min_value`` (default ``divisor``), bumped up one
+    multiple if rounding lost more than ``1 - round_limit`` of ``v``."""
+    min_value = min_value or divisor
+    new_v = max(min_value, int(v + divisor / 2) // divisor * divisor)
+    if new_v < round_limit * v:
+        new_v += divisor
+    return new_v
+
+
+def create_layer(spec: LayerSpec, what: str, inplace: Optional[bool] = None) -> nn.Module:
+    """An activation or gate module from a name (``'relu'``, ``'sigmoid'``, ``'hard_sigmoid'``,
+    ...), an ``nn.Module`` class, an instance, or a plain function of one tensor."""
+    if spec is None:
+        return nn.Identity()
+    if isinstance(spec, nn.Module):
+        return spec
+    if isinstance(spec, str):
+        key = spec.lower()
+        if key not in _ACTS:
+            raise ValueError(f"unknown {what} {spec!r}; known: {', '.join(sorted(_ACTS))}")
+        spec = _ACTS[key]
+    if isinstance(spec, type) and issubclass(spec, nn.Module):
+        if inplace is not None:
+            try:
+                return spec(inplace=inplace)
+            except TypeError:
+                pass
+        return spec()
+    if callable(spec):
+        return _FnLayer(spec)
+    raise TypeError(f"{what} must be a name, an nn.Module class or instance, or a function; got {spec!r}")
+
+
+class _FnLayer(nn.Module):
+    def __init__(self, fn: Callable):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x)
+
+    def extra_repr(self) -> str:
+        return getattr(self.fn, "__name__", repr(self.fn))
+
+
+def check_module_input(name: str, x, channels: int, param: torch.Tensor) -> None:
+    """Channel count and device of a module's input against its parameters."""
+    from ..functional import check_feature_map
+
+    check_feature_map(name, x)
+    if x.shape[1] != channels:
+        raise ValueError(
+            f"attnkern.{name}: x has {x.shape[1]} channels but the module was built for "
+            f"{channels} (x shape {tuple(x.shape)})"
+        )
+    if x.device != param.device:
+        raise ValueError(
+            f"attnkern.{name}: x is on {x.device} but the module's parameters are on {param.device}"
+        )

@@ -1,0 +1,176 @@
+"""``attnkern.CBAM``: a drop-in for timm's ``CbamModule`` (and the CBAM authors' module) that
+runs the fused kernels. Same arguments, defaults and state_dict keys as timm, so a timm
+checkpoint loads with ``load_state_dict(strict=True)``::
+
+    channel.fc1.weight, channel.fc2.weight (+ .bias with mlp_bias=True),
+    spatial.conv.conv.weight, spatial.conv.bn.{weight, bias, running_mean, running_var,
+    num_batches_tracked}
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional, Type
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import functional as AF
+from ..reference.cbam import POOL_ORDERS
+from ._layers import LayerSpec, check_module_input, create_layer, make_divisible
+
+__all__ = ["CBAM", "cbam_state_dict_from_authors"]
+
+
+class _ChannelMLP(nn.Module):
+    """The shared MLP of the channel gate, as timm stores it (1x1 convs ``fc1``, ``fc2``)."""
+
+    def __init__(self, channels, rd_channels, act_layer, gate_layer, bias, device=None, dtype=None):
+        super().__init__()
+        dd = dict(device=device, dtype=dtype)
+        self.fc1 = nn.Conv2d(channels, rd_channels, 1, bias=bias, **dd)
+        self.act = create_layer(act_layer, "act_layer", inplace=True)
+        self.fc2 = nn.Conv2d(rd_channels, channels, 1, bias=bias, **dd)
+        self.gate = create_layer(gate_layer, "gate_layer")
+
+    def forward(self, v: Tensor) -> Tensor:
+        """[N, C] -> [N, C] logits (a 1x1 conv on a 1x1 map is a linear layer)."""
+        w1, w2 = self.fc1.weight, self.fc2.weight
+        v = v.to(w1.dtype) if not torch.is_autocast_enabled(v.device.type) else v
+        h = self.act(F.linear(v, w1.flatten(1), self.fc1.bias))
+        return F.linear(h, w2.flatten(1), self.fc2.bias)
+
+
+class _ConvBN(nn.Module):
+    def __init__(self, kernel_size, bn_momentum, bn_eps, device=None, dtype=None):
+        super().__init__()
+        dd = dict(device=device, dtype=dtype)
+        self.conv = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2, bias=False, **dd)
+        self.bn = nn.BatchNorm2d(1, eps=bn_eps, momentum=bn_momentum, **dd)
+
+    def forward(self, s: Tensor) -> Tensor:
+        w = self.conv.weight
+        s = s.to(w.dtype) if not torch.is_autocast_enabled(s.device.type) else s
+        return self.bn(self.conv(s))
+
+
+class _SpatialBranch(nn.Module):
+    def __init__(self, kernel_size, gate_layer, bn_momentum, bn_eps, device=None, dtype=None):
+        super().__init__()
+        self.conv = _ConvBN(kernel_size, bn_momentum, bn_eps, device=device, dtype=dtype)
+        self.gate = create_layer(gate_layer, "gate_layer")
+
+    def forward(self, s: Tensor) -> Tensor:
+        return self.conv(s)
+
+
+class CBAM(nn.Module):
+    """Convolutional Block Attention Module (Woo et al., 2018), fused.
+
+    ``out = x * gc * gs`` with the channel gate ``gc = gate(mlp(avg_hw x) + mlp(max_hw x))`` and
+    the spatial gate ``gs = gate(bn(conv_k([mean_c; max_c](x * gc))))``.
+
+    Args (timm ``CbamModule``'s, same defaults):
+        channels: input channels C.
+        rd_ratio, rd_channels, rd_divisor: the MLP's hidden width, ``rd_channels`` or
+            ``make_divisible(channels * rd_ratio, rd_divisor, round_limit=0)``.
+        spatial_kernel_size: k of the spatial conv (odd).
+        act_layer: the MLP's activation (class, instance or name).
+        gate_layer: the gate, ``'sigmoid'`` by default (any name, class or function).
+        mlp_bias: biases in the MLP (the authors' code has them).
+        pool_order: ``'mean_max'`` (timm) or ``'max_mean'`` (the authors' code).
+        bn_momentum, bn_eps: the spatial BatchNorm's (the authors' code uses momentum 0.01).
+
+    Set ``keep_gates = True`` to keep the last forward's gates in ``last_gates``
+    (``gc`` [B, C], ``gs`` [B, 1, H, W], float32, detached) for attention maps.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        rd_ratio: float = 1.0 / 16,
+        rd_channels: Optional[int] = None,
+        rd_divisor: int = 1,
+        spatial_kernel_size: int = 7,
+        act_layer: LayerSpec = nn.ReLU,
+        gate_layer: LayerSpec = "sigmoid",
+        mlp_bias: bool = False,
+        pool_order: str = "mean_max",
+        bn_momentum: float = 0.1,
+        bn_eps: float = 1e-5,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        if not isinstance(channels, int) or channels < 1:
+            raise ValueError(f"attnkern.CBAM: channels must be a positive int, got {channels!r}")
+        if pool_order not in POOL_ORDERS:
+            raise ValueError(f"attnkern.CBAM: pool_order must be one of {POOL_ORDERS}, got {pool_order!r}")
+        if spatial_kernel_size < 1 or spatial_kernel_size % 2 == 0:
+            raise ValueError(f"attnkern.CBAM: spatial_kernel_size must be odd, got {spatial_kernel_size}")
+        if not rd_channels:
+            rd_channels = make_divisible(channels * rd_ratio, rd_divisor, round_limit=0.0)
+        self.channels = channels
+        self.pool_order = pool_order
+        self.channel = _ChannelMLP(channels, rd_channels, act_layer, gate_layer, mlp_bias, device, dtype)
+        self.spatial = _SpatialBranch(spatial_kernel_size, gate_layer, bn_momentum, bn_eps, device, dtype)
+        self.keep_gates = False
+        self.last_gates = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        check_module_input("CBAM", x, self.channels, self.channel.fc1.weight)
+        out, gc, gs = AF.cbam(x, self.channel, self.spatial, pool_order=self.pool_order,
+                              gate=self.channel.gate)
+        self.last_gates = (gc.detach(), gs.detach()) if self.keep_gates else None
+        return out
+
+    def extra_repr(self) -> str:
+        return f"channels={self.channels}, pool_order={self.pool_order!r}"
+
+    @classmethod
+    def from_timm(cls, m: nn.Module) -> "CBAM":
+        """A CBAM with the configuration, weights, device, dtype and mode of timm's ``m``."""
+        fc1, bn = m.channel.fc1, m.spatial.conv.bn
+        conv = m.spatial.conv.conv
+        w = fc1.weight
+        new = cls(
+            fc1.in_channels,
+            rd_channels=fc1.out_channels,
+            spatial_kernel_size=conv.kernel_size[0],
+            act_layer=type(m.channel.act),
+            gate_layer=m.channel.gate,
+            mlp_bias=fc1.bias is not None,
+            bn_momentum=bn.momentum,
+            bn_eps=bn.eps,
+            device=w.device,
+            dtype=w.dtype,
+        )
+        new.load_state_dict(m.state_dict(), strict=True)
+        new.train(m.training)
+        return new
+
+
+_AUTHORS_KEYS = {
+    "ChannelGate.mlp.1.": "channel.fc1.",
+    "ChannelGate.mlp.3.": "channel.fc2.",
+    "SpatialGate.spatial.conv.": "spatial.conv.conv.",
+    "SpatialGate.spatial.bn.": "spatial.conv.bn.",
+}
+
+
+def cbam_state_dict_from_authors(sd: Dict[str, Tensor]) -> Dict[str, Tensor]:
+    """Map a state_dict of the CBAM authors' code (``ChannelGate.mlp.1.weight``,
+    ``SpatialGate.spatial.conv.weight``, ...; any prefix, e.g. ``layer1.0.cbam.``) to
+    ``attnkern.CBAM``'s keys; their Linear weights become 1x1 conv weights. Keys that are not
+    CBAM's pass through unchanged. Load it into ``CBAM(C, mlp_bias=True, pool_order='max_mean',
+    bn_momentum=0.01)``."""
+    out = {}
+    for k, v in sd.items():
+        nk = k
+        for old, new in _AUTHORS_KEYS.items():
+            if old in k:
+                nk = k.replace(old, new)
+                if new.startswith("channel.fc") and k.endswith("weight") and v.dim() == 2:
+                    v = v.reshape(v.shape[0], v.shape[1], 1, 1)
+                break
+        out[nk] = v
+    return out
