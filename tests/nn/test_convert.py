@@ -1,0 +1,60 @@
+"""convert() on a whole timm model: same logits and parameter gradients, train and eval."""
+import copy
+
+import pytest
+import timm
+import torch
+
+import attnkern
+from attnkern.nn import CBAM
+from tests.tolerance import assert_close
+
+
+def _cbam_resnet50():
+    torch.manual_seed(0)
+    return timm.create_model("resnet50", pretrained=False, num_classes=10,
+                             block_args=dict(attn_layer="cbam"), zero_init_last=False)
+
+
+# Training mode runs in float64: BatchNorm over a batch of 2 at the last stage (2x2 maps)
+# amplifies float32 rounding differences of two equivalent computations far beyond any fixed
+# tolerance, which would hide a real bug as well as it would flag one.
+@pytest.mark.parametrize("train,dtype", [(False, torch.float32), (False, torch.float64),
+                                         (True, torch.float64)], ids=["eval-fp32", "eval-fp64", "train-fp64"])
+def test_cbam_resnet50_same_logits_and_grads(train, dtype):
+    from timm.layers.cbam import CbamModule
+
+    ref = _cbam_resnet50().train(train).to(dtype)
+    n_cbam = sum(isinstance(m, CbamModule) for m in ref.modules())
+    model = attnkern.convert(copy.deepcopy(ref))
+    assert sum(isinstance(m, CBAM) for m in model.modules()) == n_cbam == 16
+    assert not any(isinstance(m, CbamModule) for m in model.modules())
+    assert list(model.state_dict().keys()) == list(ref.state_dict().keys())
+
+    x = torch.randn(2, 3, 64, 64, dtype=dtype)
+    y_ref = ref(x)
+    y = model(x)
+    assert_close(y, y_ref, name="logits")
+    y_ref.square().mean().backward()
+    y.square().mean().backward()
+    for (n, p), (n2, q) in zip(model.named_parameters(), ref.named_parameters()):
+        assert n == n2
+        # fp32 gradients summed over a deep net: a relative floor on the largest entry
+        scale = q.grad.abs().max().clamp_min(1e-12)
+        assert_close(p.grad / scale, q.grad / scale, name=f"grad {n}")
+    if train:
+        for (n, b), (_, c) in zip(model.named_buffers(), ref.named_buffers()):
+            if b.is_floating_point():
+                assert_close(b, c, name=n)
+
+
+def test_channels_last_model_stays_channels_last():
+    model = attnkern.convert(_cbam_resnet50().eval()).to(memory_format=torch.channels_last)
+    seen = []
+    for m in model.modules():
+        if isinstance(m, CBAM):
+            m.register_forward_hook(lambda mod, inp, out: seen.append(
+                out.is_contiguous(memory_format=torch.channels_last)))
+    x = torch.randn(1, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    model(x)
+    assert seen and all(seen)
