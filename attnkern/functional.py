@@ -11,10 +11,12 @@ import torch
 from torch import Tensor
 
 from .ops import cbam as _cbam_op
+from .ops import se as _se_op
 from .ops.gating import FLOAT_DTYPES, acc_dtype, dense, pick_backend
 from .reference import cbam as _cbam_ref
+from .reference import se as _se_ref
 
-__all__ = ["cbam", "check_feature_map"]
+__all__ = ["cbam", "squeeze_excite", "check_feature_map"]
 
 
 def check_feature_map(op: str, x, name: str = "x") -> None:
@@ -68,3 +70,30 @@ def cbam(
         acc = acc_dtype(x.dtype)
         return out, gc.to(acc), gs.to(acc)
     return _cbam_op.cbam(dense(x), mlp, spatial, backend=backend, pool_order=pool_order, gate=gate)
+
+
+def squeeze_excite(
+    x: Tensor,
+    mlp: Callable[[Tensor], Tensor],
+    *,
+    gate: Callable[[Tensor], Tensor] = torch.sigmoid,
+    add_maxpool: bool = False,
+) -> Tuple[Tensor, Tensor]:
+    """Squeeze-and-excitation, fused: ``out = x * gate(mlp(mean_hw(x)))``.
+
+    Args:
+        x: feature map [B, C, H, W] (as for :func:`cbam`).
+        mlp: [B, C] -> [B, C], given the pooled vector in float32 (float64 for float64 x).
+        gate: applied in float32 (sigmoid by default; hard-sigmoid and any other function work
+            the same way, since the gate runs on the tiny [B, C] tensor).
+        add_maxpool: pool with ``0.5 * mean + 0.5 * max`` (timm's option).
+
+    Returns:
+        ``(out, gc)``: the output (x's dtype and memory format) and the channel gate [B, C].
+    """
+    check_feature_map("squeeze_excite", x)
+    backend = pick_backend("squeeze_excite", x)
+    if backend == "reference":
+        out, gc = _se_ref.squeeze_excite(x, mlp, gate=gate, add_maxpool=add_maxpool)
+        return out, gc.to(acc_dtype(x.dtype))
+    return _se_op.squeeze_excite(dense(x), mlp, backend=backend, gate=gate, add_maxpool=add_maxpool)

@@ -6,15 +6,17 @@ Each converter is registered against the fully qualified class name of the modul
 """
 from __future__ import annotations
 
-from typing import Callable, Dict
+from typing import Callable, Dict, List, Optional, Tuple
 
 from torch import nn
 
 from .cbam import CBAM
+from .se import SqueezeExcite, is_linear_se
 
-__all__ = ["convert", "register_converter", "CONVERTERS"]
+__all__ = ["convert", "register_converter", "register_structural_converter", "CONVERTERS"]
 
 CONVERTERS: Dict[str, Callable[[nn.Module], nn.Module]] = {}
+STRUCTURAL: List[Tuple[Callable[[nn.Module], bool], Callable[[nn.Module], nn.Module]]] = []
 
 
 def register_converter(qualname: str, fn: Callable[[nn.Module], nn.Module]) -> None:
@@ -22,7 +24,16 @@ def register_converter(qualname: str, fn: Callable[[nn.Module], nn.Module]) -> N
     CONVERTERS[qualname] = fn
 
 
+def register_structural_converter(match: Callable[[nn.Module], bool], fn: Callable[[nn.Module], nn.Module]) -> None:
+    """Convert every module for which ``match(module)`` is true (for layers that every project
+    defines under its own class name) with ``fn``."""
+    STRUCTURAL.append((match, fn))
+
+
 register_converter("timm.layers.cbam.CbamModule", CBAM.from_timm)
+register_converter("timm.layers.squeeze_excite.SEModule", SqueezeExcite.from_timm)
+register_converter("torchvision.ops.misc.SqueezeExcitation", SqueezeExcite.from_torchvision)
+register_structural_converter(is_linear_se, SqueezeExcite.from_linear_se)
 
 
 def _qualname(m: nn.Module) -> str:
@@ -30,20 +41,30 @@ def _qualname(m: nn.Module) -> str:
     return f"{t.__module__}.{t.__qualname__}"
 
 
+def _converter(m: nn.Module) -> Optional[Callable[[nn.Module], nn.Module]]:
+    fn = CONVERTERS.get(_qualname(m))
+    if fn is None and not isinstance(m, (CBAM, SqueezeExcite)):
+        fn = next((f for match, f in STRUCTURAL if match(m)), None)
+    return fn
+
+
 def convert(model: nn.Module) -> nn.Module:
     """Replace, in place, every supported attention module of ``model`` by attnkern's fused
     equivalent (weights, device, dtype and train/eval mode kept) and return the model.
 
-    Supported: timm ``CbamModule`` -> :class:`attnkern.CBAM`. If ``model`` itself is such a
-    module, the converted module is returned (there is no parent to put it in).
+    Supported: timm ``CbamModule`` -> :class:`attnkern.CBAM`; timm ``SEModule``, torchvision
+    ``SqueezeExcitation`` (EfficientNet, MobileNetV3, RegNet) and the common Linear-based SE
+    layer (``avg_pool`` + ``fc = Sequential(Linear, act, Linear, gate)``) ->
+    :class:`attnkern.SqueezeExcite`. If ``model`` itself is such a module, the converted module
+    is returned (there is no parent to put it in).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"attnkern.convert: model must be a torch.nn.Module, got {type(model).__name__}")
-    fn = CONVERTERS.get(_qualname(model))
+    fn = _converter(model)
     if fn is not None:
         return fn(model)
     for name, child in list(model.named_children()):
-        fn = CONVERTERS.get(_qualname(child))
+        fn = _converter(child)
         if fn is not None:
             setattr(model, name, fn(child))
         else:

@@ -14,6 +14,14 @@ Two ways to call them:
   (meta) implementations, and autograd formulas for the three forward primitives, so that
   ``torch.compile(fullgraph=True)`` traces a model that contains them without a graph break.
 
+Three eager autograd nodes (``ChannelStatsNode``, ``SpatialStatsNode``, ``ApplyNode``) chain
+the forward primitives of a block so that its backward writes dx once: ``ApplyNode`` does pass
+A (gate gradients) and keeps dout, ``SpatialStatsNode`` pass B (the channel gate's gradient
+through the spatial statistics) and keeps its statistics' gradients, and ``ChannelStatsNode``,
+which autograd runs last, writes dx in pass C from everything the others kept. They share a
+``Tape``; a token output of ``ChannelStatsNode`` feeds the other two, so autograd always runs
+it after them, even when a gate is detached. CBAM uses all three, SE the first and the last.
+
 Layouts: kernels take NCHW-contiguous or channels_last-contiguous tensors without a copy;
 any other strides (a sliced view) are first made dense in the layout they resemble — one copy,
 the only one. Big outputs keep that layout.
@@ -29,7 +37,8 @@ from torch import Tensor
 from .. import _backend, _cpu
 from ..reference import gating as _ref
 
-__all__ = ["acc_dtype", "dense", "memory_format_of", "pick_backend", "run", "FLOAT_DTYPES"]
+__all__ = ["acc_dtype", "dense", "memory_format_of", "pick_backend", "run", "FLOAT_DTYPES",
+           "Tape", "ChannelStatsNode", "SpatialStatsNode", "ApplyNode"]
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 acc_dtype = _ref.acc_dtype
@@ -280,3 +289,96 @@ def _gate_apply_backward(ctx, dout):
 
 
 gate_apply.register_autograd(_gate_apply_backward, setup_context=_gate_apply_setup)
+
+
+# ----------------------------------------------------------------------------------------
+# Eager autograd nodes of the fused blocks
+# ----------------------------------------------------------------------------------------
+
+class Tape:
+    """What the three nodes of one CBAM call hand each other during backward."""
+
+    __slots__ = ("backend", "x_fmt", "dout", "gc", "gs", "smax", "scount", "dsmean", "dsmax")
+
+    def __init__(self, backend: str):
+        self.backend = backend
+        self.clear()
+
+    def clear(self):
+        self.dout = self.gc = self.gs = None
+        self.smax = self.scount = self.dsmean = self.dsmax = None
+
+
+class ChannelStatsNode(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, tape: Tape):
+        ctx.set_materialize_grads(False)  # an unused statistic costs nothing in pass C
+        mean, mx, cnt = run.channel_stats(x, tape.backend)
+        token = x.new_zeros((), dtype=acc_dtype(x.dtype))
+        ctx.tape = tape
+        ctx.save_for_backward(x, mx, cnt)
+        ctx.mark_non_differentiable(cnt)
+        return mean, mx, cnt, token
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dmean, dmax, _dcnt, _dtoken):
+        x, mx, cnt = ctx.saved_tensors
+        t: Tape = ctx.tape
+        spatial = t.dsmean is not None
+        dx = run.gate_bwd_c(
+            x, t.dout, t.gc, t.gs,
+            t.smax if spatial else None, t.scount if spatial else None,
+            t.dsmean, t.dsmax,
+            mx if dmax is not None else None, cnt if dmax is not None else None,
+            dmean, dmax, t.backend,
+        )
+        t.clear()
+        return dx, None
+
+
+class SpatialStatsNode(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, gc: Tensor, token: Tensor, tape: Tape):
+        ctx.set_materialize_grads(False)
+        mean, mx, cnt = run.spatial_stats(x, gc, tape.backend)
+        ctx.tape = tape
+        ctx.save_for_backward(x, gc, mx, cnt)
+        ctx.mark_non_differentiable(cnt)
+        return mean, mx, cnt
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dmean, dmax, _dcnt):
+        x, gc, mx, cnt = ctx.saved_tensors
+        t: Tape = ctx.tape
+        dmean = dmean if dmean is not None else torch.zeros_like(mx)
+        dmax = dmax if dmax is not None else torch.zeros_like(mx)
+        dgc = None
+        if ctx.needs_input_grad[1]:
+            dgc = run.cbam_bwd_b(x, gc, mx, cnt, dmean, dmax, t.backend)
+        if ctx.needs_input_grad[0]:  # dx is written once, by ChannelStatsNode
+            t.gc, t.smax, t.scount, t.dsmean, t.dsmax = gc, mx, cnt, dmean, dmax
+        return None, dgc, torch.zeros_like(gc[0, 0]), None
+
+
+class ApplyNode(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, gc: Tensor, gs: Tensor, token: Tensor, tape: Tape):
+        out = run.gate_apply(x, gc, gs, tape.backend)
+        ctx.tape = tape
+        ctx.save_for_backward(x, gc, gs)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout):
+        x, gc, gs = ctx.saved_tensors
+        t: Tape = ctx.tape
+        need_dgc, need_dgs = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        dgc = dgs = None
+        if need_dgc or need_dgs:
+            dgc, dgs = run.gate_bwd_a(dout, x, gc, gs, need_dgc, need_dgs, t.backend)
+        if ctx.needs_input_grad[0]:  # dx is written once, by ChannelStatsNode
+            t.dout, t.gc, t.gs = dense(dout, memory_format_of(x)), gc, gs
+        return None, dgc, dgs, torch.zeros_like(gc[0, 0]), None

@@ -1,0 +1,45 @@
+"""The fused squeeze-and-excitation block: two passes over x forward, two backward.
+
+    mean, max = channel_stats(x)          1 read
+    gc = gate(mlp(mean))                  PyTorch, [B, C] (mean/2 + max/2 with add_maxpool)
+    out = gate_apply(x, gc)               1 read + 1 write
+
+Backward (eager): ``ApplyNode`` computes dgc = sum_hw dout * x (pass A) and keeps dout; the
+MLP's backward gives dmean (and dmax); ``ChannelStatsNode`` writes dx = dout * gc +
+dmean / HW (+ the max term) once (pass C). Under ``torch.compile`` the primitives run as
+custom ops with their own autograd formulas (see :mod:`attnkern.ops.gating`).
+"""
+from __future__ import annotations
+
+from typing import Callable, Tuple
+
+import torch
+from torch import Tensor
+
+from .gating import ApplyNode, ChannelStatsNode, Tape, acc_dtype
+
+
+def squeeze_excite(
+    x: Tensor,
+    mlp: Callable[[Tensor], Tensor],
+    *,
+    backend: str,
+    gate: Callable[[Tensor], Tensor] = torch.sigmoid,
+    add_maxpool: bool = False,
+) -> Tuple[Tensor, Tensor]:
+    """The fused SE block on a validated, dense x. Returns ``(out, gc)``, gc [B, C] in the
+    accumulation dtype. ``mlp`` receives float32 (float64) pooled vectors [B, C]."""
+    acc = acc_dtype(x.dtype)
+    compiled = torch.compiler.is_compiling()
+    if compiled:
+        mean, mx, _ = torch.ops.attnkern.channel_stats(x, backend)
+    else:
+        tape = Tape(backend)
+        mean, mx, _, token = ChannelStatsNode.apply(x, tape)
+    s = 0.5 * mean + 0.5 * mx if add_maxpool else mean
+    gc = gate(mlp(s).to(acc))
+    if compiled:
+        out = torch.ops.attnkern.gate_apply(x, gc, None, backend)
+    else:
+        out = ApplyNode.apply(x, gc, None, token, tape)
+    return out, gc
