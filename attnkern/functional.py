@@ -10,13 +10,15 @@ from typing import Callable, Tuple
 import torch
 from torch import Tensor
 
+from .ops import bam as _bam_op
 from .ops import cbam as _cbam_op
 from .ops import se as _se_op
 from .ops.gating import FLOAT_DTYPES, acc_dtype, dense, pick_backend
+from .reference import bam as _bam_ref
 from .reference import cbam as _cbam_ref
 from .reference import se as _se_ref
 
-__all__ = ["cbam", "squeeze_excite", "check_feature_map"]
+__all__ = ["cbam", "squeeze_excite", "bam", "check_feature_map"]
 
 
 def check_feature_map(op: str, x, name: str = "x") -> None:
@@ -97,3 +99,34 @@ def squeeze_excite(
         out, gc = _se_ref.squeeze_excite(x, mlp, gate=gate, add_maxpool=add_maxpool)
         return out, gc.to(acc_dtype(x.dtype))
     return _se_op.squeeze_excite(dense(x), mlp, backend=backend, gate=gate, add_maxpool=add_maxpool)
+
+
+def bam(
+    x: Tensor,
+    mlp: Callable[[Tensor], Tensor],
+    spatial: Callable[[Tensor], Tensor],
+    *,
+    combine: str = "sum",
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """The Bottleneck Attention Module's combine, fused: ``x * (1 + sigmoid(mc + ms))``.
+
+    Args:
+        x: feature map [B, C, H, W] (as for :func:`cbam`).
+        mlp: the channel branch on the mean-pooled vector, [B, C] -> [B, C], given float32.
+        spatial: the spatial branch on x itself, [B, C, H, W] -> [B, 1, H, W].
+        combine: ``'sum'`` (the paper) or ``'product'`` (``mc * ms``, the authors' released
+            code, which their weights need).
+
+    Returns:
+        ``(out, mc, ms)``: the output (x's dtype and memory format), the channel logits [B, C]
+        and the spatial logits [B, 1, H, W] (float32).
+    """
+    check_feature_map("bam", x)
+    if combine not in _bam_ref.COMBINES:
+        raise ValueError(f"attnkern.bam: combine must be one of {_bam_ref.COMBINES}, got {combine!r}")
+    backend = pick_backend("bam", x)
+    if backend == "reference":
+        out, mc, ms = _bam_ref.bam(x, mlp, spatial, combine=combine)
+        acc = acc_dtype(x.dtype)
+        return out, mc.to(acc), ms.to(acc)
+    return _bam_op.bam(dense(x), mlp, spatial, backend=backend, combine=combine)

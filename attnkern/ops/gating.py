@@ -38,7 +38,7 @@ from .. import _backend, _cpu
 from ..reference import gating as _ref
 
 __all__ = ["acc_dtype", "dense", "memory_format_of", "pick_backend", "run", "FLOAT_DTYPES",
-           "Tape", "ChannelStatsNode", "SpatialStatsNode", "ApplyNode"]
+           "Tape", "ChannelStatsNode", "SpatialStatsNode", "ApplyNode", "BamCombineNode"]
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 acc_dtype = _ref.acc_dtype
@@ -127,6 +127,23 @@ class _Run:
         dout = dense(dout, memory_format_of(x)) if dout is not None else None
         return _module(backend).gate_bwd_c(x, dout, _c(gc), _c(gs), _c(smax), _c(scount), _c(dsmean),
                                            _c(dsmax), _c(cmax), _c(ccount), _c(dcmean), _c(dcmax))
+
+
+    @staticmethod
+    def bam_combine(x, mc, ms, product: bool, backend: str) -> Tensor:
+        return _module(backend).bam_combine(dense(x), mc.contiguous(), ms.contiguous(), product)
+
+    @staticmethod
+    def bam_combine_bwd(dout, x, mc, ms, product: bool, backend: str):
+        x = dense(x)
+        return _module(backend).bam_combine_bwd(dense(dout, memory_format_of(x)), x, mc.contiguous(),
+                                                ms.contiguous(), product)
+
+    @staticmethod
+    def bam_dx(x, dout, mc, ms, product: bool, dcmean, backend: str) -> Tensor:
+        x = dense(x)
+        dout = dense(dout, memory_format_of(x)) if dout is not None else None
+        return _module(backend).bam_dx(x, dout, mc.contiguous(), ms.contiguous(), product, _c(dcmean))
 
 
 run = _Run()
@@ -228,6 +245,41 @@ def _(x, dout, gc, gs, smax, scount, dsmean, dsmax, cmax, ccount, dcmean, dcmax,
     return _big_like(x)
 
 
+@torch.library.custom_op("attnkern::bam_combine", mutates_args=())
+def bam_combine(x: Tensor, mc: Tensor, ms: Tensor, product: bool, backend: str) -> Tensor:
+    """BAM's x * (1 + sigmoid(mc[b, c] + ms[b, hw])) (or mc * ms with ``product``)."""
+    return run.bam_combine(x, mc, ms, product, backend)
+
+
+@bam_combine.register_fake
+def _(x, mc, ms, product, backend):
+    return _big_like(x)
+
+
+@torch.library.custom_op("attnkern::bam_combine_bwd", mutates_args=())
+def bam_combine_bwd(dout: Tensor, x: Tensor, mc: Tensor, ms: Tensor, product: bool,
+                    backend: str) -> Tuple[Tensor, Tensor]:
+    """(dmc, dms) of BAM's combine."""
+    return run.bam_combine_bwd(dout, x, mc, ms, product, backend)
+
+
+@bam_combine_bwd.register_fake
+def _(dout, x, mc, ms, product, backend):
+    return torch.empty_like(mc), torch.empty_like(ms)
+
+
+@torch.library.custom_op("attnkern::bam_dx", mutates_args=())
+def bam_dx(x: Tensor, dout: Optional[Tensor], mc: Tensor, ms: Tensor, product: bool,
+           dcmean: Optional[Tensor], backend: str) -> Tensor:
+    """dx = dout * (1 + sigmoid(z)) + dcmean / HW."""
+    return run.bam_dx(x, dout, mc, ms, product, dcmean, backend)
+
+
+@bam_dx.register_fake
+def _(x, dout, mc, ms, product, dcmean, backend):
+    return _big_like(x)
+
+
 # Autograd of the three forward primitives, each on its own (the compiled path). Every input
 # gradient is one gate_bwd_c term; autograd adds them up.
 
@@ -291,6 +343,25 @@ def _gate_apply_backward(ctx, dout):
 gate_apply.register_autograd(_gate_apply_backward, setup_context=_gate_apply_setup)
 
 
+def _bam_combine_setup(ctx, inputs, output):
+    x, mc, ms, product, backend = inputs
+    ctx.product, ctx.backend = product, backend
+    ctx.save_for_backward(x, mc, ms)
+
+
+def _bam_combine_backward(ctx, dout):
+    x, mc, ms = ctx.saved_tensors
+    dx = dmc = dms = None
+    if ctx.needs_input_grad[0]:
+        dx = torch.ops.attnkern.bam_dx(x, dout, mc, ms, ctx.product, None, ctx.backend)
+    if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+        dmc, dms = torch.ops.attnkern.bam_combine_bwd(dout, x, mc, ms, ctx.product, ctx.backend)
+    return dx, dmc, dms, None, None
+
+
+bam_combine.register_autograd(_bam_combine_backward, setup_context=_bam_combine_setup)
+
+
 # ----------------------------------------------------------------------------------------
 # Eager autograd nodes of the fused blocks
 # ----------------------------------------------------------------------------------------
@@ -298,7 +369,7 @@ gate_apply.register_autograd(_gate_apply_backward, setup_context=_gate_apply_set
 class Tape:
     """What the three nodes of one CBAM call hand each other during backward."""
 
-    __slots__ = ("backend", "x_fmt", "dout", "gc", "gs", "smax", "scount", "dsmean", "dsmax")
+    __slots__ = ("backend", "dout", "gc", "gs", "smax", "scount", "dsmean", "dsmax", "bam")
 
     def __init__(self, backend: str):
         self.backend = backend
@@ -307,6 +378,7 @@ class Tape:
     def clear(self):
         self.dout = self.gc = self.gs = None
         self.smax = self.scount = self.dsmean = self.dsmax = None
+        self.bam = None  # (mc, ms, product) when the block is BAM
 
 
 class ChannelStatsNode(torch.autograd.Function):
@@ -325,6 +397,11 @@ class ChannelStatsNode(torch.autograd.Function):
     def backward(ctx, dmean, dmax, _dcnt, _dtoken):
         x, mx, cnt = ctx.saved_tensors
         t: Tape = ctx.tape
+        if t.bam is not None:
+            mc, ms, product = t.bam
+            dx = run.bam_dx(x, t.dout, mc, ms, product, dmean, t.backend)
+            t.clear()
+            return dx, None
         spatial = t.dsmean is not None
         dx = run.gate_bwd_c(
             x, t.dout, t.gc, t.gs,
@@ -382,3 +459,28 @@ class ApplyNode(torch.autograd.Function):
         if ctx.needs_input_grad[0]:  # dx is written once, by ChannelStatsNode
             t.dout, t.gc, t.gs = dense(dout, memory_format_of(x)), gc, gs
         return None, dgc, dgs, torch.zeros_like(gc[0, 0]), None
+
+
+
+class BamCombineNode(torch.autograd.Function):
+    """BAM's combine; its backward computes the logits' gradients and leaves dx to
+    ``ChannelStatsNode``, which writes dout * (1 + sigmoid(z)) + dmean / HW in one pass."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, mc: Tensor, ms: Tensor, token: Tensor, tape: Tape, product: bool):
+        out = run.bam_combine(x, mc, ms, product, tape.backend)
+        ctx.tape, ctx.product = tape, product
+        ctx.save_for_backward(x, mc, ms)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout):
+        x, mc, ms = ctx.saved_tensors
+        t: Tape = ctx.tape
+        dmc = dms = None
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            dmc, dms = run.bam_combine_bwd(dout, x, mc, ms, ctx.product, t.backend)
+        if ctx.needs_input_grad[0]:
+            t.dout, t.bam = dense(dout, memory_format_of(x)), (mc, ms, ctx.product)
+        return None, dmc, dms, torch.zeros_like(mc[0, 0]), None, None

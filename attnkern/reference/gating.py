@@ -25,6 +25,9 @@ __all__ = [
     "gate_bwd_a",
     "cbam_bwd_b",
     "gate_bwd_c",
+    "bam_combine",
+    "bam_combine_bwd",
+    "bam_dx",
 ]
 
 
@@ -153,4 +156,44 @@ def gate_bwd_c(
     if dcmax is not None:
         mask = (xf == cmax.unsqueeze(2)).to(xf.dtype) / ccount.unsqueeze(2)
         dx = dx + dcmax.unsqueeze(2) * mask
+    return _like_x(dx, x)
+
+
+# BAM's combine: out = x * (1 + sigmoid(z)), z = mc[b, c] + ms[b, hw] ("sum", the paper) or
+# mc[b, c] * ms[b, hw] ("product", the authors' released code). z is never materialised.
+
+def _bam_z(mc: Tensor, ms: Tensor, product: bool) -> Tensor:
+    return mc.unsqueeze(2) * ms.unsqueeze(1) if product else mc.unsqueeze(2) + ms.unsqueeze(1)
+
+
+def bam_combine(x: Tensor, mc: Tensor, ms: Tensor, product: bool) -> Tensor:
+    """``x * (1 + sigmoid(z))`` with z from the channel logits mc [B, C] and the spatial
+    logits ms [B, H*W]; returned in x's dtype and memory format."""
+    return _like_x(_flat(x) * (1 + torch.sigmoid(_bam_z(mc, ms, product))), x)
+
+
+def bam_combine_bwd(dout: Tensor, x: Tensor, mc: Tensor, ms: Tensor, product: bool) -> Tuple[Tensor, Tensor]:
+    """Logit gradients of the combine: with dz = dout * x * s * (1 - s), s = sigmoid(z),
+
+    dmc[b, c] = sum_hw dz (* ms for product),  dms[b, hw] = sum_c dz (* mc for product).
+    """
+    s = torch.sigmoid(_bam_z(mc, ms, product))
+    dz = _flat(dout) * _flat(x) * s * (1 - s)
+    if product:
+        return (dz * ms.unsqueeze(1)).sum(dim=2), (dz * mc.unsqueeze(2)).sum(dim=1)
+    return dz.sum(dim=2), dz.sum(dim=1)
+
+
+def bam_dx(x: Tensor, dout: Optional[Tensor], mc: Tensor, ms: Tensor, product: bool,
+           dcmean: Optional[Tensor]) -> Tensor:
+    """The input gradient of the combine plus the channel branch's mean-pool term:
+
+    dx = dout * (1 + sigmoid(z)) + dcmean / HW      (each term optional)
+    """
+    HW = x.shape[2] * x.shape[3]
+    dx = torch.zeros_like(_flat(x))
+    if dout is not None:
+        dx = dx + _flat(dout) * (1 + torch.sigmoid(_bam_z(mc, ms, product)))
+    if dcmean is not None:
+        dx = dx + dcmean.unsqueeze(2) / HW
     return _like_x(dx, x)

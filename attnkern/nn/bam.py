@@ -1,0 +1,128 @@
+"""``attnkern.BAM``: the Bottleneck Attention Module (Park et al., 2018) with a fused combine.
+
+Keys: ``channel.fc1``, ``channel.bn``, ``channel.fc2`` (Linear, BatchNorm1d, Linear);
+``spatial.conv_reduce``, ``spatial.bn_reduce``, ``spatial.conv_di.{i}``, ``spatial.bn_di.{i}``,
+``spatial.conv_final``. :func:`bam_state_dict_from_authors` maps the authors' keys
+(``channel_att.gate_c.gate_c_fc_0.weight``, ``spatial_att.gate_s.gate_s_conv_di_0.weight``, ...).
+"""
+from __future__ import annotations
+
+import re
+from typing import Dict, Optional
+
+import torch
+from torch import Tensor, nn
+
+from .. import functional as AF
+from ..reference.bam import COMBINES
+from ._layers import check_module_input
+
+__all__ = ["BAM", "bam_state_dict_from_authors"]
+
+
+class _ChannelBranch(nn.Module):
+    def __init__(self, channels, rd, dd):
+        super().__init__()
+        self.fc1 = nn.Linear(channels, rd, **dd)
+        self.bn = nn.BatchNorm1d(rd, **dd)
+        self.act = nn.ReLU(inplace=True)
+        self.fc2 = nn.Linear(rd, channels, **dd)
+
+    def forward(self, v: Tensor) -> Tensor:
+        if not torch.is_autocast_enabled(v.device.type):
+            v = v.to(self.fc1.weight.dtype)
+        return self.fc2(self.act(self.bn(self.fc1(v))))
+
+
+class _SpatialBranch(nn.Module):
+    def __init__(self, channels, rd, dilation, num_dilated, dd):
+        super().__init__()
+        self.conv_reduce = nn.Conv2d(channels, rd, 1, **dd)
+        self.bn_reduce = nn.BatchNorm2d(rd, **dd)
+        self.conv_di = nn.ModuleList(
+            nn.Conv2d(rd, rd, 3, padding=dilation, dilation=dilation, **dd) for _ in range(num_dilated))
+        self.bn_di = nn.ModuleList(nn.BatchNorm2d(rd, **dd) for _ in range(num_dilated))
+        self.conv_final = nn.Conv2d(rd, 1, 1, **dd)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.relu(self.bn_reduce(self.conv_reduce(x)))
+        for conv, bn in zip(self.conv_di, self.bn_di):
+            h = torch.relu(bn(conv(h)))
+        return self.conv_final(h)
+
+
+class BAM(nn.Module):
+    """Bottleneck Attention Module: ``out = x * (1 + sigmoid(mc + ms))``.
+
+    Args:
+        channels: input channels C.
+        rd_ratio, rd_channels: the branches' hidden width, ``rd_channels`` or
+            ``int(channels * rd_ratio)`` (the authors' ``C // 16``).
+        dilation, num_dilated: the spatial branch's dilated 3x3 convs.
+        combine: ``'sum'`` (the paper) or ``'product'`` (``mc * ms``: the authors' released
+            code, which their weights need).
+
+    Non-square maps and batch 1 in eval mode work. ``keep_gates = True`` keeps the last
+    forward's ``(mc, ms)`` logits in ``last_gates``.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        rd_ratio: float = 1.0 / 16,
+        dilation: int = 4,
+        num_dilated: int = 2,
+        combine: str = "sum",
+        rd_channels: Optional[int] = None,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        if not isinstance(channels, int) or channels < 1:
+            raise ValueError(f"attnkern.BAM: channels must be a positive int, got {channels!r}")
+        if combine not in COMBINES:
+            raise ValueError(f"attnkern.BAM: combine must be one of {COMBINES}, got {combine!r}")
+        rd = rd_channels or max(1, int(channels * rd_ratio))
+        dd = dict(device=device, dtype=dtype)
+        self.channels = channels
+        self.combine = combine
+        self.channel = _ChannelBranch(channels, rd, dd)
+        self.spatial = _SpatialBranch(channels, rd, dilation, num_dilated, dd)
+        self.keep_gates = False
+        self.last_gates = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        check_module_input("BAM", x, self.channels, self.channel.fc1.weight)
+        out, mc, ms = AF.bam(x, self.channel, self.spatial, combine=self.combine)
+        self.last_gates = (mc.detach(), ms.detach()) if self.keep_gates else None
+        return out
+
+    def extra_repr(self) -> str:
+        return f"channels={self.channels}, combine={self.combine!r}"
+
+
+_AUTHORS = [
+    (r"channel_att\.gate_c\.gate_c_fc_0\.", "channel.fc1."),
+    (r"channel_att\.gate_c\.gate_c_bn_1\.", "channel.bn."),
+    (r"channel_att\.gate_c\.gate_c_fc_final\.", "channel.fc2."),
+    (r"spatial_att\.gate_s\.gate_s_conv_reduce0\.", "spatial.conv_reduce."),
+    (r"spatial_att\.gate_s\.gate_s_bn_reduce0\.", "spatial.bn_reduce."),
+    (r"spatial_att\.gate_s\.gate_s_conv_di_(\d+)\.", r"spatial.conv_di.\1."),
+    (r"spatial_att\.gate_s\.gate_s_bn_di_(\d+)\.", r"spatial.bn_di.\1."),
+    (r"spatial_att\.gate_s\.gate_s_conv_final\.", "spatial.conv_final."),
+]
+
+
+def bam_state_dict_from_authors(sd: Dict[str, Tensor]) -> Dict[str, Tensor]:
+    """Map a state_dict of the BAM authors' code (any prefix, e.g. ``bam1.``) to
+    ``attnkern.BAM``'s keys; other keys pass through. Load it into ``BAM(C,
+    combine='product')``: their released code combines the branches by product."""
+    out = {}
+    for k, v in sd.items():
+        nk = k
+        for pat, rep in _AUTHORS:
+            nk, n = re.subn(pat, rep, k)
+            if n:
+                break
+        out[nk] = v
+    return out

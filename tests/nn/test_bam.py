@@ -1,0 +1,99 @@
+"""attnkern.BAM: the authors' checkpoints load and compute their numbers; the maps and batch
+sizes their code cannot take work; errors."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from attnkern.nn import BAM, bam_state_dict_from_authors
+from tests.tolerance import assert_close
+
+
+class AuthorsBAM(nn.Module):
+    """The structure and key names of the BAM authors' released module (their ChannelGate and
+    SpatialGate as Sequentials, combine by product, average pool over a square map)."""
+
+    def __init__(self, C, r=16, num_dilated=2, dilation=4):
+        super().__init__()
+        rd = C // r
+        self.channel_att = nn.Module()
+        self.channel_att.gate_c = nn.Sequential()
+        self.channel_att.gate_c.add_module("flatten", nn.Flatten())
+        self.channel_att.gate_c.add_module("gate_c_fc_0", nn.Linear(C, rd))
+        self.channel_att.gate_c.add_module("gate_c_bn_1", nn.BatchNorm1d(rd))
+        self.channel_att.gate_c.add_module("gate_c_relu_1", nn.ReLU())
+        self.channel_att.gate_c.add_module("gate_c_fc_final", nn.Linear(rd, C))
+        self.spatial_att = nn.Module()
+        s = self.spatial_att.gate_s = nn.Sequential()
+        s.add_module("gate_s_conv_reduce0", nn.Conv2d(C, rd, 1))
+        s.add_module("gate_s_bn_reduce0", nn.BatchNorm2d(rd))
+        s.add_module("gate_s_relu_reduce0", nn.ReLU())
+        for i in range(num_dilated):
+            s.add_module(f"gate_s_conv_di_{i}", nn.Conv2d(rd, rd, 3, padding=dilation, dilation=dilation))
+            s.add_module(f"gate_s_bn_di_{i}", nn.BatchNorm2d(rd))
+            s.add_module(f"gate_s_relu_di_{i}", nn.ReLU())
+        s.add_module("gate_s_conv_final", nn.Conv2d(rd, 1, 1))
+
+    def forward(self, x):
+        pooled = F.avg_pool2d(x, x.size(2), stride=x.size(2))
+        mc = self.channel_att.gate_c(pooled).unsqueeze(2).unsqueeze(3).expand_as(x)
+        ms = self.spatial_att.gate_s(x).expand_as(x)
+        return (1 + torch.sigmoid(mc * ms)) * x
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_authors_checkpoint_gives_their_numbers(train):
+    torch.manual_seed(0)
+    theirs = AuthorsBAM(64).train(train).double()
+    with torch.no_grad():
+        for m in theirs.modules():
+            if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+    ours = BAM(64, combine="product").train(train).double()
+    ours.load_state_dict(bam_state_dict_from_authors(theirs.state_dict()), strict=True)
+    x1 = torch.randn(2, 64, 12, 12, dtype=torch.float64, requires_grad=True)
+    x2 = x1.detach().clone().requires_grad_()
+    y1, y2 = theirs(x1), ours(x2)
+    assert_close(y2, y1, name="out")
+    g = torch.randn_like(y1)
+    y1.backward(g)
+    y2.backward(g)
+    assert_close(x2.grad, x1.grad, name="dx")
+    mapped = bam_state_dict_from_authors({n: p for n, p in theirs.named_parameters()})
+    for n, p in ours.named_parameters():
+        assert_close(p.grad, dict(theirs.named_parameters())[_inverse(n, mapped, theirs)].grad, name=n)
+
+
+def _inverse(name, mapped, theirs):
+    keys = list(dict(theirs.named_parameters()))
+    return keys[list(mapped).index(name)]
+
+
+def test_prefixed_keys_map():
+    sd = {"layer2.bam.spatial_att.gate_s.gate_s_conv_di_1.weight": torch.zeros(1), "fc.weight": torch.zeros(1)}
+    assert list(bam_state_dict_from_authors(sd)) == ["layer2.bam.spatial.conv_di.1.weight", "fc.weight"]
+
+
+def test_non_square_and_batch_one_in_eval():
+    m = BAM(32).eval()
+    assert m(torch.randn(1, 32, 7, 13)).shape == (1, 32, 7, 13)
+    assert m(torch.randn(3, 32, 1, 1)).shape == (3, 32, 1, 1)
+
+
+def test_batch_one_in_train_gives_batchnorm_error():
+    m = BAM(32).train()
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+        m(torch.randn(1, 32, 8, 8))
+
+
+def test_bad_input_errors():
+    m = BAM(32)
+    with pytest.raises(ValueError, match="x has 16 channels but the module was built for 32"):
+        m(torch.randn(2, 16, 7, 7))
+    with pytest.raises(ValueError, match="4-D"):
+        m(torch.randn(2, 32, 7))
+    with pytest.raises(ValueError, match="combine must be one of"):
+        BAM(32, combine="mean")
