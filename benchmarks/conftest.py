@@ -11,12 +11,15 @@ import datetime as _dt
 import os
 import platform
 import statistics
+import sys
 import uuid
 
 import pytest
 import torch
 
 import attnkern
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # gating_bench, shared by suites
 
 CSV_PATH = os.environ.get(
     "ATTNKERN_BENCH_CSV", os.path.join(os.path.dirname(os.path.abspath(__file__)), "results.csv")
