@@ -11,12 +11,33 @@ from setuptools import setup
 from torch.utils.cpp_extension import BuildExtension, CppExtension
 
 
+def _cpu_isa():
+    """The widest vector ISA of this machine that ATen's at::vec supports: 'avx512', 'avx2'
+    or None. The extension is built where it runs (ATTNKERN_PORTABLE=1 builds without it)."""
+    if os.environ.get("ATTNKERN_PORTABLE", "0") not in ("", "0"):
+        return None
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return None
+    if {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma"} <= set(flags):
+        return "avx512"
+    if {"avx2", "fma", "f16c"} <= set(flags):
+        return "avx2"
+    return None
+
+
 def cpu_flags():
-    """-O3 and OpenMP; the machine's vector ISA unless ATTNKERN_PORTABLE=1 (the extension is
-    built on the machine that runs it; at::vec picks AVX-512 or AVX2 from these flags)."""
-    flags = ["-O3", "-fopenmp", "-std=c++17"]
-    if os.environ.get("ATTNKERN_PORTABLE", "0") in ("", "0"):
-        flags.append("-march=native")
+    """-O3 and OpenMP, and at::vec's vector width: CPU_CAPABILITY_AVX512 or _AVX2 with the
+    matching -m flags (what ATen's own kernels are compiled with)."""
+    flags = ["-O3", "-fopenmp", "-std=c++20"]
+    isa = _cpu_isa()
+    if isa == "avx512":
+        flags += ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
+                  "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"]
+    elif isa == "avx2":
+        flags += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
     return flags
 
 

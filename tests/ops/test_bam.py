@@ -7,7 +7,8 @@ import torch
 from attnkern.nn import BAM
 from attnkern.reference import bam as ref
 from tests.cases import all_cases, make_input
-from tests.ops.test_cbam import _run, backend  # noqa: F401  (the backend fixture)
+from tests.ops.blocks import compare, run as _run
+from tests.ops.test_cbam import backend  # noqa: F401  (the backend fixture)
 from tests.tolerance import assert_close
 
 
@@ -29,18 +30,9 @@ def test_bam_matches_reference(backend, shape, layout, dtype, combine):
     ours = copy.deepcopy(base).to(dtype)
     x = make_input(shape, layout, dtype)
     g = make_input(shape, "contiguous", dtype, seed=1)
-    out, grads = _run(ours, x, g)
-    ref_out, ref_grads = _run(_Ref(copy.deepcopy(base)), x.float(), g.float())
-    lp_out = lp_grads = None
-    if dtype in (torch.float16, torch.bfloat16):
-        lp_out, lp_grads = _run(_Ref(copy.deepcopy(base).to(dtype)), x, g)
-    assert out.dtype == dtype
+    out = compare(ours, _Ref(copy.deepcopy(base)), x, g, dtype, [n for n, _ in ours.named_parameters()])
     if layout == "channels_last":
         assert out.is_contiguous(memory_format=torch.channels_last)
-    assert_close(out, ref_out, lp_out, dtype=dtype, name="out")
-    for i, name in enumerate(["dx"] + [n for n, _ in ours.named_parameters()]):
-        assert_close(grads[i], ref_grads[i], lp_grads[i] if lp_grads else None, dtype=dtype,
-                     grad=True, name=name)
 
 
 def test_bam_gradcheck_float64(backend):
