@@ -1,0 +1,40 @@
+"""The C++ gating kernels against the reference, primitive by primitive, on the case matrix."""
+import pytest
+import torch
+
+from attnkern import _cpu
+from tests.cases import all_cases
+from tests.primitives import check_deterministic, check_primitives, check_rejects_non_dense
+
+
+@pytest.fixture(scope="module")
+def ext():
+    return _cpu.require()  # CI builds the extension: a missing build fails, it does not skip
+
+
+@pytest.mark.parametrize("shape,layout,dtype", all_cases() + [
+    pytest.param((2, 72, 7, 9), "channels_last", torch.float64, id="2x72x7x9-channels_last-float64"),
+    pytest.param((3, 5, 9, 7), "contiguous", torch.float64, id="3x5x9x7-contiguous-float64"),
+])
+def test_primitives_match_reference(ext, shape, layout, dtype):
+    if layout == "sliced":
+        layout = "contiguous"  # the ops layer hands backends a dense copy of a sliced view
+    check_primitives(ext, shape, layout, dtype)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_ties_count_like_amax(ext, layout):
+    check_primitives(ext, (2, 24, 9, 11), layout, torch.float32, ties=True)
+
+
+def test_large_batch_across_parallel_chunks(ext):
+    check_primitives(ext, (16, 48, 33, 35), "channels_last", torch.float32)
+    check_primitives(ext, (16, 48, 33, 35), "contiguous", torch.float32)
+
+
+def test_deterministic(ext):
+    check_deterministic(ext)
+
+
+def test_rejects_bad_arguments(ext):
+    check_rejects_non_dense(ext)

@@ -1,0 +1,137 @@
+"""Checks of one backend's gating primitives against attnkern.reference.gating, shared by
+tests/cpu/test_gating.py and tests/triton/test_gating.py (same cases for every backend)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from attnkern.reference import gating as ref
+from tests.cases import make_input
+from tests.tolerance import assert_close
+
+
+def _small(B, n, seed, kind="gate"):
+    g = torch.Generator().manual_seed(seed)
+    t = torch.randn(B, n, generator=g)
+    return torch.sigmoid(t) if kind == "gate" else t
+
+
+def _acc(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _inputs(shape, layout, dtype, ties=False):
+    x = make_input(shape, layout, dtype)
+    if ties:  # rounded ReLU outputs: few distinct values, so maxima tie
+        x = torch.relu(torch.round(x))
+    x = x.contiguous(memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format)
+    B, C, H, W = shape
+    a = _acc(dtype)
+    gc, gs = _small(B, C, 1).to(a), _small(B, H * W, 2).to(a)
+    dout = make_input(shape, "channels_last" if layout == "channels_last" else "contiguous", dtype, seed=3)
+    return x, gc, gs, dout
+
+
+def _close_small(actual, expected, name, dtype):
+    """Statistics and gate gradients: both sides compute in the accumulation dtype from the same
+    inputs, so only summation order differs."""
+    assert actual.dtype == expected.dtype, name
+    assert_close(actual, expected, dtype=_acc(dtype), name=name,
+                 scale=float(expected.abs().max()) if expected.numel() else 0.0)
+
+
+def _close_big(mod, fn, args_lp, args_32, dtype, name):
+    """A big output in x's dtype: vs the reference on float32 inputs under the tolerance rule."""
+    out = getattr(mod, fn)(*args_lp)
+    r32 = getattr(ref, fn)(*args_32)
+    r_lp = getattr(ref, fn)(*args_lp) if dtype in (torch.float16, torch.bfloat16) else None
+    assert out.dtype == dtype and out.shape == args_lp[0].shape
+    assert out.stride() == args_lp[0].stride(), f"{name}: memory format not kept"
+    assert_close(out, r32, r_lp, dtype=dtype if r_lp is not None else _acc(dtype), name=name)
+
+
+def check_primitives(mod, shape, layout, dtype, ties=False):
+    x, gc, gs, dout = _inputs(shape, layout, dtype, ties)
+    f32 = lambda t: t.to(_acc(dtype)) if t is not None and t.dtype == dtype else t  # noqa: E731
+    B, C, H, W = shape
+
+    # forward statistics
+    for got, exp, n in zip(mod.channel_stats(x), ref.channel_stats(x), ("cmean", "cmax", "ccount")):
+        if n == "ccount":
+            assert torch.equal(got, exp), n
+        else:
+            _close_small(got, exp, n, dtype)
+    for got, exp, n in zip(mod.spatial_stats(x, gc), ref.spatial_stats(x, gc), ("smean", "smax", "scount")):
+        if n == "scount":
+            assert torch.equal(got, exp), n
+        else:
+            _close_small(got, exp, n, dtype)
+    if ties:
+        assert int(ref.channel_stats(x)[2].max()) > 1, "the tie case must have ties"
+
+    # apply, every gate combination (CBAM: both; SE: gc only)
+    for a, b, n in ((gc, gs, "apply gc gs"), (gc, None, "apply gc"), (None, gs, "apply gs")):
+        _close_big(mod, "gate_apply", (x, a, b), (f32(x), a, b), dtype, n)
+
+    # pass A
+    for a, b in ((gc, gs), (gc, None)):
+        got = mod.gate_bwd_a(dout, x, a, b, True, b is not None)
+        exp = ref.gate_bwd_a(dout, x, a, b, True, b is not None)
+        _close_small(got[0], exp[0], "dgc", dtype)
+        if b is not None:
+            _close_small(got[1], exp[1], "dgs", dtype)
+        else:
+            assert got[1] is None
+
+    # pass B with real statistics, so the max masks select something
+    _, smax, scount = ref.spatial_stats(x, gc)
+    _, cmax, ccount = ref.channel_stats(x)
+    a = _acc(dtype)
+    dsm, dsx = _small(B, H * W, 4, "grad").to(a), _small(B, H * W, 5, "grad").to(a)
+    dcm, dcx = _small(B, C, 6, "grad").to(a), _small(B, C, 7, "grad").to(a)
+    _close_small(mod.cbam_bwd_b(x, gc, smax, scount, dsm, dsx), ref.cbam_bwd_b(x, gc, smax, scount, dsm, dsx),
+                 "dgc_b", dtype)
+
+    # pass C: CBAM (every term), SE (dout, gc, channel mean), stats-only (no dout)
+    combos = {
+        "cbam": (dout, gc, gs, smax, scount, dsm, dsx, cmax, ccount, dcm, dcx),
+        "se": (dout, gc, None, None, None, None, None, None, None, dcm, None),
+        "se-maxpool": (dout, gc, None, None, None, None, None, cmax, ccount, dcm, dcx),
+        "stats-only": (None, gc, None, smax, scount, dsm, dsx, cmax, ccount, dcm, dcx),
+    }
+    for n, args in combos.items():
+        args32 = tuple(f32(t) for t in args)
+        _close_big(mod, "gate_bwd_c", (x,) + args, (f32(x),) + args32, dtype, f"dx {n}")
+
+    # BAM's combine
+    mc, ms = _small(B, C, 8, "grad").to(a), _small(B, H * W, 9, "grad").to(a)
+    for product in (False, True):
+        _close_big(mod, "bam_combine", (x, mc, ms, product), (f32(x), mc, ms, product), dtype, "bam out")
+        got = mod.bam_combine_bwd(dout, x, mc, ms, product)
+        exp = ref.bam_combine_bwd(dout, x, mc, ms, product)
+        _close_small(got[0], exp[0], "dmc", dtype)
+        _close_small(got[1], exp[1], "dms", dtype)
+        _close_big(mod, "bam_dx", (x, dout, mc, ms, product, dcm), (f32(x), f32(dout), mc, ms, product, dcm),
+                   dtype, "bam dx")
+        _close_big(mod, "bam_dx", (x, None, mc, ms, product, dcm), (f32(x), None, mc, ms, product, dcm),
+                   dtype, "bam dx (mean term only)")
+
+
+def check_deterministic(mod):
+    x, gc, gs, dout = _inputs((2, 40, 23, 19), "channels_last", torch.float32)
+    for _ in range(2):
+        runs = [mod.channel_stats(x), mod.spatial_stats(x, gc), (mod.gate_apply(x, gc, gs),),
+                mod.gate_bwd_a(dout, x, gc, gs, True, True)]
+        if _ == 0:
+            first = runs
+    for a, b in zip(first, runs):
+        for t, u in zip(a, b):
+            assert torch.equal(t, u)
+
+
+def check_rejects_non_dense(mod):
+    x = make_input((2, 8, 5, 6), "sliced", torch.float32)
+    with pytest.raises((ValueError, RuntimeError), match="contiguous"):
+        mod.channel_stats(x)
+    with pytest.raises((ValueError, RuntimeError)):
+        mod.gate_apply(torch.randn(2, 8, 5, 6), torch.rand(3, 8), None)  # wrong gate size
