@@ -51,7 +51,8 @@ ext_modules = [
     )
 ]
 
-setup(
-    ext_modules=ext_modules,
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-)
+if __name__ != "attnkern_flags":  # CMakeLists.txt runs this file only to read cpu_flags()
+    setup(
+        ext_modules=ext_modules,
+        cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    )

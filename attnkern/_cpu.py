@@ -1,6 +1,13 @@
-"""Loads the compiled C++ extension (``attnkern._C``). The one place that imports it."""
+"""Loads the compiled C++ extension (``attnkern._C``). The one place that imports it.
+
+``ATTNKERN_EXTENSION_DIR`` loads the module from another build instead (the sanitizer build of
+CMakeLists.txt: see scripts/sanitize.sh).
+"""
 from __future__ import annotations
 
+import glob
+import importlib.util
+import os
 from types import ModuleType
 from typing import Optional
 
@@ -16,9 +23,19 @@ def extension() -> Optional[ModuleType]:
         _tried = True
         try:
             import torch  # noqa: F401  (the extension links against torch's libraries)
-            from attnkern import _C  # type: ignore[attr-defined]
 
-            _ext = _C
+            folder = os.environ.get("ATTNKERN_EXTENSION_DIR")
+            if folder:
+                found = sorted(glob.glob(os.path.join(folder, "_C*.so")))
+                if not found:
+                    raise ImportError(f"no _C*.so in ATTNKERN_EXTENSION_DIR={folder}")
+                spec = importlib.util.spec_from_file_location("attnkern._C", found[0])
+                _ext = importlib.util.module_from_spec(spec)
+                spec.loader.exec_module(_ext)
+            else:
+                from attnkern import _C  # type: ignore[attr-defined]
+
+                _ext = _C
         except ImportError as e:  # not built, or built against another torch
             _error = e
     return _ext
