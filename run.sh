@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # attnkern's two entry points, each on a fresh machine or an existing checkout:
-#   ./run.sh profile [ARGS...]   the main job (slide profiling on the built-in sample slide)
+#   ./run.sh main [ARGS...]      the main job: `attnkern compare --op all` (fused vs naive vs
+#                                timm vs torch.compile, side by side on this machine)
 #   ./run.sh test [PYTEST ARGS]  the tests
 # Both create or reuse the virtual environment .venv in the project root, install the
 # dependencies of requirements.txt when it changed, and build the C++ extension when csrc/ or
@@ -39,16 +40,17 @@ bootstrap() {
 cmd=${1:-}
 shift || true
 case "$cmd" in
-    profile)
+    main)
         bootstrap
-        exec "$VENV/bin/attnkern" profile "$@"
+        if [ "$#" -eq 0 ]; then set -- compare --op all; fi
+        exec "$VENV/bin/attnkern" "$@"
         ;;
     test)
         bootstrap
         exec "$PY" -m pytest "$@"
         ;;
     *)
-        echo "usage: ./run.sh profile [ARGS...] | ./run.sh test [PYTEST ARGS...]" >&2
+        echo "usage: ./run.sh main [ATTNKERN ARGS...] | ./run.sh test [PYTEST ARGS...]" >&2
         exit 2
         ;;
 esac

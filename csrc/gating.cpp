@@ -23,6 +23,7 @@
 #include <cmath>
 #include <limits>
 #include <tuple>
+#include <type_traits>
 
 namespace attnkern {
 namespace {
@@ -666,7 +667,9 @@ inline A dot_masked(const T* x, int64_t n, const A* gvec, A g, const A* w1v, A w
 // (absent terms come as neutral arrays: gates 1, weights 0)
 // ---------------------------------------------------------------------------------------
 
-template <typename T, typename A = typename AccT<T>::type>
+// The terms present are compile-time flags, so SE's dx (dout * gc + dcmean / HW) does none
+// of CBAM's max-mask work.
+template <typename T, typename A, bool DOUT, bool SP, bool CMX>
 inline void dx_seg(const T* x, const T* dout, T* dx, int64_t n,
                    // per element (vector) or scalar for the segment, for each operand:
                    const A* gcv, A gc, const A* gsv, A gs, const A* w1v, A w1, const A* w2v, A w2,
@@ -678,31 +681,34 @@ inline void dx_seg(const T* x, const T* dout, T* dx, int64_t n,
   int64_t i = 0;
   for (; i + S <= n; i += S) {
     V xa, xb, da, db;
-    IO<T>::load(x + i, xa, xb);
-    if (dout) IO<T>::load(dout + i, da, db);
+    if constexpr (SP || CMX) IO<T>::load(x + i, xa, xb);
+    if constexpr (DOUT) IO<T>::load(dout + i, da, db);
     V out[2];
     for (int h = 0; h < 2; ++h) {
       const int64_t j = i + h * L;
-      const V xv = h ? xb : xa;
       const V g = ld(gcv, gc, j);
-      V r = V(0);
-      if (dout) r = ((h ? db : da) * g) * ld(gsv, gs, j);
-      const V y = xv * g;
-      const V sp = ld(w1v, w1, j) + ((y == ld(smv, sm, j)) & ld(w2v, w2, j));
-      const V ch = ld(u1v, u1, j) + ((xv == ld(cmv, cm, j)) & ld(u2v, u2, j));
-      out[h] = r + g * sp + ch;
+      V r = ld(u1v, u1, j);
+      if constexpr (DOUT) r = r + ((h ? db : da) * g) * ld(gsv, gs, j);
+      if constexpr (SP) {
+        const V y = (h ? xb : xa) * g;
+        r = r + g * (ld(w1v, w1, j) + ((y == ld(smv, sm, j)) & ld(w2v, w2, j)));
+      }
+      if constexpr (CMX) r = r + (((h ? xb : xa) == ld(cmv, cm, j)) & ld(u2v, u2, j));
+      out[h] = r;
     }
     IO<T>::store(dx + i, out[0], out[1]);
   }
   for (; i < n; ++i) {
     const A xv = static_cast<A>(x[i]);
     const A g = gcv ? gcv[i] : gc;
-    A r = 0;
-    if (dout) r = (static_cast<A>(dout[i]) * g) * (gsv ? gsv[i] : gs);
-    const A y = xv * g;
-    const A sp = (w1v ? w1v[i] : w1) + (y == (smv ? smv[i] : sm) ? (w2v ? w2v[i] : w2) : A(0));
-    const A ch = (u1v ? u1v[i] : u1) + (xv == (cmv ? cmv[i] : cm) ? (u2v ? u2v[i] : u2) : A(0));
-    dx[i] = static_cast<T>(r + g * sp + ch);
+    A r = u1v ? u1v[i] : u1;
+    if constexpr (DOUT) r = r + (static_cast<A>(dout[i]) * g) * (gsv ? gsv[i] : gs);
+    if constexpr (SP) {
+      const A y = xv * g;
+      r = r + g * ((w1v ? w1v[i] : w1) + (y == (smv ? smv[i] : sm) ? (w2v ? w2v[i] : w2) : A(0)));
+    }
+    if constexpr (CMX) r = r + (xv == (cmv ? cmv[i] : cm) ? (u2v ? u2v[i] : u2) : A(0));
+    dx[i] = static_cast<T>(r);
   }
 }
 
@@ -928,27 +934,41 @@ Tensor gate_bwd_c(const Tensor& x, const OptTensor& dout, const OptTensor& gc,
     const A* v1 = u1.data_ptr<A>();
     const A* v2 = u2.data_ptr<A>();
     const A* cmp = opt_ptr<A>(cm);
-    if (!s.cl) {
-      at::parallel_for(0, B * C, 1, [&](int64_t r0, int64_t r1) {
-        for (int64_t r = r0; r < r1; ++r) {
-          const int64_t b = r / C, o = r * HW, pb = b * HW;
-          dx_seg<scalar_t, A>(xp + o, dp ? dp + o : nullptr, op + o, HW, nullptr, g[r], gsp + pb, A(0),
-                           a1 ? a1 + pb : nullptr, A(0), a2 ? a2 + pb : nullptr, A(0),
-                           smp ? smp + pb : nullptr, A(0), nullptr, v1[r], nullptr, v2[r], nullptr,
-                           cmp ? cmp[r] : A(0));
-        }
-      });
-    } else {
-      at::parallel_for(0, B * HW, 64, [&](int64_t r0, int64_t r1) {
-        for (int64_t r = r0; r < r1; ++r) {
-          const int64_t b = r / HW, o = r * C, cb = b * C;
-          dx_seg<scalar_t, A>(xp + o, dp ? dp + o : nullptr, op + o, C, g + cb, A(0), nullptr, gsp[r],
-                           nullptr, a1 ? a1[r] : A(0), nullptr, a2 ? a2[r] : A(0), nullptr,
-                           smp ? smp[r] : A(0), v1 + cb, A(0), v2 + cb, A(0), cmp ? cmp + cb : nullptr,
-                           A(0));
-        }
-      });
-    }
+    auto run = [&](auto dout_t, auto sp_t, auto cmx_t) {
+      constexpr bool DOUT = decltype(dout_t)::value, SP = decltype(sp_t)::value, CMX = decltype(cmx_t)::value;
+      if (!s.cl) {
+        at::parallel_for(0, B * C, 1, [&](int64_t r0, int64_t r1) {
+          for (int64_t r = r0; r < r1; ++r) {
+            const int64_t b = r / C, o = r * HW, pb = b * HW;
+            dx_seg<scalar_t, A, DOUT, SP, CMX>(
+                xp + o, dp ? dp + o : nullptr, op + o, HW, nullptr, g[r], gsp + pb, A(0),
+                a1 ? a1 + pb : nullptr, A(0), a2 ? a2 + pb : nullptr, A(0), smp ? smp + pb : nullptr,
+                A(0), nullptr, v1[r], nullptr, v2[r], nullptr, cmp ? cmp[r] : A(0));
+          }
+        });
+      } else {
+        at::parallel_for(0, B * HW, 64, [&](int64_t r0, int64_t r1) {
+          for (int64_t r = r0; r < r1; ++r) {
+            const int64_t b = r / HW, o = r * C, cb = b * C;
+            dx_seg<scalar_t, A, DOUT, SP, CMX>(
+                xp + o, dp ? dp + o : nullptr, op + o, C, g + cb, A(0), nullptr, gsp[r], nullptr,
+                a1 ? a1[r] : A(0), nullptr, a2 ? a2[r] : A(0), nullptr, smp ? smp[r] : A(0), v1 + cb,
+                A(0), v2 + cb, A(0), cmp ? cmp + cb : nullptr, A(0));
+          }
+        });
+      }
+    };
+    using T_ = std::true_type;
+    using F_ = std::false_type;
+    const bool has_dout = dp != nullptr, has_cmx = cmp != nullptr;
+    if (has_dout && spatial && has_cmx) run(T_{}, T_{}, T_{});
+    else if (has_dout && spatial) run(T_{}, T_{}, F_{});
+    else if (has_dout && has_cmx) run(T_{}, F_{}, T_{});
+    else if (has_dout) run(T_{}, F_{}, F_{});
+    else if (spatial && has_cmx) run(F_{}, T_{}, T_{});
+    else if (spatial) run(F_{}, T_{}, F_{});
+    else if (has_cmx) run(F_{}, F_{}, T_{});
+    else run(F_{}, F_{}, F_{});
   });
   return dx;
 }

@@ -20,4 +20,4 @@ def test_readme_example_runs(i):
 
 def test_readme_names_both_commands():
     text = open(README).read()
-    assert "./run.sh profile" in text and "./run.sh test" in text
+    assert "./run.sh main" in text and "./run.sh test" in text

@@ -62,9 +62,7 @@ def cbam(
     else:
         mean_s, max_s, _ = SpatialStatsNode.apply(x, gc, token, tape)
     maps = (mean_s, max_s) if pool_order == "mean_max" else (max_s, mean_s)
-    # [B, 2, H, W] in channels_last: oneDNN's 7x7 conv (forward and backward) on a 2-channel
-    # map is several times faster in that layout than in NCHW on CPU.
-    s = torch.stack(maps, dim=-1).view(B, H, W, 2).permute(0, 3, 1, 2)
+    s = torch.stack(maps, dim=1).view(B, 2, H, W)
     gs = gate(spatial(s).to(acc)).reshape(B, H * W)
 
     if compiled:
