@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # attnkern's two entry points, each on a fresh machine or an existing checkout:
-#   ./run.sh main [ARGS...]      the main job: `attnkern compare --op all` (fused vs naive vs
-#                                timm vs torch.compile, side by side on this machine)
+#   ./run.sh main [ARGS...]      the main job: `attnkern profile` on the built-in sample slide
+#                                (or `./run.sh main compare --op all`, `./run.sh main profile SLIDE`)
 #   ./run.sh test [PYTEST ARGS]  the tests
 # Both create or reuse the virtual environment .venv in the project root, install the
 # dependencies of requirements.txt when it changed, and build the C++ extension when csrc/ or
@@ -42,7 +42,7 @@ shift || true
 case "$cmd" in
     main)
         bootstrap
-        if [ "$#" -eq 0 ]; then set -- compare --op all; fi
+        if [ "$#" -eq 0 ]; then set -- profile; fi
         exec "$VENV/bin/attnkern" "$@"
         ;;
     test)

@@ -1,5 +1,12 @@
 """The ``attnkern`` command.
 
+    attnkern profile [SLIDE] [--model cbam_resnet50] [--tile 256] [--level 0] [--batch 16]
+                     [--workers 1] [--compare naive,compile,fused,fused-compile]
+                     [--max-tiles 64] [--out DIR]
+
+profiles a model over the tissue of a slide (the built-in sample slide without SLIDE) with and
+without attnkern's kernels, and writes report.json, report.md, heatmap.png and mask.png.
+
     attnkern compare [--op cbam|se|bam|all] [--shape B C H W] [--rounds N]
 
 prints the side-by-side table of the fused blocks against the reference, timm's eager modules
@@ -30,15 +37,51 @@ def _compare(args) -> int:
     return 0
 
 
+def _profile(args) -> int:
+    from .slides.profile import ProfileArgs, SlideError, markdown, profile
+
+    pa = ProfileArgs(slide=args.slide, model=args.model, checkpoint=args.checkpoint, tile=args.tile,
+                     level=args.level, batch=args.batch, workers=args.workers,
+                     compare=[v.strip() for v in args.compare.split(",") if v.strip()], out=args.out,
+                     max_tiles=args.max_tiles, device=args.device, progress=not args.no_progress)
+    try:
+        report = profile(pa)
+    except SlideError as e:
+        print(f"attnkern profile: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"attnkern profile: interrupted; partial report in {args.out}/report.json", file=sys.stderr)
+        return 130
+    print(markdown(report))
+    print(f"\nwrote {args.out}/report.json, report.md, heatmap.png, mask.png")
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="attnkern", description="Fused attention kernels for vision models.")
     ap.add_argument("--version", action="version", version=f"attnkern {__version__}")
     sub = ap.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("profile", help="throughput and attention heatmap of a model over a slide")
+    p.add_argument("slide", nargs="?", default=None, help="a slide (default: the built-in sample slide)")
+    p.add_argument("--model", default="cbam_resnet50")
+    p.add_argument("--checkpoint", default=None, help="a state_dict for the model (default: random weights)")
+    p.add_argument("--tile", type=int, default=256)
+    p.add_argument("--level", type=int, default=0)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--compare", default="naive,compile,fused,fused-compile",
+                   help="variants, comma-separated: naive, compile, fused, fused-compile")
+    p.add_argument("--max-tiles", type=int, default=64)
+    p.add_argument("--out", default="results/profile")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--no-progress", action="store_true")
     c = sub.add_parser("compare", help="fused vs naive vs timm vs torch.compile, side by side")
     c.add_argument("--op", choices=["cbam", "se", "bam", "all"], default="cbam")
     c.add_argument("--shape", type=int, nargs=4, metavar=("B", "C", "H", "W"), default=[8, 256, 56, 56])
     c.add_argument("--rounds", type=int, default=7)
     args = ap.parse_args(argv)
+    if args.command == "profile":
+        return _profile(args)
     if args.command == "compare":
         if min(args.shape) < 1 or args.rounds < 1:
             ap.error("--shape sizes and --rounds must be positive")

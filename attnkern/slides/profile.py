@@ -1,0 +1,237 @@
+"""``attnkern profile``: throughput of a model over the tissue of a slide, with attnkern's kernels
+("fused": the model after :func:`attnkern.convert`), without them ("naive": the model as timm
+builds it), with ``torch.compile`` of it ("compile") and of the converted model
+("fused-compile"); reading and compute time apart; and a heatmap of where the model looks.
+
+Outputs in ``--out``: ``report.json`` (every figure, the machine, versions, arguments; marked
+``partial`` if the run was interrupted), ``report.md`` (the side-by-side table),
+``heatmap.png`` (the last stage's CBAM spatial gates stitched over the thumbnail; for models
+without CBAM, the tiles' predicted probability of class 1) and ``mask.png`` (the tissue).
+"""
+from __future__ import annotations
+
+import copy
+import datetime as _dt
+import json
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+
+from .reader import SlideError, open_slide
+from .sample import sample_slide_path
+from .tiling import TileDataset, tile_grid
+from .tissue import tissue_mask
+
+MODELS = {
+    "cbam_resnet50": ("resnet50", dict(block_args=dict(attn_layer="cbam"))),
+    "cbam_resnet18": ("resnet18", dict(block_args=dict(attn_layer="cbam"))),
+    "seresnet50": ("seresnet50", {}),
+    "resnet50": ("resnet50", {}),
+}
+VARIANTS = ("naive", "compile", "fused", "fused-compile")
+THUMB = 1024
+
+
+@dataclass
+class ProfileArgs:
+    slide: Optional[str] = None
+    model: str = "cbam_resnet50"
+    checkpoint: Optional[str] = None
+    tile: int = 256
+    level: int = 0
+    batch: int = 16
+    workers: int = 1
+    compare: List[str] = field(default_factory=lambda: ["naive", "compile", "fused", "fused-compile"])
+    out: str = "results/profile"
+    max_tiles: int = 64
+    device: str = "cpu"
+    num_classes: int = 2
+    progress: bool = True
+
+
+def build_model(name: str, num_classes: int, checkpoint: Optional[str]) -> torch.nn.Module:
+    """A timm model with random weights (or ``checkpoint``'s), in eval mode."""
+    import timm
+
+    if name not in MODELS:
+        raise SlideError(f"unknown model {name!r}; known: {', '.join(MODELS)}")
+    arch, kwargs = MODELS[name]
+    torch.manual_seed(0)
+    model = timm.create_model(arch, pretrained=False, num_classes=num_classes, **kwargs)
+    if checkpoint:
+        if not os.path.exists(checkpoint):
+            raise SlideError(f"no such checkpoint: {checkpoint}")
+        sd = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        sd = sd.get("state_dict", sd) if isinstance(sd, dict) else sd
+        model.load_state_dict(sd, strict=True)
+    return model.eval()
+
+
+def _variant(base: torch.nn.Module, variant: str) -> torch.nn.Module:
+    import attnkern
+
+    if variant == "naive":
+        return base
+    if variant == "compile":
+        return torch.compile(base)
+    if variant in ("fused", "fused-compile"):
+        model = attnkern.convert(copy.deepcopy(base))
+        cbams = [m for m in model.modules() if isinstance(m, attnkern.CBAM)]
+        if cbams and variant == "fused":
+            cbams[-1].keep_gates = True  # the last stage's last block: the heatmap
+        return model if variant == "fused" else torch.compile(model)
+    raise SlideError(f"unknown variant {variant!r}; known: {', '.join(VARIANTS)}")
+
+
+def _rss_mb() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2 ** 20
+
+
+def _machine() -> Dict:
+    return dict(python=platform.python_version(), torch=torch.__version__, platform=platform.platform(),
+                cpu=platform.processor() or platform.machine(), threads=torch.get_num_threads(),
+                cuda=torch.cuda.get_device_name() if torch.cuda.is_available() else None)
+
+
+def run_variant(model, loader, device: str, progress: bool, label: str):
+    """Time one pass over the tiles. Returns (figures, predictions, per-tile gate maps)."""
+    from tqdm import tqdm
+
+    import attnkern
+
+    gate_module = next((m for m in reversed(list(model.modules()))
+                        if isinstance(m, attnkern.CBAM) and m.keep_gates), None)
+    first = next(iter(loader))[0].to(device)
+    with torch.inference_mode():
+        model(first)  # warm-up (and compilation) outside the timed pass
+    preds, gates = {}, {}
+    read_s = compute_s = 0.0
+    peak = _rss_mb()
+    n = 0
+    bar = tqdm(total=len(loader.dataset), desc=f"{label:>8}", unit="tile", disable=not progress, leave=True)
+    t_start = time.perf_counter()
+    t0 = t_start
+    for x, idx in loader:
+        t1 = time.perf_counter()
+        read_s += t1 - t0
+        x = x.to(device)
+        with torch.inference_mode():
+            logits = model(x)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        compute_s += t0 - t1
+        p = logits.float().softmax(dim=1)
+        for j, i in enumerate(idx.tolist()):
+            preds[i] = p[j].tolist()
+            if gate_module is not None and gate_module.last_gates is not None:
+                gates[i] = gate_module.last_gates[1][j, 0].cpu().numpy()
+        n += len(idx)
+        peak = max(peak, _rss_mb())
+        bar.set_postfix(tiles_per_s=f"{n / max(1e-9, t0 - t_start):.1f}")
+        bar.update(len(idx))
+    bar.close()
+    total = time.perf_counter() - t_start
+    return dict(tiles=n, seconds=total, read_seconds=read_s, compute_seconds=compute_s,
+                tiles_per_s=n / total if total else 0.0, peak_rss_mb=peak,
+                bound="read" if read_s > compute_s else "compute"), preds, gates
+
+
+def profile(args: ProfileArgs) -> Dict:
+    """Run the job and write its outputs; returns the report."""
+    from PIL import Image
+
+    from ..explain.heatmap import overlay, stitch
+
+    for v in args.compare:
+        if v not in VARIANTS:
+            raise SlideError(f"unknown variant {v!r} in --compare; known: {', '.join(VARIANTS)}")
+    if args.tile < 16 or args.batch < 1 or args.max_tiles < 1 or args.workers < 0:
+        raise SlideError("--tile must be >= 16, --batch and --max-tiles >= 1, --workers >= 0")
+    if args.model not in MODELS:
+        raise SlideError(f"unknown model {args.model!r}; known: {', '.join(MODELS)}")
+    path = args.slide or sample_slide_path()
+    slide = open_slide(path)
+    thumb = np.asarray(slide.get_thumbnail((THUMB, THUMB)).convert("RGB"))
+    mask = tissue_mask(thumb)
+    if not mask.any():
+        raise SlideError(f"no tissue found in {path}")
+    coords = tile_grid(slide, mask, args.level, args.tile)
+    if not coords:
+        raise SlideError(f"no {args.tile} px tile at level {args.level} is mostly tissue in {path}")
+    total_tiles = len(coords)
+    if len(coords) > args.max_tiles:  # spread the sample over the whole tissue, deterministically
+        keep = np.linspace(0, len(coords) - 1, args.max_tiles).round().astype(int)
+        coords = [coords[i] for i in keep]
+    os.makedirs(args.out, exist_ok=True)
+    Image.fromarray((mask * 255).astype(np.uint8)).save(os.path.join(args.out, "mask.png"))
+
+    report = dict(partial=True, started=_dt.datetime.now().isoformat(timespec="seconds"),
+                  slide=dict(path=os.path.abspath(path), dimensions=slide.dimensions,
+                             levels=slide.level_count, mpp=slide.properties.get("openslide.mpp-x"),
+                             tissue_fraction=float(mask.mean()), tissue_tiles=total_tiles,
+                             profiled_tiles=len(coords)),
+                  args=asdict(args), machine=_machine(), variants={})
+    tile0 = args.tile * slide.level_downsamples[args.level]
+    mpix = args.tile * args.tile / 1e6
+    device = args.device
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SlideError("--device cuda asked for, but no CUDA device is available")
+    base = build_model(args.model, args.num_classes, args.checkpoint).to(device)
+    loader = torch.utils.data.DataLoader(
+        TileDataset(path, coords, args.level, args.tile), batch_size=args.batch, shuffle=False,
+        num_workers=args.workers, pin_memory=device.startswith("cuda"),
+        persistent_workers=False, prefetch_factor=4 if args.workers else None)
+    results, heat_maps = {}, None
+    try:
+        for v in args.compare:
+            fig, preds, gates = run_variant(_variant(base, v), loader, device, args.progress, v)
+            fig["megapixels_per_s"] = fig["tiles_per_s"] * mpix
+            results[v] = (fig, preds)
+            report["variants"][v] = fig
+            if gates:
+                heat_maps = ("cbam_spatial_gate", gates)
+        ref = "naive" if "naive" in results else next(iter(results))
+        ref_pred = {i: int(np.argmax(p)) for i, p in results[ref][1].items()}
+        for v, (fig, preds) in results.items():
+            fig["same_predictions_as_" + ref] = float(np.mean([int(np.argmax(p)) == ref_pred[i] for i, p in preds.items()]))
+        if heat_maps is None:  # no CBAM in the model: show the predicted probability of class 1
+            any_preds = next(iter(results.values()))[1]
+            heat_maps = ("probability_class_1", {i: np.full((1, 1), p[min(1, len(p) - 1)]) for i, p in any_preds.items()})
+        kind, maps = heat_maps
+        order = sorted(maps)
+        heat = stitch([maps[i] for i in order], [coords[i] for i in order], tile0, slide.dimensions, mask.shape)
+        Image.fromarray(overlay(thumb, heat, mask)).save(os.path.join(args.out, "heatmap.png"))
+        report["heatmap"] = dict(kind=kind, file="heatmap.png", shape=list(mask.shape))
+        report["partial"] = False
+    finally:
+        report["finished"] = _dt.datetime.now().isoformat(timespec="seconds")
+        with open(os.path.join(args.out, "report.json"), "w") as f:
+            json.dump(report, f, indent=2, default=str)
+        with open(os.path.join(args.out, "report.md"), "w") as f:
+            f.write(markdown(report) + "\n")
+    return report
+
+
+def markdown(report: Dict) -> str:
+    s = report["slide"]
+    lines = [f"Slide `{os.path.basename(s['path'])}` {s['dimensions'][0]} x {s['dimensions'][1]} px, "
+             f"{s['tissue_tiles']} tissue tiles, {s['profiled_tiles']} profiled; model "
+             f"`{report['args']['model']}`, tile {report['args']['tile']} px at level "
+             f"{report['args']['level']}, batch {report['args']['batch']}, "
+             f"{report['machine']['threads']} threads" + (" (partial run)" if report["partial"] else ""), "",
+             "| variant | tiles/s | megapixels/s | read s | compute s | bound by | peak RSS MB | same predictions |",
+             "|---|---|---|---|---|---|---|---|"]
+    for v, f in report["variants"].items():
+        same = next((val for k, val in f.items() if k.startswith("same_predictions_as_")), None)
+        lines.append(f"| {v} | {f['tiles_per_s']:.2f} | {f.get('megapixels_per_s', 0):.2f} | {f['read_seconds']:.2f} | "
+                     f"{f['compute_seconds']:.2f} | {f['bound']} | {f['peak_rss_mb']:.0f} | "
+                     f"{'' if same is None else f'{same:.0%}'} |")
+    return "\n".join(lines)

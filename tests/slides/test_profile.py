@@ -1,0 +1,80 @@
+"""The profile job end to end on a small generated slide, and its errors through the CLI."""
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from attnkern.cli import main
+
+
+def test_profile_writes_every_output(small_slide, tmp_path, capsys):
+    out = str(tmp_path / "out")
+    rc = main(["profile", small_slide, "--model", "cbam_resnet18", "--tile", "128", "--batch", "4",
+               "--max-tiles", "8", "--workers", "0", "--compare", "naive,fused", "--out", out, "--no-progress"])
+    assert rc == 0
+    report = json.load(open(os.path.join(out, "report.json")))
+    assert report["partial"] is False
+    assert set(report["variants"]) == {"naive", "fused"}
+    for v in report["variants"].values():
+        for key in ("tiles", "seconds", "read_seconds", "compute_seconds", "tiles_per_s",
+                    "megapixels_per_s", "peak_rss_mb", "bound"):
+            assert key in v
+        assert v["tiles"] == 8 and v["tiles_per_s"] > 0
+    # the fused model makes the same predictions as timm's on the same tiles
+    assert report["variants"]["fused"]["same_predictions_as_naive"] == 1.0
+    assert report["heatmap"]["kind"] == "cbam_spatial_gate"
+    heat = Image.open(os.path.join(out, "heatmap.png"))
+    mask = Image.open(os.path.join(out, "mask.png"))
+    assert heat.size == mask.size and max(heat.size) == 1024
+    assert "| fused |" in open(os.path.join(out, "report.md")).read()
+    assert "tiles/s" in capsys.readouterr().out
+
+
+def test_compile_variant_agrees(small_slide, tmp_path):
+    out = str(tmp_path / "out")
+    rc = main(["profile", small_slide, "--model", "cbam_resnet18", "--tile", "128", "--batch", "4",
+               "--max-tiles", "4", "--workers", "0", "--compare", "naive,compile", "--out", out, "--no-progress"])
+    assert rc == 0
+    report = json.load(open(os.path.join(out, "report.json")))
+    assert report["variants"]["compile"]["same_predictions_as_naive"] == 1.0
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["/nonexistent/slide.svs"], "no such file"),
+    (["{blank}"], "no tissue found"),
+    (["{slide}", "--tile", "4096"], "larger than level 0"),
+    (["{slide}", "--model", "alexnet"], "unknown model 'alexnet'"),
+    (["{slide}", "--compare", "naive,turbo"], "unknown variant 'turbo'"),
+])
+def test_bad_input_is_one_line_and_exit_2(argv, message, small_slide, blank_slide, tmp_path, capsys):
+    argv = [a.format(slide=small_slide, blank=blank_slide) for a in argv]
+    rc = main(["profile", *argv, "--out", str(tmp_path / "o"), "--no-progress", "--workers", "0"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert err.startswith("attnkern profile: error:") and message in err
+    assert "Traceback" not in err and len(err.splitlines()) == 1
+
+
+def test_not_a_slide_file(tmp_path, capsys):
+    p = tmp_path / "x.tiff"
+    p.write_bytes(b"II*\x00garbage")
+    rc = main(["profile", str(p), "--out", str(tmp_path / "o"), "--no-progress"])
+    assert rc == 2 and "attnkern profile: error:" in capsys.readouterr().err
+
+
+def test_sample_slide_is_cached_and_readable(monkeypatch, tmp_path):
+    from attnkern.slides import open_slide
+    from attnkern.slides.sample import sample_slide_path
+
+    monkeypatch.setenv("ATTNKERN_CACHE", str(tmp_path))
+    p = sample_slide_path(size=2048)
+    assert p.startswith(str(tmp_path)) and os.path.exists(p)
+    mtime = os.path.getmtime(p)
+    assert sample_slide_path(size=2048) == p and os.path.getmtime(p) == mtime
+    slide = open_slide(p)
+    assert slide.dimensions == (2048, 2048) and slide.level_count >= 2
+    assert float(slide.properties["openslide.mpp-x"]) == pytest.approx(0.5)
+    thumb = np.asarray(slide.get_thumbnail((256, 256)).convert("RGB"))
+    assert thumb.std() > 10  # tissue on glass
