@@ -42,7 +42,10 @@ shift || true
 case "$cmd" in
     main)
         bootstrap
-        if [ "$#" -eq 0 ]; then set -- profile; fi
+        case "${1:-}" in
+            profile|compare|--help|-h|--version) ;;
+            *) set -- profile "$@" ;;  # no subcommand: profile (options pass through)
+        esac
         exec "$VENV/bin/attnkern" "$@"
         ;;
     test)

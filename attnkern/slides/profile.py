@@ -202,12 +202,19 @@ def profile(args: ProfileArgs) -> Dict:
         ref_pred = {i: int(np.argmax(p)) for i, p in results[ref][1].items()}
         for v, (fig, preds) in results.items():
             fig["same_predictions_as_" + ref] = float(np.mean([int(np.argmax(p)) == ref_pred[i] for i, p in preds.items()]))
+        # The heatmap covers all the tissue: one more pass of the fused model at the finest level
+        # whose tissue tiles number at most HEATMAP_TILES (the timed passes took a sample).
+        hm = _heatmap_pass(base, slide, path, mask, args, device)
+        if hm is not None:
+            heat_maps, hm_coords, hm_tile0 = hm
+        else:
+            hm_coords, hm_tile0 = coords, tile0
         if heat_maps is None:  # no CBAM in the model: show the predicted probability of class 1
             any_preds = next(iter(results.values()))[1]
             heat_maps = ("probability_class_1", {i: np.full((1, 1), p[min(1, len(p) - 1)]) for i, p in any_preds.items()})
         kind, maps = heat_maps
         order = sorted(maps)
-        heat = stitch([maps[i] for i in order], [coords[i] for i in order], tile0, slide.dimensions, mask.shape)
+        heat = stitch([maps[i] for i in order], [hm_coords[i] for i in order], hm_tile0, slide.dimensions, mask.shape)
         Image.fromarray(overlay(thumb, heat, mask)).save(os.path.join(args.out, "heatmap.png"))
         report["heatmap"] = dict(kind=kind, file="heatmap.png", shape=list(mask.shape))
         report["partial"] = False
@@ -218,6 +225,42 @@ def profile(args: ProfileArgs) -> Dict:
         with open(os.path.join(args.out, "report.md"), "w") as f:
             f.write(markdown(report) + "\n")
     return report
+
+
+HEATMAP_TILES = 256
+
+
+def _heatmap_pass(base, slide, path, mask, args, device):
+    """CBAM spatial gates of the fused model over every tissue tile of the finest level with at
+    most HEATMAP_TILES of them; None when the model has no CBAM."""
+    import attnkern
+
+    model = attnkern.convert(copy.deepcopy(base))
+    cbams = [m for m in model.modules() if isinstance(m, attnkern.CBAM)]
+    if not cbams:
+        return None
+    cbams[-1].keep_gates = True
+    for level in range(args.level, slide.level_count):
+        W, H = slide.level_dimensions[level]
+        if args.tile > min(W, H):
+            break
+        coords = tile_grid(slide, mask, level, args.tile, min_tissue=0.1)
+        if coords and (len(coords) <= HEATMAP_TILES or level == slide.level_count - 1):
+            break
+    else:
+        return None
+    if not coords:
+        return None
+    loader = torch.utils.data.DataLoader(TileDataset(path, coords, level, args.tile), batch_size=args.batch,
+                                         num_workers=args.workers)
+    maps = {}
+    with torch.inference_mode():
+        for x, idx in loader:
+            model(x.to(device))
+            g = cbams[-1].last_gates[1][:, 0].float().cpu().numpy()
+            for j, i in enumerate(idx.tolist()):
+                maps[i] = g[j]
+    return ("cbam_spatial_gate", maps), coords, args.tile * slide.level_downsamples[level]
 
 
 def markdown(report: Dict) -> str:
