@@ -2,7 +2,7 @@
 
     attnkern profile [SLIDE] [--model cbam_resnet50] [--tile 256] [--level 0] [--batch 16]
                      [--workers 1] [--compare naive,compile,fused,fused-compile]
-                     [--max-tiles 64] [--out DIR]
+                     [--max-tiles 64] [--train] [--out DIR]
 
 profiles a model over the tissue of a slide (the built-in sample slide without SLIDE) with and
 without attnkern's kernels, and writes report.json, report.md, heatmap.png and mask.png.
@@ -43,7 +43,8 @@ def _profile(args) -> int:
     pa = ProfileArgs(slide=args.slide, model=args.model, checkpoint=args.checkpoint, tile=args.tile,
                      level=args.level, batch=args.batch, workers=args.workers,
                      compare=[v.strip() for v in args.compare.split(",") if v.strip()], out=args.out,
-                     max_tiles=args.max_tiles, device=args.device, progress=not args.no_progress)
+                     max_tiles=args.max_tiles, device=args.device, progress=not args.no_progress,
+                     train=args.train)
     try:
         report = profile(pa)
     except SlideError as e:
@@ -74,6 +75,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--max-tiles", type=int, default=64)
     p.add_argument("--out", default="results/profile")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--train", action="store_true",
+                   help="also time a training step (forward, backward, SGD) per batch")
     p.add_argument("--no-progress", action="store_true")
     c = sub.add_parser("compare", help="fused vs naive vs timm vs torch.compile, side by side")
     c.add_argument("--op", choices=["cbam", "se", "bam", "all"], default="cbam")

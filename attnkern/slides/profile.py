@@ -52,6 +52,7 @@ class ProfileArgs:
     device: str = "cpu"
     num_classes: int = 2
     progress: bool = True
+    train: bool = False
 
 
 def build_model(name: str, num_classes: int, checkpoint: Optional[str]) -> torch.nn.Module:
@@ -81,9 +82,6 @@ def _variant(base: torch.nn.Module, variant: str) -> torch.nn.Module:
         return torch.compile(base)
     if variant in ("fused", "fused-compile"):
         model = attnkern.convert(copy.deepcopy(base))
-        cbams = [m for m in model.modules() if isinstance(m, attnkern.CBAM)]
-        if cbams and variant == "fused":
-            cbams[-1].keep_gates = True  # the last stage's last block: the heatmap
         return model if variant == "fused" else torch.compile(model)
     raise SlideError(f"unknown variant {variant!r}; known: {', '.join(VARIANTS)}")
 
@@ -100,18 +98,28 @@ def _machine() -> Dict:
                 cuda=torch.cuda.get_device_name() if torch.cuda.is_available() else None)
 
 
-def run_variant(model, loader, device: str, progress: bool, label: str):
-    """Time one pass over the tiles. Returns (figures, predictions, per-tile gate maps)."""
+def run_variant(model, loader, device: str, progress: bool, label: str, train: bool = False):
+    """Time one pass over the tiles: inference, or with ``train`` a training step per batch
+    (forward, cross-entropy on fixed pseudo-labels, backward, SGD). Returns (figures,
+    predictions)."""
     from tqdm import tqdm
 
-    import attnkern
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9) if train else None
+    model.train(train)
 
-    gate_module = next((m for m in reversed(list(model.modules()))
-                        if isinstance(m, attnkern.CBAM) and m.keep_gates), None)
-    first = next(iter(loader))[0].to(device)
-    with torch.inference_mode():
-        model(first)  # warm-up (and compilation) outside the timed pass
-    preds, gates = {}, {}
+    def step(x, idx):
+        if not train:
+            with torch.inference_mode():
+                return model(x)
+        opt.zero_grad(set_to_none=True)
+        logits = model(x)
+        torch.nn.functional.cross_entropy(logits, (idx % logits.shape[1]).to(x.device)).backward()
+        opt.step()
+        return logits.detach()
+
+    x0, i0 = next(iter(loader))
+    step(x0.to(device), i0)  # warm-up (and compilation) outside the timed pass
+    preds = {}
     read_s = compute_s = 0.0
     peak = _rss_mb()
     n = 0
@@ -122,8 +130,7 @@ def run_variant(model, loader, device: str, progress: bool, label: str):
         t1 = time.perf_counter()
         read_s += t1 - t0
         x = x.to(device)
-        with torch.inference_mode():
-            logits = model(x)
+        logits = step(x, idx)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         t0 = time.perf_counter()
@@ -131,8 +138,6 @@ def run_variant(model, loader, device: str, progress: bool, label: str):
         p = logits.float().softmax(dim=1)
         for j, i in enumerate(idx.tolist()):
             preds[i] = p[j].tolist()
-            if gate_module is not None and gate_module.last_gates is not None:
-                gates[i] = gate_module.last_gates[1][j, 0].cpu().numpy()
         n += len(idx)
         peak = max(peak, _rss_mb())
         bar.set_postfix(tiles_per_s=f"{n / max(1e-9, t0 - t_start):.1f}")
@@ -141,7 +146,7 @@ def run_variant(model, loader, device: str, progress: bool, label: str):
     total = time.perf_counter() - t_start
     return dict(tiles=n, seconds=total, read_seconds=read_s, compute_seconds=compute_s,
                 tiles_per_s=n / total if total else 0.0, peak_rss_mb=peak,
-                bound="read" if read_s > compute_s else "compute"), preds, gates
+                bound="read" if read_s > compute_s else "compute"), preds
 
 
 def profile(args: ProfileArgs) -> Dict:
@@ -192,12 +197,17 @@ def profile(args: ProfileArgs) -> Dict:
     results, heat_maps = {}, None
     try:
         for v in args.compare:
-            fig, preds, gates = run_variant(_variant(base, v), loader, device, args.progress, v)
+            fig, preds = run_variant(_variant(base, v), loader, device, args.progress, v)
             fig["megapixels_per_s"] = fig["tiles_per_s"] * mpix
             results[v] = (fig, preds)
             report["variants"][v] = fig
-            if gates:
-                heat_maps = ("cbam_spatial_gate", gates)
+        if args.train:  # training steps, each variant from the same weights
+            for v in args.compare:
+                fig, _ = run_variant(_variant(copy.deepcopy(base), v), loader, device, args.progress,
+                                        f"{v} train", train=True)
+                fig["megapixels_per_s"] = fig["tiles_per_s"] * mpix
+                report["variants"][f"{v} (train)"] = fig
+        base.eval()
         ref = "naive" if "naive" in results else next(iter(results))
         ref_pred = {i: int(np.argmax(p)) for i, p in results[ref][1].items()}
         for v, (fig, preds) in results.items():

@@ -78,3 +78,36 @@ def test_sample_slide_is_cached_and_readable(monkeypatch, tmp_path):
     assert float(slide.properties["openslide.mpp-x"]) == pytest.approx(0.5)
     thumb = np.asarray(slide.get_thumbnail((256, 256)).convert("RGB"))
     assert thumb.std() > 10  # tissue on glass
+
+
+def test_train_steps_are_timed_for_every_variant(small_slide, tmp_path):
+    out = str(tmp_path / "out")
+    rc = main(["profile", small_slide, "--model", "cbam_resnet18", "--tile", "64", "--batch", "4",
+               "--max-tiles", "8", "--workers", "0", "--compare", "naive,fused", "--train", "--out", out,
+               "--no-progress"])
+    assert rc == 0
+    variants = json.load(open(os.path.join(out, "report.json")))["variants"]
+    assert set(variants) == {"naive", "fused", "naive (train)", "fused (train)"}
+    assert variants["fused (train)"]["tiles"] == 8 and variants["fused (train)"]["tiles_per_s"] > 0
+
+
+def test_interrupted_run_leaves_a_partial_report(small_slide, tmp_path, monkeypatch, capsys):
+    from attnkern.slides import profile as prof
+
+    real = prof.run_variant
+    calls = []
+
+    def interrupt_second(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(prof, "run_variant", interrupt_second)
+    out = str(tmp_path / "out")
+    rc = main(["profile", small_slide, "--model", "cbam_resnet18", "--tile", "64", "--batch", "4",
+               "--max-tiles", "4", "--workers", "0", "--compare", "naive,fused", "--out", out, "--no-progress"])
+    assert rc == 130
+    report = json.load(open(os.path.join(out, "report.json")))
+    assert report["partial"] is True and list(report["variants"]) == ["naive"]
+    assert "partial report" in capsys.readouterr().err
