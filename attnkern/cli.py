@@ -15,6 +15,7 @@ and ``torch.compile`` of them, measured in one run on this machine.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import List, Optional
 
@@ -53,8 +54,9 @@ def _profile(args) -> int:
     except KeyboardInterrupt:
         print(f"attnkern profile: interrupted; partial report in {args.out}/report.json", file=sys.stderr)
         return 130
-    print(markdown(report))
-    print(f"\nwrote {args.out}/report.json, report.md, heatmap.png, mask.png")
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 reports
+        print(markdown(report))
+        print(f"\nwrote {args.out}/report.json, report.md, heatmap.png, mask.png")
     return 0
 
 

@@ -22,6 +22,7 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
+from . import dist as D
 from .reader import SlideError, open_slide
 from .sample import sample_slide_path
 from .tiling import TileDataset, tile_grid
@@ -150,11 +151,7 @@ def run_variant(model, loader, device: str, progress: bool, label: str, train: b
 
 
 def profile(args: ProfileArgs) -> Dict:
-    """Run the job and write its outputs; returns the report."""
-    from PIL import Image
-
-    from ..explain.heatmap import overlay, stitch
-
+    """Run the job and write its outputs (rank 0 under torchrun); returns the report."""
     for v in args.compare:
         if v not in VARIANTS:
             raise SlideError(f"unknown variant {v!r} in --compare; known: {', '.join(VARIANTS)}")
@@ -162,7 +159,25 @@ def profile(args: ProfileArgs) -> Dict:
         raise SlideError("--tile must be >= 16, --batch and --max-tiles >= 1, --workers >= 0")
     if args.model not in MODELS:
         raise SlideError(f"unknown model {args.model!r}; known: {', '.join(MODELS)}")
-    path = args.slide or sample_slide_path()
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SlideError("--device cuda asked for, but no CUDA device is available")
+    rank, world, device, started = D.setup(args.device)
+    try:
+        return _profile(args, rank, world, device)
+    finally:
+        if started:
+            torch.distributed.destroy_process_group()
+
+
+def _profile(args: ProfileArgs, rank: int, world: int, device: str) -> Dict:
+    from PIL import Image
+
+    from ..explain.heatmap import overlay, stitch
+
+    lead = rank == 0
+    path = args.slide or (sample_slide_path() if lead else None)
+    if world > 1:
+        path = D.gather(path, world)[0]  # rank 0 creates the sample once
     slide = open_slide(path)
     thumb = np.asarray(slide.get_thumbnail((THUMB, THUMB)).convert("RGB"))
     mask = tissue_mask(thumb)
@@ -175,36 +190,40 @@ def profile(args: ProfileArgs) -> Dict:
     if len(coords) > args.max_tiles:  # spread the sample over the whole tissue, deterministically
         keep = np.linspace(0, len(coords) - 1, args.max_tiles).round().astype(int)
         coords = [coords[i] for i in keep]
-    os.makedirs(args.out, exist_ok=True)
-    Image.fromarray((mask * 255).astype(np.uint8)).save(os.path.join(args.out, "mask.png"))
+    if lead:
+        os.makedirs(args.out, exist_ok=True)
+        Image.fromarray((mask * 255).astype(np.uint8)).save(os.path.join(args.out, "mask.png"))
 
     report = dict(partial=True, started=_dt.datetime.now().isoformat(timespec="seconds"),
                   slide=dict(path=os.path.abspath(path), dimensions=slide.dimensions,
                              levels=slide.level_count, mpp=slide.properties.get("openslide.mpp-x"),
                              tissue_fraction=float(mask.mean()), tissue_tiles=total_tiles,
                              profiled_tiles=len(coords)),
-                  args=asdict(args), machine=_machine(), variants={})
+                  args=asdict(args), machine=_machine(), world_size=world, variants={})
     tile0 = args.tile * slide.level_downsamples[args.level]
     mpix = args.tile * args.tile / 1e6
-    device = args.device
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise SlideError("--device cuda asked for, but no CUDA device is available")
     base = build_model(args.model, args.num_classes, args.checkpoint).to(device)
+    mine = D.shard(len(coords), rank, world)
     loader = torch.utils.data.DataLoader(
-        TileDataset(path, coords, args.level, args.tile), batch_size=args.batch, shuffle=False,
+        TileDataset(path, [coords[i] for i in mine], args.level, args.tile, indices=mine),
+        batch_size=args.batch, shuffle=False,
         num_workers=args.workers, pin_memory=device.startswith("cuda"),
         persistent_workers=False, prefetch_factor=4 if args.workers else None)
     results, heat_maps = {}, None
     try:
+        progress = args.progress and lead
         for v in args.compare:
-            fig, preds = run_variant(_variant(base, v), loader, device, args.progress, v)
+            fig, preds = run_variant(_variant(base, v), loader, device, progress, v)
+            fig = D.merge_figures(D.gather(fig, world))
+            preds = {i: p for part in D.gather(preds, world) for i, p in part.items()}
             fig["megapixels_per_s"] = fig["tiles_per_s"] * mpix
             results[v] = (fig, preds)
             report["variants"][v] = fig
         if args.train:  # training steps, each variant from the same weights
             for v in args.compare:
-                fig, _ = run_variant(_variant(copy.deepcopy(base), v), loader, device, args.progress,
-                                        f"{v} train", train=True)
+                fig, _ = run_variant(_variant(copy.deepcopy(base), v), loader, device, progress,
+                                     f"{v} train", train=True)
+                fig = D.merge_figures(D.gather(fig, world))
                 fig["megapixels_per_s"] = fig["tiles_per_s"] * mpix
                 report["variants"][f"{v} (train)"] = fig
         base.eval()
@@ -214,7 +233,7 @@ def profile(args: ProfileArgs) -> Dict:
             fig["same_predictions_as_" + ref] = float(np.mean([int(np.argmax(p)) == ref_pred[i] for i, p in preds.items()]))
         # The heatmap covers all the tissue: one more pass of the fused model at the finest level
         # whose tissue tiles number at most HEATMAP_TILES (the timed passes took a sample).
-        hm = _heatmap_pass(base, slide, path, mask, args, device)
+        hm = _heatmap_pass(base, slide, path, mask, args, device, rank, world)
         if hm is not None:
             heat_maps, hm_coords, hm_tile0 = hm
         else:
@@ -224,23 +243,26 @@ def profile(args: ProfileArgs) -> Dict:
             heat_maps = ("probability_class_1", {i: np.full((1, 1), p[min(1, len(p) - 1)]) for i, p in any_preds.items()})
         kind, maps = heat_maps
         order = sorted(maps)
-        heat = stitch([maps[i] for i in order], [hm_coords[i] for i in order], hm_tile0, slide.dimensions, mask.shape)
-        Image.fromarray(overlay(thumb, heat, mask)).save(os.path.join(args.out, "heatmap.png"))
+        if lead:
+            heat = stitch([maps[i] for i in order], [hm_coords[i] for i in order], hm_tile0, slide.dimensions,
+                          mask.shape)
+            Image.fromarray(overlay(thumb, heat, mask)).save(os.path.join(args.out, "heatmap.png"))
         report["heatmap"] = dict(kind=kind, file="heatmap.png", shape=list(mask.shape))
         report["partial"] = False
     finally:
         report["finished"] = _dt.datetime.now().isoformat(timespec="seconds")
-        with open(os.path.join(args.out, "report.json"), "w") as f:
-            json.dump(report, f, indent=2, default=str)
-        with open(os.path.join(args.out, "report.md"), "w") as f:
-            f.write(markdown(report) + "\n")
+        if lead:
+            with open(os.path.join(args.out, "report.json"), "w") as f:
+                json.dump(report, f, indent=2, default=str)
+            with open(os.path.join(args.out, "report.md"), "w") as f:
+                f.write(markdown(report) + "\n")
     return report
 
 
 HEATMAP_TILES = 256
 
 
-def _heatmap_pass(base, slide, path, mask, args, device):
+def _heatmap_pass(base, slide, path, mask, args, device, rank=0, world=1):
     """CBAM spatial gates of the fused model over every tissue tile of the finest level with at
     most HEATMAP_TILES of them; None when the model has no CBAM."""
     import attnkern
@@ -261,8 +283,9 @@ def _heatmap_pass(base, slide, path, mask, args, device):
         return None
     if not coords:
         return None
-    loader = torch.utils.data.DataLoader(TileDataset(path, coords, level, args.tile), batch_size=args.batch,
-                                         num_workers=args.workers)
+    mine = D.shard(len(coords), rank, world)
+    loader = torch.utils.data.DataLoader(TileDataset(path, [coords[i] for i in mine], level, args.tile, indices=mine),
+                                         batch_size=args.batch, num_workers=args.workers)
     maps = {}
     with torch.inference_mode():
         for x, idx in loader:
@@ -270,6 +293,7 @@ def _heatmap_pass(base, slide, path, mask, args, device):
             g = cbams[-1].last_gates[1][:, 0].float().cpu().numpy()
             for j, i in enumerate(idx.tolist()):
                 maps[i] = g[j]
+    maps = {i: m for part in D.gather(maps, world) for i, m in part.items()}
     return ("cbam_spatial_gate", maps), coords, args.tile * slide.level_downsamples[level]
 
 

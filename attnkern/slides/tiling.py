@@ -39,10 +39,13 @@ def tile_grid(slide, mask: np.ndarray, level: int, tile: int, min_tissue: float 
 
 class TileDataset(torch.utils.data.Dataset):
     """RGB tiles as normalised float tensors [3, tile, tile] (ImageNet statistics), with their
-    index. The slide handle is opened lazily, once per worker process."""
+    index (``indices[i]`` when given: a shard's global indices). The slide handle is opened
+    lazily, once per worker process."""
 
-    def __init__(self, path: str, coords: Sequence[Tuple[int, int]], level: int, tile: int):
+    def __init__(self, path: str, coords: Sequence[Tuple[int, int]], level: int, tile: int,
+                 indices: Sequence[int] = ()):
         self.path, self.coords, self.level, self.tile = path, list(coords), level, tile
+        self.indices = list(indices) or list(range(len(self.coords)))  # what __getitem__ reports
         self._slide = None
         self.mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
         self.std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
@@ -56,7 +59,7 @@ class TileDataset(torch.utils.data.Dataset):
         region = self._slide.read_region(self.coords[i], self.level, (self.tile, self.tile))
         rgb = torch.from_numpy(np.asarray(region.convert("RGB"), dtype=np.uint8).copy())
         x = rgb.permute(2, 0, 1).float().div_(255)
-        return (x - self.mean) / self.std, i
+        return (x - self.mean) / self.std, self.indices[i]
 
     def __getstate__(self):
         state = dict(self.__dict__)

@@ -111,3 +111,26 @@ def test_interrupted_run_leaves_a_partial_report(small_slide, tmp_path, monkeypa
     report = json.load(open(os.path.join(out, "report.json")))
     assert report["partial"] is True and list(report["variants"]) == ["naive"]
     assert "partial report" in capsys.readouterr().err
+
+
+def test_two_process_torchrun_shards_the_tiles(small_slide, tmp_path):
+    """torchrun with 2 CPU processes (gloo): each rank takes half the tiles, rank 0 writes one
+    report covering all of them, with the same predictions as one process."""
+    import subprocess
+    import sys
+
+    out = str(tmp_path / "dist")
+    env = dict(os.environ, OMP_NUM_THREADS="1", ATTNKERN_CACHE=str(tmp_path / "cache"))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29531",
+           "-m", "attnkern.cli", "profile", small_slide, "--model", "cbam_resnet18", "--tile", "64",
+           "--batch", "4", "--max-tiles", "10", "--workers", "0", "--compare", "naive,fused", "--out", out,
+           "--no-progress"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.load(open(os.path.join(out, "report.json")))
+    assert report["world_size"] == 2 and report["partial"] is False
+    fused = report["variants"]["fused"]
+    assert fused["tiles"] == 10 and [r["tiles"] for r in fused["ranks"]] == [5, 5]
+    assert fused["same_predictions_as_naive"] == 1.0
+    assert os.path.exists(os.path.join(out, "heatmap.png"))
+    assert proc.stdout.count("| fused |") == 1  # one report, from rank 0
