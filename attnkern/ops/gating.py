@@ -1,8 +1,9 @@
 """The pooled-gating primitives shared by CBAM, SE and BAM, as ``torch.library`` ops.
 
-Six primitives do every pass over the big tensor (see :mod:`attnkern.reference.gating` for
-their math): ``channel_stats``, ``spatial_stats``, ``gate_apply`` (forward) and ``gate_bwd_a``,
-``cbam_bwd_b``, ``gate_bwd_c`` (backward). Each runs on one of three backends with the same
+Nine primitives do every pass over the big tensor (see :mod:`attnkern.reference.gating` for
+their math): ``channel_stats``, ``spatial_stats``, ``gate_apply`` (forward), ``gate_bwd_a``,
+``cbam_bwd_b``, ``gate_bwd_c`` (backward), and BAM's ``bam_combine``, ``bam_combine_bwd``,
+``bam_dx``. Each runs on one of three backends with the same
 signature: the C++ extension (CPU), Triton (CUDA, or CPU under ``TRITON_INTERPRET=1``) and the
 PyTorch reference. The backend is chosen once per op call by :func:`attnkern._backend.pick`
 and passed down as a string, so the three can be compared on the same inputs.
