@@ -2,7 +2,7 @@
 
     attnkern profile [SLIDE] [--model cbam_resnet50] [--tile 256] [--level 0] [--batch 16]
                      [--workers 1] [--compare naive,compile,fused,fused-compile]
-                     [--max-tiles 64] [--train] [--out DIR]
+                     [--max-tiles 64] [--train] [--explain attention|gradcam] [--out DIR]
 
 profiles a model over the tissue of a slide (the built-in sample slide without SLIDE) with and
 without attnkern's kernels, and writes report.json, report.md, heatmap.png and mask.png.
@@ -45,7 +45,7 @@ def _profile(args) -> int:
                      level=args.level, batch=args.batch, workers=args.workers,
                      compare=[v.strip() for v in args.compare.split(",") if v.strip()], out=args.out,
                      max_tiles=args.max_tiles, device=args.device, progress=not args.no_progress,
-                     train=args.train)
+                     train=args.train, explain=args.explain)
     try:
         report = profile(pa)
     except SlideError as e:
@@ -79,6 +79,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--train", action="store_true",
                    help="also time a training step (forward, backward, SGD) per batch")
+    p.add_argument("--explain", choices=["attention", "gradcam"], default="attention",
+                   help="heatmap: the last CBAM's spatial gates, or Grad-CAM (any CNN)")
     p.add_argument("--no-progress", action="store_true")
     c = sub.add_parser("compare", help="fused vs naive vs timm vs torch.compile, side by side")
     c.add_argument("--op", choices=["cbam", "se", "bam", "all"], default="cbam")

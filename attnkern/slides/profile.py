@@ -54,6 +54,7 @@ class ProfileArgs:
     num_classes: int = 2
     progress: bool = True
     train: bool = False
+    explain: str = "attention"
 
 
 def build_model(name: str, num_classes: int, checkpoint: Optional[str]) -> torch.nn.Module:
@@ -159,6 +160,8 @@ def profile(args: ProfileArgs) -> Dict:
         raise SlideError("--tile must be >= 16, --batch and --max-tiles >= 1, --workers >= 0")
     if args.model not in MODELS:
         raise SlideError(f"unknown model {args.model!r}; known: {', '.join(MODELS)}")
+    if args.explain not in ("attention", "gradcam"):
+        raise SlideError(f"unknown --explain {args.explain!r}; known: attention, gradcam")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SlideError("--device cuda asked for, but no CUDA device is available")
     rank, world, device, started = D.setup(args.device)
@@ -262,39 +265,69 @@ def _profile(args: ProfileArgs, rank: int, world: int, device: str) -> Dict:
 HEATMAP_TILES = 256
 
 
-def _heatmap_pass(base, slide, path, mask, args, device, rank=0, world=1):
-    """CBAM spatial gates of the fused model over every tissue tile of the finest level with at
-    most HEATMAP_TILES of them; None when the model has no CBAM."""
-    import attnkern
-
-    model = attnkern.convert(copy.deepcopy(base))
-    cbams = [m for m in model.modules() if isinstance(m, attnkern.CBAM)]
-    if not cbams:
-        return None
-    cbams[-1].keep_gates = True
+def _heatmap_level(slide, mask, args):
+    """The finest level whose tissue tiles number at most HEATMAP_TILES, and those tiles."""
+    coords, level = [], args.level
     for level in range(args.level, slide.level_count):
         W, H = slide.level_dimensions[level]
         if args.tile > min(W, H):
             break
         coords = tile_grid(slide, mask, level, args.tile, min_tissue=0.1)
-        if coords and (len(coords) <= HEATMAP_TILES or level == slide.level_count - 1):
+        if coords and len(coords) <= HEATMAP_TILES:
             break
-    else:
+    return level, coords
+
+
+def _gradcam_target(model: torch.nn.Module) -> torch.nn.Module:
+    """The last stage of a timm CNN (``layer4[-1]`` / ``stages[-1]``), else its last conv."""
+    for name in ("layer4", "stages", "features"):
+        stage = getattr(model, name, None)
+        if stage is not None and len(stage):
+            return stage[-1]
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    if not convs:
+        raise SlideError("--explain gradcam needs a convolutional model")
+    return convs[-1]
+
+
+def _heatmap_pass(base, slide, path, mask, args, device, rank=0, world=1):
+    """Per-tile maps over every tissue tile of the finest level with at most HEATMAP_TILES of
+    them, from the fused model: its last CBAM's spatial gates (``attention``), or Grad-CAM of
+    the predicted class on the last stage (``gradcam``, the grad-cam package). None when
+    ``attention`` is asked of a model without CBAM."""
+    import attnkern
+
+    model = attnkern.convert(copy.deepcopy(base)).eval()
+    cbams = [m for m in model.modules() if isinstance(m, attnkern.CBAM)]
+    if args.explain == "attention" and not cbams:
         return None
+    level, coords = _heatmap_level(slide, mask, args)
     if not coords:
         return None
     mine = D.shard(len(coords), rank, world)
     loader = torch.utils.data.DataLoader(TileDataset(path, [coords[i] for i in mine], level, args.tile, indices=mine),
                                          batch_size=args.batch, num_workers=args.workers)
     maps = {}
-    with torch.inference_mode():
-        for x, idx in loader:
-            model(x.to(device))
-            g = cbams[-1].last_gates[1][:, 0].float().cpu().numpy()
-            for j, i in enumerate(idx.tolist()):
-                maps[i] = g[j]
+    if args.explain == "gradcam":
+        from pytorch_grad_cam import GradCAM
+
+        with GradCAM(model=model, target_layers=[_gradcam_target(model)]) as cam:
+            for x, idx in loader:
+                g = cam(input_tensor=x.to(device), targets=None)  # [B, tile, tile], predicted class
+                for j, i in enumerate(idx.tolist()):
+                    maps[i] = g[j]
+        kind = "gradcam"
+    else:
+        cbams[-1].keep_gates = True
+        with torch.inference_mode():
+            for x, idx in loader:
+                model(x.to(device))
+                g = cbams[-1].last_gates[1][:, 0].float().cpu().numpy()
+                for j, i in enumerate(idx.tolist()):
+                    maps[i] = g[j]
+        kind = "cbam_spatial_gate"
     maps = {i: m for part in D.gather(maps, world) for i, m in part.items()}
-    return ("cbam_spatial_gate", maps), coords, args.tile * slide.level_downsamples[level]
+    return (kind, maps), coords, args.tile * slide.level_downsamples[level]
 
 
 def markdown(report: Dict) -> str:

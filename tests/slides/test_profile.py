@@ -134,3 +134,24 @@ def test_two_process_torchrun_shards_the_tiles(small_slide, tmp_path):
     assert fused["same_predictions_as_naive"] == 1.0
     assert os.path.exists(os.path.join(out, "heatmap.png"))
     assert proc.stdout.count("| fused |") == 1  # one report, from rank 0
+
+
+@pytest.mark.parametrize("model", ["cbam_resnet18", "resnet50"])
+def test_gradcam_heatmap(model, small_slide, tmp_path):
+    out = str(tmp_path / "out")
+    rc = main(["profile", small_slide, "--model", model, "--tile", "64", "--batch", "8", "--max-tiles", "4",
+               "--workers", "0", "--compare", "fused", "--explain", "gradcam", "--out", out, "--no-progress"])
+    assert rc == 0
+    report = json.load(open(os.path.join(out, "report.json")))
+    assert report["heatmap"]["kind"] == "gradcam"
+    heat = np.asarray(Image.open(os.path.join(out, "heatmap.png")))
+    thumb_like = np.asarray(Image.open(os.path.join(out, "mask.png")))
+    assert heat.shape[:2] == thumb_like.shape[:2]
+
+
+def test_attention_heatmap_without_cbam_falls_back_to_probabilities(small_slide, tmp_path):
+    out = str(tmp_path / "out")
+    rc = main(["profile", small_slide, "--model", "resnet50", "--tile", "64", "--batch", "8", "--max-tiles", "4",
+               "--workers", "0", "--compare", "naive", "--out", out, "--no-progress"])
+    assert rc == 0
+    assert json.load(open(os.path.join(out, "report.json")))["heatmap"]["kind"] == "probability_class_1"
