@@ -70,6 +70,24 @@ def make_variant(op: str, variant: str, channels: int, train: bool, seed: int = 
     raise ValueError(f"unknown variant {variant!r} for {op}")
 
 
+def saved_bytes(model: nn.Module, x: torch.Tensor) -> int:
+    """Bytes autograd keeps for the backward of ``model(x)``: unique storages, parameters left
+    out (autograd saves them by reference). Exact and machine-independent; activations that
+    ``torch.compile`` saves are not visible here."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x)
+    return sum(seen.values())
+
+
 def step_fn(model: nn.Module, shape: Sequence[int], backward: bool) -> Callable[[], None]:
     """One forward (no_grad) or forward+backward call on fixed random inputs."""
     x = torch.randn(*shape)

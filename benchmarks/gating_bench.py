@@ -55,19 +55,9 @@ def forward_backward(benchmark, recorder, op: str, variant: str, model: Callable
 
 
 def saved_bytes(recorder, op: str, variant: str, model: Callable, shape):
-    """Bytes autograd keeps for backward (unique storages, parameters excluded: they are saved
-    by reference) over the input's bytes. Exact and machine-independent; torch.compile's saved
-    activations are invisible to the hooks."""
+    """Bytes saved for backward (:func:`attnkern.compare.saved_bytes`) over the input's bytes."""
+    from attnkern.compare import saved_bytes as count
+
     x = torch.randn(shape).requires_grad_()
-    seen = {}
-    params = {q.untyped_storage().data_ptr() for q in model.parameters()}
-
-    def pack(t):
-        if t.untyped_storage().data_ptr() not in params:  # weights are saved by reference
-            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(x)
     recorder.row(op, variant, "saved", shape, torch.float32, "saved_over_input",
-                 sum(seen.values()) / (x.numel() * x.element_size()))
+                 count(model, x) / (x.numel() * x.element_size()))

@@ -7,6 +7,7 @@ import torch
 from timm.layers.cbam import CbamModule
 
 import attnkern
+from attnkern.compare import saved_bytes
 from attnkern.nn import CBAM
 from tests.cases import all_cases, make_input
 from tests.ops.blocks import compare, run
@@ -162,15 +163,5 @@ def test_saved_for_backward_is_about_one_input(backend):
     torch.manual_seed(10)
     m = CBAM(256).train()  # the target's channel count: per-pixel statistics cost 1/C each
     x = make_input((2, 256, 28, 28), "contiguous", torch.float32).requires_grad_()
-    seen = {}
-    params = {q.untyped_storage().data_ptr() for q in m.parameters()}
-
-    def pack(t):
-        if t.untyped_storage().data_ptr() not in params:  # weights are saved by reference
-            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        m(x)
-    saved = sum(seen.values())
+    saved = saved_bytes(m, x)
     assert saved <= 1.05 * x.numel() * x.element_size(), (saved, x.numel() * x.element_size())

@@ -5,6 +5,7 @@ import pytest
 import torch
 from timm.layers.squeeze_excite import SEModule
 
+from attnkern.compare import saved_bytes
 from attnkern.nn import SqueezeExcite
 from tests.cases import all_cases, make_input
 from tests.ops.blocks import compare, run as _run
@@ -48,17 +49,8 @@ def test_se_deterministic(backend):
 def test_se_saved_for_backward_is_about_one_input(backend):
     m = SqueezeExcite(256)
     x = make_input((2, 256, 28, 28), "contiguous", torch.float32).requires_grad_()
-    seen = {}
-    params = {q.untyped_storage().data_ptr() for q in m.parameters()}
-
-    def pack(t):
-        if t.untyped_storage().data_ptr() not in params:  # weights are saved by reference
-            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        m(x)
-    assert sum(seen.values()) <= 1.05 * x.numel() * x.element_size()
+    saved = saved_bytes(m, x)
+    assert saved <= 1.05 * x.numel() * x.element_size()
 
 
 def test_se_torch_compile_fullgraph(monkeypatch):
