@@ -254,6 +254,19 @@ void check_small(const Tensor& t, const char* name, int64_t B, int64_t N, at::Sc
               " must be a contiguous tensor of ", B, " x ", N, " elements, got shape ", t.sizes());
 }
 
+// out[b, c] = sum over k of part[b, k, c], in order k = 0, 1, ... (deterministic).
+template <typename A>
+void sum_partials(const A* part, int64_t B, int64_t K, int64_t C, A* out) {
+  at::parallel_for(0, B * C, 64, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t b = r / C, c = r % C;
+      A sum = 0;
+      for (int64_t k = 0; k < K; ++k) sum += part[(b * K + k) * C + c];
+      out[r] = sum;
+    }
+  });
+}
+
 // Fixed task sizes: they depend on the shapes only, so results never depend on thread count.
 constexpr int64_t kPixBlock = 256;   // pixels per task in NCHW cross-channel passes
 constexpr int64_t kPixChunk = 64;    // pixels per task in channels_last cross-pixel passes
@@ -498,14 +511,7 @@ void two_axis_reduce(const T* dout, const T* x, const Shape& s, const typename A
         for (int64_t i = 0; i < len; ++i) Rhw[b * HW + h0 + i] = acc[i];
       }
     });
-    at::parallel_for(0, B * C, 64, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        const int64_t b = r / C, c = r % C;
-        A sum = 0;
-        for (int64_t k = 0; k < nbl; ++k) sum += pp[(b * nbl + k) * C + c];
-        Rc[r] = sum;
-      }
-    });
+    sum_partials<A>(pp, B, nbl, C, Rc);
     return;
   }
   // channels_last: task (b, pixel chunk): per pixel, R_hw is a reduction along the contiguous
@@ -546,14 +552,7 @@ void two_axis_reduce(const T* dout, const T* x, const Shape& s, const typename A
       }
     }
   });
-  at::parallel_for(0, B * C, 64, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const int64_t b = r / C, c = r % C;
-      A sum = 0;
-      for (int64_t k = 0; k < nch; ++k) sum += pp[(b * nch + k) * C + c];
-      Rc[r] = sum;
-    }
-  });
+  sum_partials<A>(pp, B, nch, C, Rc);
 }
 
 // q = dout * x
@@ -860,14 +859,7 @@ Tensor cbam_bwd_b(const Tensor& x, const Tensor& gc, const Tensor& smax, const T
           }
         }
       });
-      at::parallel_for(0, B * C, 64, [&](int64_t r0, int64_t r1) {
-        for (int64_t r = r0; r < r1; ++r) {
-          const int64_t b = r / C, c = r % C;
-          A sum = 0;
-          for (int64_t k = 0; k < nch; ++k) sum += pp[(b * nch + k) * C + c];
-          out[r] = sum;
-        }
-      });
+      sum_partials<A>(pp, B, nch, C, out);
     }
   });
   return dgc;
