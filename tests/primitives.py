@@ -10,25 +10,26 @@ from tests.cases import make_input
 from tests.tolerance import assert_close
 
 
-def _small(B, n, seed, kind="gate"):
+def _small(B, n, seed, kind="gate", device="cpu"):
     g = torch.Generator().manual_seed(seed)
     t = torch.randn(B, n, generator=g)
-    return torch.sigmoid(t) if kind == "gate" else t
+    return (torch.sigmoid(t) if kind == "gate" else t).to(device)
 
 
 def _acc(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _inputs(shape, layout, dtype, ties=False):
-    x = make_input(shape, layout, dtype)
+def _inputs(shape, layout, dtype, ties=False, device="cpu"):
+    x = make_input(shape, layout, dtype, device=device)
     if ties:  # rounded ReLU outputs: few distinct values, so maxima tie
         x = torch.relu(torch.round(x))
     x = x.contiguous(memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format)
     B, C, H, W = shape
     a = _acc(dtype)
-    gc, gs = _small(B, C, 1).to(a), _small(B, H * W, 2).to(a)
-    dout = make_input(shape, "channels_last" if layout == "channels_last" else "contiguous", dtype, seed=3)
+    gc, gs = _small(B, C, 1, device=device).to(a), _small(B, H * W, 2, device=device).to(a)
+    dout = make_input(shape, "channels_last" if layout == "channels_last" else "contiguous", dtype, seed=3,
+                      device=device)
     return x, gc, gs, dout
 
 
@@ -50,8 +51,8 @@ def _close_big(mod, fn, args_lp, args_32, dtype, name):
     assert_close(out, r32, r_lp, dtype=dtype if r_lp is not None else _acc(dtype), name=name)
 
 
-def check_primitives(mod, shape, layout, dtype, ties=False):
-    x, gc, gs, dout = _inputs(shape, layout, dtype, ties)
+def check_primitives(mod, shape, layout, dtype, ties=False, device="cpu"):
+    x, gc, gs, dout = _inputs(shape, layout, dtype, ties, device)
     f32 = lambda t: t.to(_acc(dtype)) if t is not None and t.dtype == dtype else t  # noqa: E731
     B, C, H, W = shape
 
@@ -87,8 +88,8 @@ def check_primitives(mod, shape, layout, dtype, ties=False):
     _, smax, scount = ref.spatial_stats(x, gc)
     _, cmax, ccount = ref.channel_stats(x)
     a = _acc(dtype)
-    dsm, dsx = _small(B, H * W, 4, "grad").to(a), _small(B, H * W, 5, "grad").to(a)
-    dcm, dcx = _small(B, C, 6, "grad").to(a), _small(B, C, 7, "grad").to(a)
+    dsm, dsx = _small(B, H * W, 4, "grad", device).to(a), _small(B, H * W, 5, "grad", device).to(a)
+    dcm, dcx = _small(B, C, 6, "grad", device).to(a), _small(B, C, 7, "grad", device).to(a)
     _close_small(mod.cbam_bwd_b(x, gc, smax, scount, dsm, dsx), ref.cbam_bwd_b(x, gc, smax, scount, dsm, dsx),
                  "dgc_b", dtype)
 
@@ -104,7 +105,7 @@ def check_primitives(mod, shape, layout, dtype, ties=False):
         _close_big(mod, "gate_bwd_c", (x,) + args, (f32(x),) + args32, dtype, f"dx {n}")
 
     # BAM's combine
-    mc, ms = _small(B, C, 8, "grad").to(a), _small(B, H * W, 9, "grad").to(a)
+    mc, ms = _small(B, C, 8, "grad", device).to(a), _small(B, H * W, 9, "grad", device).to(a)
     for product in (False, True):
         _close_big(mod, "bam_combine", (x, mc, ms, product), (f32(x), mc, ms, product), dtype, "bam out")
         got = mod.bam_combine_bwd(dout, x, mc, ms, product)
@@ -117,8 +118,8 @@ def check_primitives(mod, shape, layout, dtype, ties=False):
                    dtype, "bam dx (mean term only)")
 
 
-def check_deterministic(mod):
-    x, gc, gs, dout = _inputs((2, 40, 23, 19), "channels_last", torch.float32)
+def check_deterministic(mod, device="cpu"):
+    x, gc, gs, dout = _inputs((2, 40, 23, 19), "channels_last", torch.float32, device=device)
     for _ in range(2):
         runs = [mod.channel_stats(x), mod.spatial_stats(x, gc), (mod.gate_apply(x, gc, gs),),
                 mod.gate_bwd_a(dout, x, gc, gs, True, True)]
@@ -129,9 +130,9 @@ def check_deterministic(mod):
             assert torch.equal(t, u)
 
 
-def check_rejects_non_dense(mod):
-    x = make_input((2, 8, 5, 6), "sliced", torch.float32)
+def check_rejects_non_dense(mod, device="cpu"):
+    x = make_input((2, 8, 5, 6), "sliced", torch.float32, device=device)
     with pytest.raises((ValueError, RuntimeError), match="contiguous"):
         mod.channel_stats(x)
     with pytest.raises((ValueError, RuntimeError)):
-        mod.gate_apply(torch.randn(2, 8, 5, 6), torch.rand(3, 8), None)  # wrong gate size
+        mod.gate_apply(torch.randn(2, 8, 5, 6, device=device), torch.rand(3, 8, device=device), None)  # wrong gate size

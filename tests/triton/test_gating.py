@@ -46,10 +46,10 @@ def device():
 # ------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("shape,layout,dtype", all_cases())
-def test_primitives_match_reference(tk, shape, layout, dtype):
+def test_primitives_match_reference(tk, device, shape, layout, dtype):
     if layout == "sliced":
         layout = "contiguous"  # the ops layer hands backends a dense copy of a sliced view
-    check_primitives(tk, shape, layout, dtype)
+    check_primitives(tk, shape, layout, dtype, device=device)
 
 
 @pytest.mark.parametrize("shape,layout", [
@@ -57,16 +57,16 @@ def test_primitives_match_reference(tk, shape, layout, dtype):
     ((3, 5, 9, 7), "contiguous"),
     ((1, 24, 1, 1), "contiguous"),
 ], ids=["2x72x7x9-channels_last", "3x5x9x7-contiguous", "1x24x1x1-contiguous"])
-def test_float64_accumulates_in_float64(tk, shape, layout):
+def test_float64_accumulates_in_float64(tk, device, shape, layout):
     assert torch.float64 in tk.SUPPORTED_DTYPES
-    check_primitives(tk, shape, layout, torch.float64)
+    check_primitives(tk, shape, layout, torch.float64, device=device)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16],
                          ids=["float32", "bfloat16", "float16"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_ties_count_like_amax(tk, layout, dtype):
-    check_primitives(tk, (2, 24, 9, 11), layout, dtype, ties=True)
+def test_ties_count_like_amax(tk, device, layout, dtype):
+    check_primitives(tk, (2, 24, 9, 11), layout, dtype, ties=True, device=device)
 
 
 # ------------------------------------------------------------------------------------------
@@ -106,7 +106,7 @@ def test_tiling_paths(tk, device, shape, layout, path, dtype):
     else:
         assert plan.block_c < tk._MIN_BLOCK_C_FOR_HW_LOOP
         assert math.ceil(L.HW / tk._c_loop_tile(L)[1]) > 1
-    check_primitives(tk, shape, layout, dtype)
+    check_primitives(tk, shape, layout, dtype, device=device)
 
 
 def test_need_flags_of_gate_bwd_a(tk, device):
@@ -203,8 +203,8 @@ def test_nan_and_inf_rows(tk, device, shape, layout):
 # determinism
 # ------------------------------------------------------------------------------------------
 
-def test_deterministic(tk):
-    check_deterministic(tk)
+def test_deterministic(tk, device):
+    check_deterministic(tk, device=device)
 
 
 @pytest.mark.parametrize("shape,layout", [((1, 3, 48, 100), "contiguous"), ((2, 200, 5, 7), "channels_last")],
@@ -233,8 +233,8 @@ def test_every_reduction_bitwise_reproducible(tk, device, shape, layout):
 # errors
 # ------------------------------------------------------------------------------------------
 
-def test_rejects_bad_arguments(tk):
-    check_rejects_non_dense(tk)
+def test_rejects_bad_arguments(tk, device):
+    check_rejects_non_dense(tk, device=device)
 
 
 def test_argument_errors_name_the_argument(tk, device):
