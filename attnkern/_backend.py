@@ -5,6 +5,12 @@ support to the pure-PyTorch reference (never a silent wrong answer). ``ATTNKERN_
 (``triton``, ``cpu`` or ``reference``) forces one; a forced backend that cannot run raises.
 Under ``TRITON_INTERPRET=1`` the Triton backend also runs on CPU tensors (that is how the
 Triton kernels are tested without a GPU).
+
+While a model is being exported (``torch.export.export``, ``torch.onnx.export`` in either mode,
+``torch.jit.trace``) the ops run the reference unless a backend is forced: the exported graph
+then holds only standard ATen ops, so it runs, saves, loads and converts (ONNX, AOTInductor)
+without attnkern and on any device, instead of carrying our custom ops with the backend chosen
+at export time baked into it.
 """
 from __future__ import annotations
 
@@ -39,13 +45,16 @@ def triton_available() -> bool:
     return True
 
 
-def _why_not(backend: str, device: torch.device) -> Optional[str]:
-    """None if ``backend`` can run on tensors of ``device``, else the reason it cannot."""
+def _why_not(backend: str, device: torch.device, extension: bool = True) -> Optional[str]:
+    """None if ``backend`` can run on tensors of ``device``, else the reason it cannot.
+    ``extension=False``: the op's cpu backend is ATen's own kernel, not attnkern's C++."""
     if backend == "reference":
         return None
     if backend == "cpu":
         if device.type != "cpu":
             return f"the cpu backend takes CPU tensors, got {device.type} tensors"
+        if not extension:
+            return None
         from . import _cpu
 
         if _cpu.extension() is None:
@@ -63,21 +72,36 @@ def _why_not(backend: str, device: torch.device) -> Optional[str]:
     raise ValueError(backend)
 
 
-def pick(op: str, device: torch.device, supports: Optional[Callable[[str], Optional[str]]] = None) -> str:
+def exporting() -> bool:
+    """True while torch.export / the dynamo ONNX exporter traces (``torch.compiler.is_exporting``)
+    or ``torch.jit.trace`` / the TorchScript ONNX exporter records (``torch.jit.is_tracing``)."""
+    is_exporting = getattr(torch.compiler, "is_exporting", None)
+    if is_exporting is not None and is_exporting():
+        return True
+    return torch.jit.is_tracing()
+
+
+def pick(op: str, device: torch.device, supports: Optional[Callable[[str], Optional[str]]] = None,
+         extension: bool = True) -> str:
     """The backend that runs ``op`` on tensors of ``device``.
 
     ``supports(backend)`` returns None when the op's kernels on that backend handle these
     particular inputs, or a reason when they do not (a dtype, a head dim...); the reference
     then runs instead, or, when the backend was forced, a RuntimeError names the reason.
+    ``extension=False`` for ops whose cpu backend is ATen's (scaled dot-product attention).
+    While exporting (:func:`exporting`) our kernels give way to the reference unless a backend
+    is forced (an ATen kernel, ``extension=False`` on CPU, exports as it is).
     """
     f = forced()
+    if f is None and exporting() and not (device.type == "cpu" and not extension):
+        return "reference"
     if f is not None:
-        why = _why_not(f, device) or (supports(f) if supports else None)
+        why = _why_not(f, device, extension) or (supports(f) if supports else None)
         if why:
             raise RuntimeError(f"attnkern.{op}: ATTNKERN_BACKEND={f} cannot run here: {why}")
         return f
     preferred = "triton" if device.type == "cuda" else "cpu" if device.type == "cpu" else "reference"
-    why = _why_not(preferred, device) if preferred != "reference" else None
+    why = _why_not(preferred, device, extension) if preferred != "reference" else None
     if why is None and supports is not None and preferred != "reference":
         why = supports(preferred)
     if why is None:

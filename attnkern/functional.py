@@ -5,11 +5,14 @@ C++ extension, anything else the pure-PyTorch reference; ``ATTNKERN_BACKEND`` fo
 """
 from __future__ import annotations
 
-from typing import Callable, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 from torch import Tensor
 
+import math
+
+from .ops import attention as _attention_op
 from .ops import bam as _bam_op
 from .ops import cbam as _cbam_op
 from .ops import se as _se_op
@@ -18,7 +21,8 @@ from .reference import bam as _bam_ref
 from .reference import cbam as _cbam_ref
 from .reference import se as _se_ref
 
-__all__ = ["cbam", "squeeze_excite", "bam", "check_feature_map"]
+__all__ = ["cbam", "squeeze_excite", "bam", "scaled_dot_product_attention", "check_feature_map", "check_attention",
+           "broadcast_mask"]
 
 
 def check_feature_map(op: str, x, name: str = "x") -> None:
@@ -130,3 +134,111 @@ def bam(
         acc = acc_dtype(x.dtype)
         return out, mc.to(acc), ms.to(acc)
     return _bam_op.bam(dense(x), mlp, spatial, backend=backend, combine=combine)
+
+
+ATTENTION_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def check_attention(op: str, q, k, v=None, attn_mask=None, *, dropout_p: float = 0.0,
+                    is_causal: bool = False, scale=None) -> None:
+    """Raise a clear error unless q [B, H, N_q, D], k [B, H, N_k, D] (and v [B, H, N_k, D_v])
+    and the mask are what ``torch.nn.functional.scaled_dot_product_attention`` takes: the same
+    floating dtype and device, equal leading dimensions, a boolean, float32 or q-dtype mask that
+    broadcasts to [B, H, N_q, N_k], and not both a mask and ``is_causal``."""
+    named = [("q", q), ("k", k)] + ([("v", v)] if v is not None else [])
+    for name, t in named:
+        if not isinstance(t, Tensor):
+            raise TypeError(f"attnkern.{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"attnkern.{op}: {name} must be a 4-D tensor [B, H, N, D], got "
+                             f"{t.dim()}-D shape {tuple(t.shape)}")
+        if t.dtype not in ATTENTION_DTYPES:
+            raise TypeError(f"attnkern.{op}: {name} must be float32, bfloat16, float16 or float64, "
+                            f"got {t.dtype}")
+    for name, t in named[1:]:
+        if t.dtype != q.dtype:
+            raise TypeError(f"attnkern.{op}: q, k and v must have one dtype, got q {q.dtype} and "
+                            f"{name} {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"attnkern.{op}: q, k and v must be on one device, got q on {q.device} "
+                             f"and {name} on {t.device}")
+    if k.shape[:2] != q.shape[:2]:
+        raise ValueError(f"attnkern.{op}: k's batch and heads {tuple(k.shape[:2])} must equal q's "
+                         f"{tuple(q.shape[:2])} (q {tuple(q.shape)}, k {tuple(k.shape)})")
+    if k.shape[-1] != q.shape[-1]:
+        raise ValueError(f"attnkern.{op}: q and k must have the same head dim, got q {tuple(q.shape)} "
+                         f"and k {tuple(k.shape)}")
+    if v is not None and (v.shape[:2] != k.shape[:2] or v.shape[2] != k.shape[2]):
+        raise ValueError(f"attnkern.{op}: v must be [B, H, N_k, D_v] with k's B, H and N_k, got "
+                         f"k {tuple(k.shape)} and v {tuple(v.shape)}")
+    if q.shape[-1] == 0:
+        raise ValueError(f"attnkern.{op}: the head dim must be positive, got q {tuple(q.shape)}")
+    if not isinstance(dropout_p, (int, float)) or not 0.0 <= float(dropout_p) < 1.0:
+        raise ValueError(f"attnkern.{op}: dropout_p must be a number in [0, 1), got {dropout_p!r}")
+    if scale is not None and not isinstance(scale, (int, float)):
+        raise TypeError(f"attnkern.{op}: scale must be a float or None, got {type(scale).__name__}")
+    if attn_mask is not None:
+        if is_causal:
+            raise ValueError(f"attnkern.{op}: give attn_mask or is_causal=True, not both")
+        if not isinstance(attn_mask, Tensor):
+            raise TypeError(f"attnkern.{op}: attn_mask must be a torch.Tensor or None, got "
+                            f"{type(attn_mask).__name__}")
+        if attn_mask.dtype not in (torch.bool, torch.float32, q.dtype):
+            raise TypeError(f"attnkern.{op}: attn_mask must be bool, float32 or q's dtype {q.dtype}, "
+                            f"got {attn_mask.dtype}")
+        if attn_mask.device != q.device:
+            raise ValueError(f"attnkern.{op}: attn_mask must be on q's device {q.device}, got "
+                             f"{attn_mask.device}")
+        full = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+        ok = 2 <= attn_mask.dim() <= 4 and all(
+            m in (1, f) for m, f in zip(reversed(attn_mask.shape), reversed(full)))
+        if not ok:
+            raise ValueError(f"attnkern.{op}: attn_mask of shape {tuple(attn_mask.shape)} does not "
+                             f"broadcast to [B, H, N_q, N_k] = {list(full)}")
+
+
+def broadcast_mask(attn_mask: Tensor, q: Tensor, k: Tensor) -> Tensor:
+    """A validated mask as a [B, H, N_q, N_k] view (broadcast dimensions get stride 0)."""
+    m = attn_mask
+    while m.dim() < 4:
+        m = m.unsqueeze(0)
+    return m.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+
+
+def scaled_dot_product_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    attn_mask: Optional[Tensor] = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: Optional[float] = None,
+) -> Tensor:
+    """Scaled dot-product attention with ``torch.nn.functional.scaled_dot_product_attention``'s
+    signature and semantics: ``softmax(q @ k^T * scale + mask) @ v``.
+
+    Args:
+        q: queries [B, H, N_q, D]; k: keys [B, H, N_k, D]; v: values [B, H, N_k, D_v]. One
+            floating dtype and device; any strides (views cut from a packed qkv projection are
+            read in place on the GPU).
+        attn_mask: None, a boolean mask (True = attend) or an additive float mask (float32 or
+            q's dtype, may require grad), broadcastable to [B, H, N_q, N_k]: e.g. a key-padding
+            mask [B, 1, 1, N_k] for bags of tiles of different sizes. Query rows with no key
+            left give zeros (as ATen).
+        dropout_p: dropout on the attention probabilities. The flash kernels have none: with
+            ``dropout_p > 0`` the call is handed to ATen's SDPA.
+        is_causal: key j is attended by query i only if j <= i (top-left aligned). Not with a mask.
+        scale: defaults to 1 / sqrt(D).
+
+    Returns:
+        [B, H, N_q, D_v] in q's dtype. CUDA tensors run the Triton flash-attention kernels
+        (float16, bfloat16, float32; head dims up to 256; deterministic backward, no atomics);
+        CPU tensors run ATen's fused SDPA; float64 on the GPU and larger head dims run the
+        reference.
+    """
+    check_attention("scaled_dot_product_attention", q, k, v, attn_mask, dropout_p=dropout_p,
+                    is_causal=is_causal, scale=scale)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    backend = _attention_op.pick_backend(q, v)
+    return _attention_op.scaled_dot_product_attention(q, k, v, attn_mask, float(dropout_p), bool(is_causal),
+                                                      scale, backend=backend)

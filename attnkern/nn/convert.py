@@ -10,6 +10,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 from torch import nn
 
+from .attention import Attention
 from .cbam import CBAM
 from .se import SqueezeExcite, is_linear_se
 
@@ -31,6 +32,8 @@ def register_structural_converter(match: Callable[[nn.Module], bool], fn: Callab
 
 
 register_converter("timm.layers.cbam.CbamModule", CBAM.from_timm)
+register_converter("timm.layers.attention.Attention", Attention.from_timm)
+register_converter("timm.models.vision_transformer.Attention", Attention.from_timm)  # older timm
 register_converter("timm.layers.squeeze_excite.SEModule", SqueezeExcite.from_timm)
 register_converter("torchvision.ops.misc.SqueezeExcitation", SqueezeExcite.from_torchvision)
 register_structural_converter(is_linear_se, SqueezeExcite.from_linear_se)
@@ -43,7 +46,7 @@ def _qualname(m: nn.Module) -> str:
 
 def _converter(m: nn.Module) -> Optional[Callable[[nn.Module], nn.Module]]:
     fn = CONVERTERS.get(_qualname(m))
-    if fn is None and not isinstance(m, (CBAM, SqueezeExcite)):
+    if fn is None and not isinstance(m, (CBAM, SqueezeExcite, Attention)):
         fn = next((f for match, f in STRUCTURAL if match(m)), None)
     return fn
 
@@ -55,7 +58,8 @@ def convert(model: nn.Module) -> nn.Module:
     Supported: timm ``CbamModule`` -> :class:`attnkern.CBAM`; timm ``SEModule``, torchvision
     ``SqueezeExcitation`` (EfficientNet, MobileNetV3, RegNet) and the common Linear-based SE
     layer (``avg_pool`` + ``fc = Sequential(Linear, act, Linear, gate)``) ->
-    :class:`attnkern.SqueezeExcite`. If ``model`` itself is such a module, the converted module
+    :class:`attnkern.SqueezeExcite`; timm ViT ``Attention`` (ViT, DeiT, ... blocks) ->
+    :class:`attnkern.Attention`. If ``model`` itself is such a module, the converted module
     is returned (there is no parent to put it in).
     """
     if not isinstance(model, nn.Module):
