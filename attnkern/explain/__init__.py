@@ -1,4 +1,7 @@
-"""Attention maps: heatmaps of per-tile scores stitched over a slide thumbnail."""
+"""Where a model looks: attention maps of ViTs in O(N) memory (the attention of chosen query
+rows, and the attention each token receives) and heatmaps of per-tile scores stitched over a
+slide thumbnail."""
+from .attention import attention_received, attention_rows
 from .heatmap import overlay, stitch
 
-__all__ = ["stitch", "overlay"]
+__all__ = ["attention_rows", "attention_received", "stitch", "overlay"]
