@@ -5,8 +5,9 @@ builds it), with ``torch.compile`` of it ("compile") and of the converted model
 
 Outputs in ``--out``: ``report.json`` (every figure, the machine, versions, arguments; marked
 ``partial`` if the run was interrupted), ``report.md`` (the side-by-side table),
-``heatmap.png`` (the last stage's CBAM spatial gates stitched over the thumbnail; for models
-without CBAM, the tiles' predicted probability of class 1) and ``mask.png`` (the tissue).
+``heatmap.png`` (the last stage's CBAM spatial gates stitched over the thumbnail; for a ViT
+the CLS token's attention over the patches of the last block; for other models the tiles'
+predicted probability of class 1) and ``mask.png`` (the tissue).
 """
 from __future__ import annotations
 
@@ -33,6 +34,10 @@ MODELS = {
     "cbam_resnet18": ("resnet18", dict(block_args=dict(attn_layer="cbam"))),
     "seresnet50": ("seresnet50", {}),
     "resnet50": ("resnet50", {}),
+    # ViTs take any tile size (position embeddings interpolated); the heatmap is the CLS token's
+    # attention over the patches in the last block, from attnkern.explain.attention_rows.
+    "vit_small": ("vit_small_patch16_224", dict(dynamic_img_size=True)),
+    "vit_tiny": ("vit_tiny_patch16_224", dict(dynamic_img_size=True)),
 }
 VARIANTS = ("naive", "compile", "fused", "fused-compile")
 THUMB = 1024
@@ -280,6 +285,8 @@ def _heatmap_level(slide, mask, args):
 
 def _gradcam_target(model: torch.nn.Module) -> torch.nn.Module:
     """The last stage of a timm CNN (``layer4[-1]`` / ``stages[-1]``), else its last conv."""
+    if hasattr(model, "blocks") and hasattr(model, "patch_embed"):
+        raise SlideError("--explain gradcam needs a convolutional model; for a ViT use --explain attention")
     for name in ("layer4", "stages", "features"):
         stage = getattr(model, name, None)
         if stage is not None and len(stage):
@@ -293,13 +300,16 @@ def _gradcam_target(model: torch.nn.Module) -> torch.nn.Module:
 def _heatmap_pass(base, slide, path, mask, args, device, rank=0, world=1):
     """Per-tile maps over every tissue tile of the finest level with at most HEATMAP_TILES of
     them, from the fused model: its last CBAM's spatial gates (``attention``), or Grad-CAM of
-    the predicted class on the last stage (``gradcam``, the grad-cam package). None when
-    ``attention`` is asked of a model without CBAM."""
+    the predicted class on the last stage (``gradcam``, the grad-cam package); for a ViT the
+    CLS token's attention over the patches in the last block (``attention``, computed in O(N)
+    memory by :func:`attnkern.explain.attention_rows`). None when ``attention`` is asked of a
+    model with neither."""
     import attnkern
 
     model = attnkern.convert(copy.deepcopy(base)).eval()
     cbams = [m for m in model.modules() if isinstance(m, attnkern.CBAM)]
-    if args.explain == "attention" and not cbams:
+    attns = [m for m in model.modules() if isinstance(m, attnkern.Attention)]
+    if args.explain == "attention" and not cbams and not attns:
         return None
     level, coords = _heatmap_level(slide, mask, args)
     if not coords:
@@ -317,6 +327,20 @@ def _heatmap_pass(base, slide, path, mask, args, device, rank=0, world=1):
                 for j, i in enumerate(idx.tolist()):
                     maps[i] = g[j]
         kind = "gradcam"
+    elif attns:  # a ViT: the CLS token's attention over the patch tokens, averaged over heads
+        attn = attns[-1]
+        attn.keep_qk = True
+        prefix = getattr(model, "num_prefix_tokens", 1)
+        with torch.inference_mode():
+            for x, idx in loader:
+                model(x.to(device))
+                q, k = attn.last_qk
+                rows = attnkern.explain.attention_rows(q, k, 0)[:, :, 0, prefix:].mean(1)  # [B, patches]
+                side = int(round(rows.shape[-1] ** 0.5))
+                g = rows.reshape(-1, side, rows.shape[-1] // side).float().cpu().numpy()
+                for j, i in enumerate(idx.tolist()):
+                    maps[i] = g[j] / max(float(g[j].max()), 1e-12)
+        kind = "vit_cls_attention"
     else:
         cbams[-1].keep_gates = True
         with torch.inference_mode():

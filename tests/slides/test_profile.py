@@ -32,6 +32,24 @@ def test_profile_writes_every_output(small_slide, tmp_path, capsys):
     assert "tiles/s" in capsys.readouterr().out
 
 
+def test_vit_heatmap_is_the_cls_attention(small_slide, tmp_path):
+    """A ViT profiles like a CNN, and its heatmap is the CLS token's attention over the patches
+    of the last block (attnkern.explain.attention_rows), normalised per tile, inside the tissue."""
+    out = str(tmp_path / "out")
+    rc = main(["profile", small_slide, "--model", "vit_tiny", "--tile", "64", "--batch", "4",
+               "--max-tiles", "4", "--workers", "0", "--compare", "naive,fused", "--out", out, "--no-progress"])
+    assert rc == 0
+    report = json.load(open(os.path.join(out, "report.json")))
+    assert report["variants"]["fused"]["same_predictions_as_naive"] == 1.0
+    assert report["heatmap"]["kind"] == "vit_cls_attention"
+    heat = np.asarray(Image.open(os.path.join(out, "heatmap.png")).convert("RGB")).astype(int)
+    mask = np.asarray(Image.open(os.path.join(out, "mask.png"))) > 0
+    assert heat.shape[:2] == mask.shape
+    rc = main(["profile", small_slide, "--model", "vit_tiny", "--tile", "64", "--max-tiles", "2", "--workers", "0",
+               "--compare", "fused", "--explain", "gradcam", "--out", out, "--no-progress"])
+    assert rc == 2
+
+
 def test_compile_variant_agrees(small_slide, tmp_path):
     out = str(tmp_path / "out")
     rc = main(["profile", small_slide, "--model", "cbam_resnet18", "--tile", "128", "--batch", "4",
