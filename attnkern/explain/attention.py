@@ -131,12 +131,9 @@ def _triton_supports(q: Tensor):
 
 
 def _pick(op: str, q: Tensor) -> str:
-    """The backend of ``op`` for q. CPU tensors run the blockwise PyTorch path ("cpu") unless
-    another backend is forced: it needs no C++ extension, so it cannot be unavailable."""
-    forced = _backend.forced()
-    if q.device.type == "cpu" and forced in (None, "cpu"):
-        return "cpu"
-    return _backend.pick(op, q.device, _triton_supports(q))
+    """The backend of ``op`` for q. The ``cpu`` backend is the blockwise PyTorch path of this
+    module: it needs no C++ extension, so it cannot be unavailable."""
+    return _backend.pick(op, q.device, _triton_supports(q), extension=False)
 
 
 def _detached(q: Tensor, k: Tensor, attn_mask: Optional[Tensor]):
