@@ -8,9 +8,8 @@ Triton kernels are tested without a GPU).
 
 While a model is being exported (``torch.export.export``, ``torch.onnx.export`` in either mode,
 ``torch.jit.trace``) the ops run the reference unless a backend is forced: the exported graph
-then holds only standard ATen ops, so it runs, saves, loads and converts (ONNX, AOTInductor)
-without attnkern and on any device, instead of carrying our custom ops with the backend chosen
-at export time baked into it.
+then holds only standard ATen ops, so it runs, saves, loads and converts to ONNX without
+attnkern, instead of carrying our custom ops with the backend chosen at export time baked in.
 """
 from __future__ import annotations
 

@@ -13,6 +13,9 @@ with its autograd formula, and the choice between the three backends.
   well-kept kernel with its own autograd: attnkern does not rewrite it.
 - ``reference``: :mod:`attnkern.reference.attention` (materialises the scores).
 
+While a model is exported (``torch.export``, ONNX) the op is ATen's SDPA on every device
+unless a backend is forced: one standard node, no custom op and no N x N matrix in the graph.
+
 Backend choice goes through :func:`attnkern._backend.pick`: inputs the Triton kernels do not
 take (float64, head dims above 256) run the reference there, with a one-time warning.
 ``dropout_p > 0`` is handed to ATen's SDPA on every backend (the flash kernels have no dropout).
@@ -52,6 +55,8 @@ def pick_backend(q: Tensor, v: Tensor) -> str:
                 return f"the triton attention kernels take head dims up to {TRITON_MAX_HEAD_DIM}, got {d}"
         return None
 
+    if _backend.forced() is None and _backend.exporting():
+        return "aten"  # ATen's SDPA exports as one node on every device (no N x N reference)
     return _backend.pick("scaled_dot_product_attention", q.device, supports, extension=False)
 
 
@@ -160,7 +165,7 @@ def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Opt
     """Attention on validated inputs with ``scale`` resolved, on ``backend``."""
     if backend == "reference":
         return _ref.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal, scale)
-    if backend == "cpu" or dropout_p > 0.0:
+    if backend in ("cpu", "aten") or dropout_p > 0.0:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
                                               is_causal=is_causal, scale=scale)
     if backend != "triton":

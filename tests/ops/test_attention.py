@@ -239,3 +239,18 @@ def test_bad_input(call, err, match):
     q, k, v = _qkv(2, 3, 7, 5, 16, torch.float32)
     with pytest.raises(err, match=match):
         call(q, k, v)
+
+
+def test_export_keeps_one_aten_sdpa_node():
+    """While exporting, the op is ATen's SDPA (one standard node, no custom op, no N x N)."""
+
+    class M(torch.nn.Module):
+        def forward(self, q, k, v):
+            return attnkern.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    q, k, v = _qkv(1, 2, 9, 9, 16, torch.float32)
+    ep = torch.export.export(M(), (q, k, v))
+    targets = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
+    assert any("scaled_dot_product" in t for t in targets), targets
+    assert not any("attnkern" in t for t in targets), targets
+    torch.testing.assert_close(ep.module()(q, k, v), F.scaled_dot_product_attention(q, k, v, is_causal=True))
