@@ -166,8 +166,15 @@ def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Opt
     if backend == "reference":
         return _ref.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal, scale)
     if backend in ("cpu", "aten") or dropout_p > 0.0:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
-                                              is_causal=is_causal, scale=scale)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
+                                             is_causal=is_causal, scale=scale)
+        if q.device.type == "cpu" and not torch.compiler.is_compiling():
+            # ATen's CPU flash kernel returns a finite row for a query holding NaN (its running
+            # max skips NaN scores); the math, the reference and our kernels give NaN there.
+            bad = torch.isnan(q).any(dim=-1, keepdim=True)
+            if bool(bad.any()):
+                out = torch.where(bad, torch.full_like(out, float("nan")), out)
+        return out
     if backend != "triton":
         raise ValueError(f"unknown backend {backend!r}")
     mask = attn_mask
