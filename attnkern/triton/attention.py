@@ -1,0 +1,746 @@
+"""Triton flash attention: forward (output and log-sum-exp) and backward, without atomics.
+
+Same math as :mod:`attnkern.reference.attention` (the ground truth), for one [B, H] grid of
+heads at a time::
+
+    S   = scale * q @ k^T + mask          (mask additive, or causal: key j kept iff j <= i)
+    P   = softmax(S) over keys            (rows with every key masked give P = 0 and O = 0)
+    O   = P @ v
+    lse = log(sum_j exp(S_ij))            (natural log; -inf for rows with every key masked)
+
+=====================  =====================================================================
+``attention_fwd``      O [B, H, Nq, Dv] in q's dtype and lse [B, H, Nq] float32
+``attention_bwd``      dq, dk, dv and, if asked for, dS = P * (dP - delta), the gradient of an
+                       additive mask, as a float32 [B, H, Nq, Nk] tensor
+=====================  =====================================================================
+
+Algorithm (FlashAttention-2; Dao 2023):
+
+- **Forward.** One program per (batch * head, block of BLOCK_M query rows) loops over key
+  blocks of BLOCK_N keys with an online softmax: a running row maximum ``m``, a running sum
+  ``l`` and an unnormalised accumulator ``acc`` [BLOCK_M, Dv], all float32, rescaled by
+  ``exp2(m_old - m_new)`` whenever the maximum grows. Scores live in base-2 units
+  (``log2(e)`` folded into the scale and into the mask) so the exponentials are ``exp2``.
+  At the end O = acc / l and lse = (m + log2 l) * ln 2. The only thing saved for backward
+  besides O is lse: float32, one value per query row.
+- **Backward.** A pre-pass computes ``delta_i = sum_d O_id * dO_id`` (float32). Then two kernels
+  recompute P = exp2(S * log2(e) - lse * log2(e)) block by block from the saved lse:
+  one program per key block loops over query blocks and accumulates dV += P^T dO and
+  dK += dS^T q in registers; one program per query block loops over key blocks and
+  accumulates dQ += dS k (and writes dS itself when the mask's gradient is wanted), with
+  dP = dO v^T and dS = P * (dP - delta). Each gradient element is owned by exactly one
+  program and summed in a fixed order: no atomics, bitwise reproducible run to run.
+- **Precision.** Every score, exponential, sum and accumulator is float32 whatever the input
+  dtype; for float16/bfloat16 the probabilities (and dS) are rounded to the input dtype just
+  before the P @ V-style tensor-core products, as FlashAttention does. float32 inputs use
+  ``tl.dot(..., input_precision="ieee")`` (no TF32), so they match a float64 reference as well
+  as float32 PyTorch does.
+- **Masks.** ``is_causal`` (top-left aligned, as torch; Nq may differ from Nk): key blocks
+  entirely above the diagonal are never visited (forward and dQ stop at the diagonal, dK/dV
+  starts at it), and only blocks that straddle it apply an element mask. An additive float mask
+  is read through its four strides (an ``expand``-ed [B, 1, 1, Nk] key-padding mask costs no
+  memory); it may hold -inf. Rows with every key masked have m = -inf: the kernels substitute a
+  finite maximum so no ``-inf - -inf`` NaN appears, write O = 0 and lse = -inf, and the
+  backward kernels treat lse = -inf as P = 0, so those rows contribute no gradient anywhere.
+- **Shapes.** Head dims 1..256, Dv independent of D: each is padded to a power of two (at least
+  16, the smallest ``tl.dot`` tile) and the loads masked. Any Nq, Nk (ragged edges masked).
+  q, k, v, dO and the mask are read through their strides (views cut from a packed qkv
+  projection, even with a non-unit last stride, are taken without a copy); outputs are
+  contiguous. Batch, head and row indices are widened to int64 before they meet a stride, and
+  grids are one-dimensional (batch * heads * blocks on axis 0, no 65535 limit).
+- **Tiles.** On a GPU the tile sizes, warps and pipeline stages are autotuned per (Nq, Nk
+  rounded up to powers of two, D, Dv, dtypes, causal, mask) among configs pruned to fit shared
+  memory and registers (head dim 256 gets 64x32 tiles or smaller). Under
+  ``torch.use_deterministic_algorithms(True)`` and under ``TRITON_INTERPRET=1`` one fixed
+  config chosen from the shapes only is used instead, so the summation order never depends on
+  timing measured in another process. (Autotuned or not, a launch with the same config gives
+  bitwise-equal results.)
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Dict, List, NamedTuple, Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+__all__ = ["SUPPORTED_DTYPES", "MAX_HEAD_DIM", "attention_fwd", "attention_bwd"]
+
+#: Input dtypes the kernels take (q, k, v, dO); the ops layer sends any other to the reference.
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+#: The largest head dim (D of q and k, Dv of v) the kernels take.
+MAX_HEAD_DIM = 256
+
+_LOG2E = tl.constexpr(1.4426950408889634)
+_LN2 = tl.constexpr(0.6931471805599453)
+_LOG2E_PY = 1.4426950408889634
+
+# Fixed tiles under the interpreter: small, and different along queries and keys so that tests
+# with a few dozen tokens already cover several blocks, ragged edges and diagonal blocks of
+# causal attention that are not square.
+_INTERP_FWD = (32, 16)      # (BLOCK_M queries, BLOCK_N keys)
+_INTERP_DKV = (16, 32)
+_INTERP_DQ = (32, 16)
+_PRE_BLOCK_M = 64           # rows per program of the delta pre-pass
+
+# Budgets of the autotune pruning (H100: 227 KiB of shared memory per block, 255 registers
+# per thread); estimates, not exact, chosen with headroom.
+_SMEM_BUDGET = 200 * 1024
+_REG_BUDGET = 160           # float32 accumulator/tile words per thread
+
+
+# ------------------------------------------------------------------------------------------
+# argument checks
+# ------------------------------------------------------------------------------------------
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _err(fn: str, msg: str) -> str:
+    return f"attnkern.triton.attention.{fn}: {msg}"
+
+
+class _Shape(NamedTuple):
+    B: int
+    H: int
+    Nq: int
+    Nk: int
+    D: int
+    Dv: int
+
+
+def _check_tensor(t, name: str, fn: str) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(_err(fn, f"{name} must be a torch.Tensor, got {type(t).__name__}"))
+
+
+def _check_qkv(q: Tensor, k: Tensor, v: Tensor, fn: str) -> _Shape:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check_tensor(t, name, fn)
+        if t.dim() != 4:
+            raise ValueError(_err(fn, f"{name} must be 4-D [B, H, N, D], got shape {tuple(t.shape)}"))
+        if t.dtype not in SUPPORTED_DTYPES:
+            names = ", ".join(str(d).replace("torch.", "") for d in SUPPORTED_DTYPES)
+            raise TypeError(_err(fn, f"{name} must have dtype {names}; got {t.dtype}"))
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(_err(fn, f"{name} must have q's dtype {q.dtype}, got {t.dtype}"))
+        if t.device != q.device:
+            raise ValueError(_err(fn, f"{name} must be on q's device {q.device}, got {t.device}"))
+    if not q.is_cuda and not (q.device.type == "cpu" and _interpret()):
+        raise ValueError(_err(fn, f"q must be a CUDA tensor (CPU tensors only under "
+                                  f"TRITON_INTERPRET=1), got device {q.device}"))
+    B, H, Nq, D = q.shape
+    if tuple(k.shape[:2]) != (B, H) or k.shape[3] != D:
+        raise ValueError(_err(fn, f"k must be [B, H, Nk, D] = [{B}, {H}, Nk, {D}] to match q "
+                                  f"{tuple(q.shape)}, got {tuple(k.shape)}"))
+    Nk = k.shape[2]
+    if tuple(v.shape[:3]) != (B, H, Nk):
+        raise ValueError(_err(fn, f"v must be [B, H, Nk, Dv] = [{B}, {H}, {Nk}, Dv] to match k "
+                                  f"{tuple(k.shape)}, got {tuple(v.shape)}"))
+    Dv = v.shape[3]
+    for name, d in (("q and k", D), ("v", Dv)):
+        if not 1 <= d <= MAX_HEAD_DIM:
+            raise ValueError(_err(fn, f"the head dim of {name} must be in 1..{MAX_HEAD_DIM}, got {d}"))
+    if max(Nq, Nk) >= 2**31:
+        raise ValueError(_err(fn, f"sequence lengths must be below 2**31, got Nq={Nq}, Nk={Nk}"))
+    return _Shape(B, H, Nq, Nk, D, Dv)
+
+
+def _check_mask(mask: Optional[Tensor], q: Tensor, S: _Shape, is_causal: bool, fn: str) -> None:
+    if mask is None:
+        return
+    _check_tensor(mask, "mask", fn)
+    if mask.dtype not in (torch.float32, q.dtype):
+        raise TypeError(_err(fn, f"mask must be an additive float mask of dtype float32 or q's "
+                                 f"dtype {q.dtype}, got {mask.dtype} (convert boolean masks first)"))
+    if tuple(mask.shape) != (S.B, S.H, S.Nq, S.Nk):
+        raise ValueError(_err(fn, f"mask must be broadcast (expand) to [B, H, Nq, Nk] = "
+                                  f"{[S.B, S.H, S.Nq, S.Nk]}, got shape {tuple(mask.shape)}"))
+    if mask.device != q.device:
+        raise ValueError(_err(fn, f"mask must be on q's device {q.device}, got {mask.device}"))
+    if is_causal:
+        raise ValueError(_err(fn, "pass either mask or is_causal, not both"))
+
+
+def _check_like(t: Tensor, name: str, shape, dtype: torch.dtype, device, fn: str) -> None:
+    _check_tensor(t, name, fn)
+    if tuple(t.shape) != tuple(shape) or t.dtype != dtype or t.device != device:
+        raise ValueError(_err(fn, f"{name} must be a {dtype} tensor of shape {list(shape)} on {device}; "
+                                  f"got {t.dtype}, shape {tuple(t.shape)}, device {t.device}"))
+
+
+def _device_guard(x: Tensor):
+    """Launch on x's GPU whatever the current device is."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
+# ------------------------------------------------------------------------------------------
+# tile plans
+# ------------------------------------------------------------------------------------------
+
+def _block_d(d: int) -> int:
+    return max(16, triton.next_power_of_2(d))
+
+
+def _bucket(n: int) -> int:
+    """Sequence lengths as the autotuner sees them: the next power of two (at least 16), so
+    bags of tiles of many different sizes do not each trigger a new tuning run."""
+    return max(16, triton.next_power_of_2(max(1, n)))
+
+
+def _use_fixed() -> bool:
+    return _interpret() or torch.are_deterministic_algorithms_enabled()
+
+
+class _Fixed(NamedTuple):
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+# The fixed GPU tiles below were chosen from offline sm_90 compiles (triton.compile for
+# GPUTarget("cuda", 90, 32), registers and spill bytes read with cuobjdump -res-usage): the
+# largest tiles that compile without register spills, or with the fewest (float32 takes the
+# FMA path of tl.dot with input_precision="ieee", whose operands live in registers, hence its
+# smaller tiles). Not timed on a GPU; the autotuner times its own candidates.
+
+
+def _fixed_fwd(bd: int, bdv: int, esize: int) -> _Fixed:
+    """The forward tile when not autotuning: from the (padded) head dims and element size only."""
+    if _interpret():
+        return _Fixed(*_INTERP_FWD, 4, 1)
+    dmax = max(bd, bdv)
+    if dmax <= 64:
+        return _Fixed(128, 64, 8, 3) if esize == 2 else _Fixed(64, 32, 8, 2)
+    if dmax <= 128:
+        return _Fixed(128, 32, 8, 3) if esize == 2 else _Fixed(32, 32, 8, 2)
+    return _Fixed(64, 32, 8, 2) if esize == 2 else _Fixed(16, 16, 4, 1)
+
+
+def _fixed_dkv(bd: int, bdv: int, esize: int) -> _Fixed:
+    """dK/dV tile (block_m: queries per step, block_n: keys per program)."""
+    if _interpret():
+        return _Fixed(*_INTERP_DKV, 4, 1)
+    dmax = max(bd, bdv)
+    if dmax <= 64:
+        return _Fixed(64, 64, 8, 3) if esize == 2 else _Fixed(16, 32, 8, 2)
+    if dmax <= 128:
+        return _Fixed(32, 64, 8, 3) if esize == 2 else _Fixed(32, 32, 8, 2)
+    return _Fixed(32, 32, 8, 2) if esize == 2 else _Fixed(16, 32, 8, 1)
+
+
+def _fixed_dq(bd: int, bdv: int, esize: int) -> _Fixed:
+    """dQ tile (block_m: queries per program, block_n: keys per step)."""
+    if _interpret():
+        return _Fixed(*_INTERP_DQ, 4, 1)
+    dmax = max(bd, bdv)
+    if dmax <= 64:
+        return _Fixed(128, 32, 8, 3) if esize == 2 else _Fixed(64, 32, 8, 2)
+    if dmax <= 128:
+        return _Fixed(64, 32, 4, 2) if esize == 2 else _Fixed(32, 16, 4, 2)
+    return _Fixed(32, 32, 8, 2) if esize == 2 else _Fixed(32, 16, 8, 1)
+
+
+def _esize(named_args: Dict, kwargs: Dict) -> int:
+    q = named_args.get("Q")
+    return 4 if q is None or q.dtype == torch.float32 else 2
+
+
+def _smem_fwd(c: _Fixed, bd: int, bdv: int, es: int) -> int:
+    return es * (c.block_m * bd + c.num_stages * c.block_n * (bd + bdv) + c.block_m * c.block_n)
+
+
+def _regs_fwd(c: _Fixed, bd: int, bdv: int, es: int) -> float:
+    return (c.block_m * bdv + 2 * c.block_m * c.block_n + c.block_m * bd * es / 4) / (32 * c.num_warps)
+
+
+def _smem_dkv(c: _Fixed, bd: int, bdv: int, es: int) -> int:
+    return es * (c.block_n * (bd + bdv) + c.num_stages * c.block_m * (bd + bdv) + 2 * c.block_m * c.block_n)
+
+
+def _regs_dkv(c: _Fixed, bd: int, bdv: int, es: int) -> float:
+    return (c.block_n * (bd + bdv) * (1 + es / 4) + 3 * c.block_m * c.block_n) / (32 * c.num_warps)
+
+
+def _smem_dq(c: _Fixed, bd: int, bdv: int, es: int) -> int:
+    return es * (c.block_m * (bd + bdv) + c.num_stages * c.block_n * (bd + bdv) + 2 * c.block_m * c.block_n)
+
+
+def _regs_dq(c: _Fixed, bd: int, bdv: int, es: int) -> float:
+    return (c.block_m * bd + c.block_m * (bd + bdv) * es / 4 + 3 * c.block_m * c.block_n) / (32 * c.num_warps)
+
+
+def _configs(tiles, warps, stages) -> List[triton.Config]:
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+            for (m, n) in tiles for w in warps for s in stages]
+
+
+_FWD_CONFIGS = _configs([(128, 64), (128, 32), (64, 64), (64, 32), (128, 128), (32, 32)], [4, 8], [2, 3, 4])
+_DKV_CONFIGS = _configs([(32, 128), (32, 64), (64, 64), (64, 128), (32, 32), (16, 32)], [4, 8], [2, 3])
+_DQ_CONFIGS = _configs([(128, 32), (64, 32), (64, 64), (128, 64), (32, 32), (32, 16)], [4, 8], [2, 3])
+
+
+def _make_pruner(smem, regs, fixed):
+    """An ``early_config_prune`` keeping the configs whose estimated shared memory and register
+    use fit, at most 8 (the largest tiles first); the fixed config if none fits."""
+
+    def prune(configs, named_args, **kwargs):
+        bd, bdv = kwargs["BLOCK_D"], kwargs["BLOCK_DV"]
+        es = _esize(named_args, kwargs)
+        keep = []
+        for cfg in configs:
+            c = _Fixed(cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.num_warps, cfg.num_stages)
+            if smem(c, bd, bdv, es) <= _SMEM_BUDGET and regs(c, bd, bdv, es) <= _REG_BUDGET:
+                keep.append(cfg)
+        keep.sort(key=lambda cfg: -cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_N"])
+        keep = keep[:8]
+        if not keep:
+            f = fixed(bd, bdv, es)
+            keep = [triton.Config({"BLOCK_M": f.block_m, "BLOCK_N": f.block_n},
+                                  num_warps=f.num_warps, num_stages=f.num_stages)]
+        return keep
+
+    return prune
+
+
+_TUNE_KEY = ["NQ_BUCKET", "NK_BUCKET", "D", "DV", "IS_CAUSAL", "HAS_MASK"]
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    """``PREC`` of the kernels (see ``_dot``)."""
+    if dtype == torch.float32:
+        return "ieee"
+    if dtype == torch.bfloat16 and _interpret():
+        return "upcast"
+    return "default"
+
+
+# ------------------------------------------------------------------------------------------
+# kernels
+# ------------------------------------------------------------------------------------------
+
+@triton.jit
+def _dot(a, b, PREC: tl.constexpr):
+    """a @ b with float32 accumulation. PREC: "ieee" for float32 operands (exact products, no
+    TF32); "default" for half operands (tensor cores; the setting only concerns float32);
+    "upcast" for bfloat16 under the interpreter, whose tl.dot multiplies bfloat16's raw uint16
+    storage: the operands are upcast to float32 first (bfloat16 products are exact in float32,
+    so only the summation order can differ from the tensor-core product)."""
+    if PREC == "upcast":
+        c = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    elif PREC == "ieee":
+        c = tl.dot(a, b, input_precision="ieee")
+    else:
+        c = tl.dot(a, b)
+    return c
+
+
+@triton.jit
+def _fwd_steps(acc, l_i, m_i, q, k_base, v_base, msk_base, offs_m, offs_d, offs_dv, lo, hi,
+               Nq, Nk, skn, skd, svn, svd, smm, smn, qk_scale,
+               D: tl.constexpr, DV: tl.constexpr, HAS_MASK: tl.constexpr, IS_CAUSAL: tl.constexpr,
+               EDGE: tl.constexpr, PREC: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Online-softmax steps over key blocks [lo, hi). EDGE: the blocks may hold keys past Nk or
+    above the causal diagonal, so apply the element mask."""
+    for n0 in range(lo, hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        offs_n64 = offs_n.to(tl.int64)
+        in_k = offs_n < Nk
+        k = tl.load(k_base + offs_n64[:, None] * skn + offs_d[None, :] * skd,
+                    mask=in_k[:, None] & (offs_d < D)[None, :], other=0.0)
+        s = _dot(q, tl.trans(k), PREC) * qk_scale
+        if HAS_MASK:
+            mm = tl.load(msk_base + offs_m.to(tl.int64)[:, None] * smm + offs_n64[None, :] * smn,
+                         mask=(offs_m < Nq)[:, None] & in_k[None, :], other=0.0)
+            s += mm.to(tl.float32) * _LOG2E
+        if EDGE:
+            keep = in_k[None, :]
+            if IS_CAUSAL:
+                keep = keep & (offs_n[None, :] <= offs_m[:, None])
+            s = tl.where(keep, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row with every key masked so far keeps m = -inf; subtract 0 there instead (no NaN).
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + offs_n64[:, None] * svn + offs_dv[None, :] * svd,
+                    mask=in_k[:, None] & (offs_dv < DV)[None, :], other=0.0)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PREC)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attn_fwd_kernel(Q, K, V, M, O, LSE,
+                     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+                     smb, smh, smm, smn, sob, soh, som, sod,
+                     H, Nq, Nk, qk_scale, NQ_BUCKET, NK_BUCKET,
+                     D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                     IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """O and lse for BLOCK_M query rows of one (batch, head). The largest query blocks (the
+    most work under causal masking) get the lowest program ids."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(Nq, BLOCK_M)
+    bh = pid // num_m
+    mb = num_m - 1 - pid % num_m
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    m0 = mb * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D).to(tl.int64)
+    offs_dv = tl.arange(0, BLOCK_DV).to(tl.int64)
+    in_m = offs_m < Nq
+    q = tl.load(Q + b * sqb + h * sqh + offs_m.to(tl.int64)[:, None] * sqm + offs_d[None, :] * sqd,
+                mask=in_m[:, None] & (offs_d < D)[None, :], other=0.0)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    k_base = K + b * skb + h * skh
+    v_base = V + b * svb + h * svh
+    msk_base = M + b * smb + h * smh
+    full_hi = (Nk // BLOCK_N) * BLOCK_N
+    hi = Nk
+    if IS_CAUSAL:
+        # Blocks whose last key is <= the block's first query are fully visible.
+        full_hi = tl.minimum(full_hi, ((m0 + 1) // BLOCK_N) * BLOCK_N)
+        hi = tl.minimum(Nk, m0 + BLOCK_M)
+    acc, l_i, m_i = _fwd_steps(acc, l_i, m_i, q, k_base, v_base, msk_base, offs_m, offs_d, offs_dv,
+                               0, full_hi, Nq, Nk, skn, skd, svn, svd, smm, smn, qk_scale,
+                               D, DV, HAS_MASK, IS_CAUSAL, False, PREC, BLOCK_N)
+    acc, l_i, m_i = _fwd_steps(acc, l_i, m_i, q, k_base, v_base, msk_base, offs_m, offs_d, offs_dv,
+                               full_hi, hi, Nq, Nk, skn, skd, svn, svd, smm, smn, qk_scale,
+                               D, DV, HAS_MASK, IS_CAUSAL, True, PREC, BLOCK_N)
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    o = acc / l_safe[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * _LN2)
+    tl.store(O + b * sob + h * soh + offs_m.to(tl.int64)[:, None] * som + offs_dv[None, :] * sod,
+             o.to(O.dtype.element_ty), mask=in_m[:, None] & (offs_dv < DV)[None, :])
+    tl.store(LSE + bh.to(tl.int64) * Nq + offs_m, lse, mask=in_m)
+
+
+@triton.jit
+def _bwd_delta_kernel(O, DO, DELTA, H, Nq,
+                      sob, soh, som, sod, sdb, sdh, sdm, sdd,
+                      DV: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr):
+    """delta = rowsum(O * dO) in float32 for BLOCK_M rows of one (batch, head)."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(Nq, BLOCK_M)
+    bh = pid // num_m
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs_m = (pid % num_m) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m64 = offs_m.to(tl.int64)
+    offs_dv = tl.arange(0, BLOCK_DV).to(tl.int64)
+    mask = (offs_m < Nq)[:, None] & (offs_dv < DV)[None, :]
+    o = tl.load(O + b * sob + h * soh + offs_m64[:, None] * som + offs_dv[None, :] * sod,
+                mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DO + b * sdb + h * sdh + offs_m64[:, None] * sdm + offs_dv[None, :] * sdd,
+                 mask=mask, other=0.0).to(tl.float32)
+    tl.store(DELTA + bh.to(tl.int64) * Nq + offs_m, tl.sum(o * do, 1), mask=offs_m < Nq)
+
+
+@triton.jit
+def _dkv_steps(dk, dv, k, v, q_base, do_base, msk_base, lse_base, delta_base, offs_n, offs_d, offs_dv,
+               lo, hi, Nq, Nk, sqm, sqd, sdm, sdd, smm, smn, qk_scale,
+               D: tl.constexpr, DV: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL_EDGE: tl.constexpr,
+               PREC: tl.constexpr, BLOCK_M: tl.constexpr):
+    """dK/dV contributions of query blocks [lo, hi), computed transposed ([keys, queries]).
+    Keys past Nk need no mask (their rows are never stored); query rows past Nq get lse = +inf,
+    hence P = 0."""
+    for m0 in range(lo, hi, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        offs_m64 = offs_m.to(tl.int64)
+        in_m = offs_m < Nq
+        q = tl.load(q_base + offs_m64[:, None] * sqm + offs_d[None, :] * sqd,
+                    mask=in_m[:, None] & (offs_d < D)[None, :], other=0.0)
+        do = tl.load(do_base + offs_m64[:, None] * sdm + offs_dv[None, :] * sdd,
+                     mask=in_m[:, None] & (offs_dv < DV)[None, :], other=0.0)
+        lse = tl.load(lse_base + offs_m, mask=in_m, other=float("inf"))
+        # lse = -inf (every key masked): P must be 0, so subtract +inf instead.
+        lse2 = tl.where(lse == float("-inf"), float("inf"), lse) * _LOG2E
+        delta = tl.load(delta_base + offs_m, mask=in_m, other=0.0)
+        st = _dot(k, tl.trans(q), PREC) * qk_scale
+        if HAS_MASK:
+            mm = tl.load(msk_base + offs_m64[None, :] * smm + offs_n.to(tl.int64)[:, None] * smn,
+                         mask=in_m[None, :] & (offs_n < Nk)[:, None], other=0.0)
+            st += mm.to(tl.float32) * _LOG2E
+        if CAUSAL_EDGE:
+            st = tl.where(offs_n[:, None] <= offs_m[None, :], st, float("-inf"))
+        pt = tl.math.exp2(st - lse2[None, :])
+        dv += _dot(pt.to(do.dtype), do, PREC)
+        dpt = _dot(v, tl.trans(do), PREC)
+        dst = pt * (dpt - delta[None, :])
+        dk += _dot(dst.to(q.dtype), q, PREC)
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkv_kernel(Q, K, V, M, DO, LSE, DELTA, DK, DV_OUT,
+                         sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+                         smb, smh, smm, smn, sdb, sdh, sdm, sdd,
+                         H, Nq, Nk, qk_scale, scale, NQ_BUCKET, NK_BUCKET,
+                         D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                         IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dK and dV of BLOCK_N keys of one (batch, head), looping over query blocks."""
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(Nk, BLOCK_N)
+    bh = pid // num_n
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    n0 = (pid % num_n) * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_n64 = offs_n.to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D).to(tl.int64)
+    offs_dv = tl.arange(0, BLOCK_DV).to(tl.int64)
+    in_n = offs_n < Nk
+    kmask = in_n[:, None] & (offs_d < D)[None, :]
+    vmask = in_n[:, None] & (offs_dv < DV)[None, :]
+    k = tl.load(K + b * skb + h * skh + offs_n64[:, None] * skn + offs_d[None, :] * skd, mask=kmask, other=0.0)
+    v = tl.load(V + b * svb + h * svh + offs_n64[:, None] * svn + offs_dv[None, :] * svd, mask=vmask, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+    q_base = Q + b * sqb + h * sqh
+    do_base = DO + b * sdb + h * sdh
+    msk_base = M + b * smb + h * smh
+    lse_base = LSE + bh.to(tl.int64) * Nq
+    delta_base = DELTA + bh.to(tl.int64) * Nq
+    lo = 0
+    mid = 0
+    if IS_CAUSAL:
+        # Queries before the block's first key see none of it; query blocks starting before its
+        # last key straddle the diagonal and need the element mask.
+        lo = (n0 // BLOCK_M) * BLOCK_M
+        mid = tl.minimum(tl.cdiv(n0 + BLOCK_N - 1, BLOCK_M) * BLOCK_M, Nq)
+        mid = tl.maximum(mid, lo)
+        dk, dv = _dkv_steps(dk, dv, k, v, q_base, do_base, msk_base, lse_base, delta_base,
+                            offs_n, offs_d, offs_dv, lo, mid, Nq, Nk, sqm, sqd, sdm, sdd, smm, smn,
+                            qk_scale, D, DV, HAS_MASK, True, PREC, BLOCK_M)
+    dk, dv = _dkv_steps(dk, dv, k, v, q_base, do_base, msk_base, lse_base, delta_base,
+                        offs_n, offs_d, offs_dv, mid, Nq, Nq, Nk, sqm, sqd, sdm, sdd, smm, smn,
+                        qk_scale, D, DV, HAS_MASK, False, PREC, BLOCK_M)
+    out = bh.to(tl.int64) * Nk * D + offs_n64[:, None] * D + offs_d[None, :]
+    tl.store(DK + out, (dk * scale).to(DK.dtype.element_ty), mask=kmask)
+    out = bh.to(tl.int64) * Nk * DV + offs_n64[:, None] * DV + offs_dv[None, :]
+    tl.store(DV_OUT + out, dv.to(DV_OUT.dtype.element_ty), mask=vmask)
+
+
+@triton.jit
+def _dq_steps(dq, q, do, lse2, delta, k_base, v_base, msk_base, dm_base, offs_m, offs_d, offs_dv,
+              lo, hi, Nq, Nk, skn, skd, svn, svd, smm, smn, qk_scale,
+              D: tl.constexpr, DV: tl.constexpr, HAS_MASK: tl.constexpr, IS_CAUSAL: tl.constexpr,
+              EDGE: tl.constexpr, NEED_DMASK: tl.constexpr, PREC: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dQ contributions of key blocks [lo, hi); writes dS to the mask gradient if asked."""
+    for n0 in range(lo, hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        offs_n64 = offs_n.to(tl.int64)
+        in_k = offs_n < Nk
+        k = tl.load(k_base + offs_n64[:, None] * skn + offs_d[None, :] * skd,
+                    mask=in_k[:, None] & (offs_d < D)[None, :], other=0.0)
+        v = tl.load(v_base + offs_n64[:, None] * svn + offs_dv[None, :] * svd,
+                    mask=in_k[:, None] & (offs_dv < DV)[None, :], other=0.0)
+        s = _dot(q, tl.trans(k), PREC) * qk_scale
+        if HAS_MASK:
+            mm = tl.load(msk_base + offs_m.to(tl.int64)[:, None] * smm + offs_n64[None, :] * smn,
+                         mask=(offs_m < Nq)[:, None] & in_k[None, :], other=0.0)
+            s += mm.to(tl.float32) * _LOG2E
+        if EDGE:
+            keep = in_k[None, :]
+            if IS_CAUSAL:
+                keep = keep & (offs_n[None, :] <= offs_m[:, None])
+            s = tl.where(keep, s, float("-inf"))
+        p = tl.math.exp2(s - lse2[:, None])
+        dp = _dot(do, tl.trans(v), PREC)
+        ds = p * (dp - delta[:, None])
+        if NEED_DMASK:
+            tl.store(dm_base + offs_m.to(tl.int64)[:, None] * Nk + offs_n64[None, :], ds,
+                     mask=(offs_m < Nq)[:, None] & in_k[None, :])
+        dq += _dot(ds.to(k.dtype), k, PREC)
+    return dq
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(Q, K, V, M, DO, LSE, DELTA, DQ, DMASK,
+                        sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+                        smb, smh, smm, smn, sdb, sdh, sdm, sdd,
+                        H, Nq, Nk, qk_scale, scale, NQ_BUCKET, NK_BUCKET,
+                        D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                        IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, NEED_DMASK: tl.constexpr,
+                        PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dQ (and dS) of BLOCK_M query rows of one (batch, head), looping over key blocks."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(Nq, BLOCK_M)
+    bh = pid // num_m
+    mb = num_m - 1 - pid % num_m
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    m0 = mb * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_m64 = offs_m.to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D).to(tl.int64)
+    offs_dv = tl.arange(0, BLOCK_DV).to(tl.int64)
+    in_m = offs_m < Nq
+    qmask = in_m[:, None] & (offs_d < D)[None, :]
+    q = tl.load(Q + b * sqb + h * sqh + offs_m64[:, None] * sqm + offs_d[None, :] * sqd, mask=qmask, other=0.0)
+    do = tl.load(DO + b * sdb + h * sdh + offs_m64[:, None] * sdm + offs_dv[None, :] * sdd,
+                 mask=in_m[:, None] & (offs_dv < DV)[None, :], other=0.0)
+    lse = tl.load(LSE + bh.to(tl.int64) * Nq + offs_m, mask=in_m, other=float("inf"))
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse) * _LOG2E
+    delta = tl.load(DELTA + bh.to(tl.int64) * Nq + offs_m, mask=in_m, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    k_base = K + b * skb + h * skh
+    v_base = V + b * svb + h * svh
+    msk_base = M + b * smb + h * smh
+    dm_base = DMASK + bh.to(tl.int64) * Nq * Nk
+    full_hi = (Nk // BLOCK_N) * BLOCK_N
+    hi = Nk
+    if IS_CAUSAL:
+        full_hi = tl.minimum(full_hi, ((m0 + 1) // BLOCK_N) * BLOCK_N)
+        hi = tl.minimum(Nk, m0 + BLOCK_M)
+    dq = _dq_steps(dq, q, do, lse2, delta, k_base, v_base, msk_base, dm_base, offs_m, offs_d, offs_dv,
+                   0, full_hi, Nq, Nk, skn, skd, svn, svd, smm, smn, qk_scale,
+                   D, DV, HAS_MASK, IS_CAUSAL, False, NEED_DMASK, PREC, BLOCK_N)
+    dq = _dq_steps(dq, q, do, lse2, delta, k_base, v_base, msk_base, dm_base, offs_m, offs_d, offs_dv,
+                   full_hi, hi, Nq, Nk, skn, skd, svn, svd, smm, smn, qk_scale,
+                   D, DV, HAS_MASK, IS_CAUSAL, True, NEED_DMASK, PREC, BLOCK_N)
+    tl.store(DQ + bh.to(tl.int64) * Nq * D + offs_m64[:, None] * D + offs_d[None, :],
+             (dq * scale).to(DQ.dtype.element_ty), mask=qmask)
+
+
+_attn_fwd_tuned = triton.autotune(
+    _FWD_CONFIGS, key=_TUNE_KEY,
+    prune_configs_by={"early_config_prune": _make_pruner(_smem_fwd, _regs_fwd, _fixed_fwd)},
+)(_attn_fwd_kernel)
+_attn_bwd_dkv_tuned = triton.autotune(
+    _DKV_CONFIGS, key=_TUNE_KEY,
+    prune_configs_by={"early_config_prune": _make_pruner(_smem_dkv, _regs_dkv, _fixed_dkv)},
+)(_attn_bwd_dkv_kernel)
+_attn_bwd_dq_tuned = triton.autotune(
+    _DQ_CONFIGS, key=_TUNE_KEY + ["NEED_DMASK"],
+    prune_configs_by={"early_config_prune": _make_pruner(_smem_dq, _regs_dq, _fixed_dq)},
+)(_attn_bwd_dq_kernel)
+
+
+# ------------------------------------------------------------------------------------------
+# launch helpers
+# ------------------------------------------------------------------------------------------
+
+def _launch(tuned, kernel, fixed: _Fixed, nblocks_of, args, meta) -> None:
+    """Run ``kernel`` with the fixed tile (interpreter, deterministic mode) or the autotuned one.
+    ``nblocks_of(block_m, block_n)`` is the number of programs."""
+    if _use_fixed():
+        kernel[(nblocks_of(fixed.block_m, fixed.block_n),)](
+            *args, **meta, BLOCK_M=fixed.block_m, BLOCK_N=fixed.block_n,
+            num_warps=fixed.num_warps, num_stages=fixed.num_stages)
+    else:
+        tuned[lambda META: (nblocks_of(META["BLOCK_M"], META["BLOCK_N"]),)](*args, **meta)
+
+
+def _mask_args(mask: Optional[Tensor], q: Tensor):
+    if mask is None:
+        return q, (0, 0, 0, 0)
+    return mask, tuple(mask.stride())
+
+
+def _meta(S: _Shape, q: Tensor, is_causal: bool, has_mask: bool) -> Dict:
+    return dict(D=S.D, DV=S.Dv, BLOCK_D=_block_d(S.D), BLOCK_DV=_block_d(S.Dv),
+                IS_CAUSAL=bool(is_causal), HAS_MASK=has_mask, PREC=_dot_precision(q.dtype))
+
+
+# ------------------------------------------------------------------------------------------
+# the public functions
+# ------------------------------------------------------------------------------------------
+
+def attention_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], is_causal: bool,
+                  scale: float) -> Tuple[Tensor, Tensor]:
+    """Flash-attention forward.
+
+    q [B, H, Nq, D], k [B, H, Nk, D], v [B, H, Nk, Dv], any strides (read in place). ``mask``:
+    None or an additive float32 / q-dtype mask of shape [B, H, Nq, Nk], typically an ``expand``
+    view (stride 0 on broadcast dims); may hold -inf. ``is_causal``: key j kept for query i iff
+    j <= i (not together with a mask). Returns ``(o, lse)``: o [B, H, Nq, Dv] contiguous in q's
+    dtype and lse [B, H, Nq] float32 (natural log); rows with every key masked give o = 0 and
+    lse = -inf.
+    """
+    fn = "attention_fwd"
+    S = _check_qkv(q, k, v, fn)
+    _check_mask(mask, q, S, is_causal, fn)
+    B, H, Nq, Nk, D, Dv = S
+    o = torch.empty(B, H, Nq, Dv, dtype=q.dtype, device=q.device)
+    lse = torch.empty(B, H, Nq, dtype=torch.float32, device=q.device)
+    if B * H * Nq == 0:
+        return o, lse
+    if Nk == 0:
+        return o.zero_(), lse.fill_(float("-inf"))
+    scale = float(scale)
+    m, ms = _mask_args(mask, q)
+    meta = _meta(S, q, is_causal, mask is not None)
+    es = q.element_size()
+    args = (q, k, v, m, o, lse, *q.stride(), *k.stride(), *v.stride(), *ms, *o.stride(),
+            H, Nq, Nk, scale * _LOG2E_PY, _bucket(Nq), _bucket(Nk))
+    with _device_guard(q):
+        _launch(_attn_fwd_tuned, _attn_fwd_kernel, _fixed_fwd(meta["BLOCK_D"], meta["BLOCK_DV"], es),
+                lambda bm, bn: B * H * triton.cdiv(Nq, bm), args, meta)
+    return o, lse
+
+
+def attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
+                  mask: Optional[Tensor], is_causal: bool, scale: float, need_dmask: bool
+                  ) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
+    """Flash-attention backward from the forward's ``o`` and ``lse``.
+
+    Takes the forward's arguments plus ``do`` (shape of o, q's dtype, any strides), ``o`` and
+    ``lse`` as :func:`attention_fwd` returned them. Returns ``(dq, dk, dv, dmask)``: contiguous
+    gradients with the shapes and dtypes of q, k, v, and, if ``need_dmask``, dS = P * (dP - delta),
+    the gradient of an additive mask, as a contiguous float32 [B, H, Nq, Nk] tensor (to be summed
+    down to the mask's own shape by the caller); else None. Rows with every key masked
+    contribute nothing to any gradient.
+    """
+    fn = "attention_bwd"
+    S = _check_qkv(q, k, v, fn)
+    _check_mask(mask, q, S, is_causal, fn)
+    B, H, Nq, Nk, D, Dv = S
+    _check_like(do, "do", (B, H, Nq, Dv), q.dtype, q.device, fn)
+    _check_like(o, "o", (B, H, Nq, Dv), q.dtype, q.device, fn)
+    _check_like(lse, "lse", (B, H, Nq), torch.float32, q.device, fn)
+    dq = torch.empty(B, H, Nq, D, dtype=q.dtype, device=q.device)
+    dk = torch.empty(B, H, Nk, D, dtype=k.dtype, device=k.device)
+    dv = torch.empty(B, H, Nk, Dv, dtype=v.dtype, device=v.device)
+    dmask = None
+    if need_dmask:
+        # Causal blocks above the diagonal are never visited: their zeros must be there already.
+        alloc = torch.zeros if is_causal else torch.empty
+        dmask = alloc(B, H, Nq, Nk, dtype=torch.float32, device=q.device)
+    if B * H == 0 or (Nq == 0 and Nk == 0):
+        return dq, dk, dv, dmask
+    if Nq == 0 or Nk == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_(), dmask
+    scale = float(scale)
+    lse = lse.contiguous()
+    m, ms = _mask_args(mask, q)
+    meta = _meta(S, q, is_causal, mask is not None)
+    bd, bdv, es = meta["BLOCK_D"], meta["BLOCK_DV"], q.element_size()
+    delta = torch.empty(B, H, Nq, dtype=torch.float32, device=q.device)
+    common = (*q.stride(), *k.stride(), *v.stride(), *ms, *do.stride(),
+              H, Nq, Nk, scale * _LOG2E_PY, scale, _bucket(Nq), _bucket(Nk))
+    with _device_guard(q):
+        _bwd_delta_kernel[(B * H * triton.cdiv(Nq, _PRE_BLOCK_M),)](
+            o, do, delta, H, Nq, *o.stride(), *do.stride(),
+            DV=Dv, BLOCK_DV=bdv, BLOCK_M=_PRE_BLOCK_M)
+        _launch(_attn_bwd_dkv_tuned, _attn_bwd_dkv_kernel, _fixed_dkv(bd, bdv, es),
+                lambda bm, bn: B * H * triton.cdiv(Nk, bn),
+                (q, k, v, m, do, lse, delta, dk, dv, *common), meta)
+        _launch(_attn_bwd_dq_tuned, _attn_bwd_dq_kernel, _fixed_dq(bd, bdv, es),
+                lambda bm, bn: B * H * triton.cdiv(Nq, bm),
+                (q, k, v, m, do, lse, delta, dq, dmask if dmask is not None else delta, *common),
+                dict(meta, NEED_DMASK=bool(need_dmask)))
+    return dq, dk, dv, dmask
