@@ -71,3 +71,40 @@ def assert_close(
             f"reference {r.flatten()[i].item():.6g}, allowed error {budget.flatten()[i].item():.3g}, "
             f"max error {err.max().item():.3g}"
         )
+
+
+def worse(ref32: torch.Tensor, *candidates: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """Of several same-dtype references, the one farthest from ``ref32``: a kernel may be as far
+    off as the least accurate of the legitimate ways to compute in that dtype."""
+    best, err = None, -1.0
+    for c in candidates:
+        if c is None:
+            continue
+        e = (c.detach().double() - ref32.detach().double()).abs().max().item() if c.numel() else 0.0
+        if e > err:
+            best, err = c, e
+    return best
+
+
+def flash_grads_from_rounded_output(q, k, v, out_lowp, dout, mask=None, is_causal=False, scale=None):
+    """The same-dtype reference of attention gradients for kernels that, like FlashAttention,
+    compute the softmax backward's row term ``delta = rowsum(out * dout)`` from the output as
+    stored in its dtype: everything in float32 except that rounding. Returns (dq, dk, dv) in
+    q's dtype. (In float16/bfloat16 that rounding is the dominant error of such a backward
+    when ``dP - delta`` cancels.)"""
+    import math
+
+    from attnkern.reference.attention import attention_probs
+
+    f = torch.float32
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    p, _ = attention_probs(q.to(f), k.to(f), mask if mask is None or mask.dtype == torch.bool else mask.to(f),
+                           is_causal, scale)
+    do = dout.to(f)
+    dp = do @ v.to(f).transpose(-1, -2)
+    delta = (out_lowp.to(f) * do).sum(-1, keepdim=True)
+    ds = p * (dp - delta)
+    dq = (ds @ k.to(f)) * scale
+    dk = (ds.transpose(-1, -2) @ q.to(f)) * scale
+    dv = p.transpose(-1, -2) @ do
+    return dq.to(q.dtype), dk.to(q.dtype), dv.to(q.dtype)

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 import attnkern
 from attnkern.reference import attention as ref
-from tests.tolerance import assert_close
+from tests.tolerance import assert_close, flash_grads_from_rounded_output, worse
 
 SETTINGS = dict(deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
 EXAMPLES = {"cpu": 40, "reference": 15, "triton": 12}
@@ -97,9 +97,13 @@ def _check(backend, problem, monkeypatch):
     else:
         lowp = lambda *a, **kw: ref.scaled_dot_product_attention(*a, upcast=False, **kw)
     same = _grads(lowp, q, k, v, m, causal, scale, dout)
+    if dtype != torch.float32:  # or, as FlashAttention, delta from the output rounded to dtype
+        flash = flash_grads_from_rounded_output(q, k, v, ours[0], dout, m, causal, scale)
+        same[1:4] = [worse(h, a, b) for h, a, b in zip(high[1:4], same[1:4], flash)]
     for i, (name, a, h, s) in enumerate(zip(["out", "dq", "dk", "dv", "dmask"], ours, high, same)):
+        # a gradient is a sum of products whose rounding scales with the tensor's largest entry
         assert_close(a, h, s, dtype=dtype, grad=i > 0, name=f"{name} {problem}",
-                     scale=float(h.abs().max()) if name == "dmask" else 0.0)
+                     scale=float(h.abs().max()) if i > 0 and h.numel() else 0.0)
 
 
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
