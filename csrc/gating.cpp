@@ -119,6 +119,13 @@ inline void lanes_into(const Vectorized<A>& vmx, const Vectorized<A>& vcnt, A& m
   for (int64_t l = 0; l < L; ++l) maxcnt_merge(mx, cnt, m[l], c[l]);
 }
 
+// The tie count stored with a max: no element equals a NaN max, so its count is 0 (as the
+// reference's (x == max).sum() and torch.amax's gradient mask).
+template <typename A>
+inline int32_t nan_count(A mx, A cnt) {
+  return std::isnan(mx) ? 0 : static_cast<int32_t>(cnt);
+}
+
 template <typename A>
 inline A lanes_sum(const Vectorized<A>& v) {
   constexpr int64_t L = Vectorized<A>::size();
@@ -319,7 +326,7 @@ void channel_stats_impl(const T* x, const Shape& s, typename AccT<T>::type* mean
         reduce_row<T, A>(x + r * HW, nullptr, HW, sum, m, c);
         mean[r] = sum / static_cast<A>(HW);
         mx[r] = m;
-        cnt[r] = static_cast<int32_t>(c);
+        cnt[r] = nan_count(m, c);
       }
     });
     return;
@@ -352,7 +359,7 @@ void channel_stats_impl(const T* x, const Shape& s, typename AccT<T>::type* mean
         }
         mean[b * C + c] = sum / static_cast<A>(HW);
         mx[b * C + c] = m;
-        cnt[b * C + c] = static_cast<int32_t>(n);
+        cnt[b * C + c] = nan_count(m, n);
       }
     }
   });
@@ -375,7 +382,7 @@ void spatial_stats_impl(const T* x, const typename AccT<T>::type* gc, const Shap
         reduce_row<T, A>(x + r * C, gc + b * C, C, sum, m, c);
         mean[r] = sum / static_cast<A>(C);
         mx[r] = m;
-        cnt[r] = static_cast<int32_t>(c);
+        cnt[r] = nan_count(m, c);
       }
     });
     return;
@@ -397,7 +404,7 @@ void spatial_stats_impl(const T* x, const typename AccT<T>::type* gc, const Shap
       for (int64_t i = 0; i < len; ++i) {
         mean[b * HW + h0 + i] = sum[i] / static_cast<A>(C);
         mx[b * HW + h0 + i] = m[i];
-        cnt[b * HW + h0 + i] = static_cast<int32_t>(n[i]);
+        cnt[b * HW + h0 + i] = nan_count(m[i], n[i]);
       }
     }
   });

@@ -317,6 +317,7 @@ def _channel_stats_kernel(x_ptr, sum_ptr, max_ptr, cnt_ptr, C, HW, sB, sC, sHW, 
         nan = tl.maximum(nan, tl.max((v != v).to(tl.int32), axis=1))
         mx, cnt = _merge_max_count(mx, cnt, tmax, tcnt)
     mx = tl.where(nan > 0, float("nan"), mx)
+    cnt = tl.where(nan > 0, 0, cnt)  # no element equals a NaN max (the reference's count)
     out = (b * NSPLIT + s) * C + offs_c
     if FINAL:
         acc = acc / HW
@@ -348,7 +349,7 @@ def _merge_stats_kernel(psum_ptr, pmax_ptr, pcnt_ptr, mean_ptr, max_ptr, cnt_ptr
     out = b * N + offs
     tl.store(mean_ptr + out, acc / HW, mask=mask)
     tl.store(max_ptr + out, tl.where(nan > 0, float("nan"), mx), mask=mask)
-    tl.store(cnt_ptr + out, cnt, mask=mask)
+    tl.store(cnt_ptr + out, tl.where(nan > 0, 0, cnt), mask=mask)
 
 
 @triton.jit
@@ -394,7 +395,7 @@ def _spatial_stats_kernel(x_ptr, gc_ptr, mean_ptr, max_ptr, cnt_ptr, C, HW, sB, 
     out = b * HW + offs_hw
     tl.store(mean_ptr + out, acc / C, mask=mask_hw)
     tl.store(max_ptr + out, tl.where(nan > 0, float("nan"), mx), mask=mask_hw)
-    tl.store(cnt_ptr + out, cnt, mask=mask_hw)
+    tl.store(cnt_ptr + out, tl.where(nan > 0, 0, cnt), mask=mask_hw)
 
 
 # ------------------------------------------------------------------------------------------
