@@ -58,7 +58,9 @@ ROWS = parse_table(README.read_text())
 def test_table_covers_every_public_entry_point():
     apis = {r[0] for r in ROWS}
     for name in ("attnkern.cbam", "attnkern.squeeze_excite", "attnkern.bam", "attnkern.CBAM",
-                 "attnkern.SqueezeExcite", "attnkern.BAM", "attnkern.convert", "ATTNKERN_BACKEND"):
+                 "attnkern.SqueezeExcite", "attnkern.BAM", "attnkern.convert", "ATTNKERN_BACKEND",
+                 "attnkern.scaled_dot_product_attention", "attnkern.Attention",
+                 "attnkern.explain.attention_rows", "attnkern.explain.attention_received"):
         assert name in apis, f"README's Errors table has no row for {name}"
 
 
