@@ -381,7 +381,14 @@ _MEMORY_SCRIPT = textwrap.dedent("""
     import torch
     from attnkern.explain.attention import attention_received
 
-    def peak_mib():  # the process's peak resident memory (KiB on Linux)
+    def peak_mib():
+        # The peak resident memory of this process's address space (VmHWM, which clear_refs
+        # resets). Not ru_maxrss: Linux carries that over fork and exec from the parent, so a
+        # child of a big pytest process would report the parent's peak.
+        with open("/proc/self/status") as f:
+            for l in f:
+                if l.startswith("VmHWM:"):
+                    return int(l.split()[1]) / 1024
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
     def current_mib():
