@@ -7,9 +7,18 @@ import torch
 from tests.tolerance import assert_close
 
 
+def _leaf_like(x):
+    """A leaf copy of ``x`` with x's own strides, also for a non-dense view (``clone`` would
+    make such a view dense, and the kernels' handling of views would go untested)."""
+    leaf = torch.empty_strided(x.size(), x.stride(), dtype=x.dtype, device=x.device)
+    with torch.no_grad():
+        leaf.copy_(x)
+    return leaf.requires_grad_()
+
+
 def run(module, x, g):
     """Output and [dx, *parameter grads] of ``module`` on ``x`` with upstream gradient ``g``."""
-    x = x.detach().clone().requires_grad_()
+    x = _leaf_like(x)
     out = module(x)
     out.backward(g)
     return out, [x.grad] + [p.grad for p in module.parameters()]
