@@ -3,6 +3,7 @@
     attnkern profile [SLIDE] [--model cbam_resnet50] [--tile 256] [--level 0] [--batch 16]
                      [--workers 1] [--compare naive,compile,fused,fused-compile]
                      [--max-tiles 64] [--train] [--explain attention|gradcam] [--out DIR]
+                     [--device cpu|cuda] [--amp auto|bf16|fp16|off] [--[no-]channels-last] [--trace]
 
 profiles a model over the tissue of a slide (the built-in sample slide without SLIDE) with and
 without attnkern's kernels, and writes report.json, report.md, heatmap.png and mask.png.
@@ -45,7 +46,8 @@ def _profile(args) -> int:
                      level=args.level, batch=args.batch, workers=args.workers,
                      compare=[v.strip() for v in args.compare.split(",") if v.strip()], out=args.out,
                      max_tiles=args.max_tiles, device=args.device, progress=not args.no_progress,
-                     train=args.train, explain=args.explain)
+                     train=args.train, explain=args.explain, amp=args.amp,
+                     channels_last=args.channels_last, trace=args.trace)
     try:
         report = profile(pa)
     except SlideError as e:
@@ -81,6 +83,12 @@ def main(argv: Optional[List[str]] = None) -> int:
                    help="also time a training step (forward, backward, SGD) per batch")
     p.add_argument("--explain", choices=["attention", "gradcam"], default="attention",
                    help="heatmap: the last CBAM's spatial gates, or Grad-CAM (any CNN)")
+    p.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto",
+                   help="autocast of the timed passes (auto: bf16 on CUDA, off on CPU)")
+    p.add_argument("--channels-last", dest="channels_last", action=argparse.BooleanOptionalAction, default=None,
+                   help="channels_last model and tiles (default: on CUDA yes, on CPU no)")
+    p.add_argument("--trace", action="store_true",
+                   help="write a torch.profiler trace of each variant's pass (trace-VARIANT.json)")
     p.add_argument("--no-progress", action="store_true")
     c = sub.add_parser("compare", help="fused vs naive vs timm vs torch.compile, side by side")
     c.add_argument("--op", choices=["cbam", "se", "bam", "all"], default="cbam")

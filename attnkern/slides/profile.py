@@ -11,6 +11,7 @@ predicted probability of class 1) and ``mask.png`` (the tissue).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime as _dt
 import json
@@ -60,6 +61,23 @@ class ProfileArgs:
     progress: bool = True
     train: bool = False
     explain: str = "attention"
+    amp: str = "auto"                     # auto (bf16 on CUDA, off on CPU), bf16, fp16, off
+    channels_last: Optional[bool] = None  # None: on CUDA yes, on CPU no
+    trace: bool = False                   # a torch.profiler trace of each variant's pass
+
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
+
+
+def amp_dtype(args: ProfileArgs, device: str) -> Optional[torch.dtype]:
+    """The autocast dtype of the timed passes: ``auto`` is bfloat16 on CUDA, none on CPU."""
+    if args.amp == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else None
+    return AMP_DTYPES[args.amp]
+
+
+def use_channels_last(args: ProfileArgs, device: str) -> bool:
+    return device.startswith("cuda") if args.channels_last is None else bool(args.channels_last)
 
 
 def build_model(name: str, num_classes: int, checkpoint: Optional[str]) -> torch.nn.Module:
@@ -105,27 +123,52 @@ def _machine() -> Dict:
                 cuda=torch.cuda.get_device_name() if torch.cuda.is_available() else None)
 
 
-def run_variant(model, loader, device: str, progress: bool, label: str, train: bool = False):
+def run_variant(model, loader, device: str, progress: bool, label: str, train: bool = False,
+                amp: Optional[torch.dtype] = None, channels_last: bool = False,
+                trace: Optional[str] = None):
     """Time one pass over the tiles: inference, or with ``train`` a training step per batch
-    (forward, cross-entropy on fixed pseudo-labels, backward, SGD). Returns (figures,
-    predictions)."""
+    (forward, cross-entropy on fixed pseudo-labels, backward, SGD), under autocast to ``amp``
+    if given, with channels_last inputs if asked. On CUDA the compute time is measured with
+    CUDA events around each step (the reading time with the host clock); ``trace`` writes a
+    torch.profiler (Chrome) trace of the pass to that path. Returns (figures, predictions)."""
     from tqdm import tqdm
+
+    cuda = device.startswith("cuda")
 
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9) if train else None
     model.train(train)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+
+    def autocast():
+        return torch.autocast(device.split(":")[0], dtype=amp) if amp is not None else contextlib.nullcontext()
 
     def step(x, idx):
         if not train:
-            with torch.inference_mode():
+            with torch.inference_mode(), autocast():
                 return model(x)
         opt.zero_grad(set_to_none=True)
-        logits = model(x)
-        torch.nn.functional.cross_entropy(logits, (idx % logits.shape[1]).to(x.device)).backward()
+        with autocast():
+            logits = model(x)
+            loss = torch.nn.functional.cross_entropy(logits.float(), (idx % logits.shape[1]).to(x.device))
+        loss.backward()
         opt.step()
         return logits.detach()
 
+    def to_device(x):
+        x = x.to(device, non_blocking=cuda)
+        return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
     x0, i0 = next(iter(loader))
-    step(x0.to(device), i0)  # warm-up (and compilation) outside the timed pass
+    step(to_device(x0), i0)  # warm-up (and compilation) outside the timed pass
+    prof = None
+    if trace:
+        from torch.profiler import ProfilerActivity, profile as _prof
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+        prof = _prof(activities=acts, record_shapes=True)
+        prof.__enter__()
+    events = []
     preds = {}
     read_s = compute_s = 0.0
     peak = _rss_mb()
@@ -136,9 +179,14 @@ def run_variant(model, loader, device: str, progress: bool, label: str, train: b
     for x, idx in loader:
         t1 = time.perf_counter()
         read_s += t1 - t0
-        x = x.to(device)
+        x = to_device(x)
+        if cuda:
+            ev = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            ev[0].record()
         logits = step(x, idx)
-        if device.startswith("cuda"):
+        if cuda:
+            ev[1].record()
+            events.append(ev)
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         compute_s += t0 - t1
@@ -151,9 +199,17 @@ def run_variant(model, loader, device: str, progress: bool, label: str, train: b
         bar.update(len(idx))
     bar.close()
     total = time.perf_counter() - t_start
-    return dict(tiles=n, seconds=total, read_seconds=read_s, compute_seconds=compute_s,
-                tiles_per_s=n / total if total else 0.0, peak_rss_mb=peak,
-                bound="read" if read_s > compute_s else "compute"), preds
+    if prof is not None:
+        prof.__exit__(None, None, None)
+        prof.export_chrome_trace(trace)
+    fig = dict(tiles=n, seconds=total, read_seconds=read_s, compute_seconds=compute_s,
+               tiles_per_s=n / total if total else 0.0, peak_rss_mb=peak,
+               amp=str(amp).replace("torch.", "") if amp is not None else "off", channels_last=channels_last)
+    if cuda:  # GPU time of the steps from CUDA events; peak GPU memory of the pass
+        compute_s = sum(a.elapsed_time(b) for a, b in events) / 1e3
+        fig.update(compute_seconds=compute_s, gpu_peak_mb=torch.cuda.max_memory_allocated(device) / 2**20)
+    fig["bound"] = "read" if read_s > compute_s else "compute"
+    return fig, preds
 
 
 def profile(args: ProfileArgs) -> Dict:
@@ -165,6 +221,8 @@ def profile(args: ProfileArgs) -> Dict:
         raise SlideError("--tile must be >= 16, --batch and --max-tiles >= 1, --workers >= 0")
     if args.model not in MODELS:
         raise SlideError(f"unknown model {args.model!r}; known: {', '.join(MODELS)}")
+    if args.amp not in ("auto", *AMP_DTYPES):
+        raise SlideError(f"unknown --amp {args.amp!r}; known: auto, {', '.join(AMP_DTYPES)}")
     if args.explain not in ("attention", "gradcam"):
         raise SlideError(f"unknown --explain {args.explain!r}; known: attention, gradcam")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -211,6 +269,13 @@ def _profile(args: ProfileArgs, rank: int, world: int, device: str) -> Dict:
     tile0 = args.tile * slide.level_downsamples[args.level]
     mpix = args.tile * args.tile / 1e6
     base = build_model(args.model, args.num_classes, args.checkpoint).to(device)
+    cl, amp = use_channels_last(args, device), amp_dtype(args, device)
+    if cl:
+        base = base.to(memory_format=torch.channels_last)
+
+    def trace_path(v):
+        return os.path.join(args.out, f"trace-{v.replace(' ', '-')}.json") if args.trace and lead else None
+
     mine = D.shard(len(coords), rank, world)
     loader = torch.utils.data.DataLoader(
         TileDataset(path, [coords[i] for i in mine], args.level, args.tile, indices=mine),
@@ -221,7 +286,8 @@ def _profile(args: ProfileArgs, rank: int, world: int, device: str) -> Dict:
     try:
         progress = args.progress and lead
         for v in args.compare:
-            fig, preds = run_variant(_variant(base, v), loader, device, progress, v)
+            fig, preds = run_variant(_variant(base, v), loader, device, progress, v, amp=amp, channels_last=cl,
+                                     trace=trace_path(v))
             fig = D.merge_figures(D.gather(fig, world))
             preds = {i: p for part in D.gather(preds, world) for i, p in part.items()}
             fig["megapixels_per_s"] = fig["tiles_per_s"] * mpix
@@ -230,7 +296,8 @@ def _profile(args: ProfileArgs, rank: int, world: int, device: str) -> Dict:
         if args.train:  # training steps, each variant from the same weights
             for v in args.compare:
                 fig, _ = run_variant(_variant(copy.deepcopy(base), v), loader, device, progress,
-                                     f"{v} train", train=True)
+                                     f"{v} train", train=True, amp=amp, channels_last=cl,
+                                     trace=trace_path(f"{v} train"))
                 fig = D.merge_figures(D.gather(fig, world))
                 fig["megapixels_per_s"] = fig["tiles_per_s"] * mpix
                 report["variants"][f"{v} (train)"] = fig

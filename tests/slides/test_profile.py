@@ -50,6 +50,26 @@ def test_vit_heatmap_is_the_cls_attention(small_slide, tmp_path):
     assert rc == 2
 
 
+def test_amp_channels_last_and_trace(small_slide, tmp_path):
+    """The GPU defaults, asked for on the CPU: bf16 autocast and channels_last tiles and model for
+    every variant, and a torch.profiler trace per variant's pass."""
+    out = str(tmp_path / "out")
+    rc = main(["profile", small_slide, "--model", "cbam_resnet18", "--tile", "64", "--batch", "4",
+               "--max-tiles", "4", "--workers", "0", "--compare", "naive,fused", "--amp", "bf16",
+               "--channels-last", "--trace", "--train", "--out", out, "--no-progress"])
+    assert rc == 0
+    report = json.load(open(os.path.join(out, "report.json")))
+    for name, fig in report["variants"].items():
+        assert fig["amp"] == "bfloat16" and fig["channels_last"] is True, name
+        trace = os.path.join(out, f"trace-{name.replace(' (train)', '-train')}.json")
+        assert os.path.getsize(trace) > 0, trace
+        assert "traceEvents" in open(trace).read(200_000)
+    assert report["variants"]["fused"]["same_predictions_as_naive"] >= 0.75  # bf16 rounding may flip a tie
+    with pytest.raises(SystemExit) as e:  # argparse's own one-line error
+        main(["profile", small_slide, "--amp", "fp8", "--out", out, "--no-progress"])
+    assert e.value.code == 2
+
+
 def test_compile_variant_agrees(small_slide, tmp_path):
     out = str(tmp_path / "out")
     rc = main(["profile", small_slide, "--model", "cbam_resnet18", "--tile", "128", "--batch", "4",
