@@ -18,6 +18,7 @@ from .ops import cbam as _cbam_op
 from .ops import se as _se_op
 from .ops.gating import FLOAT_DTYPES, acc_dtype, dense, pick_backend
 from .reference import bam as _bam_ref
+from .reference.attention import broadcast_mask
 from .reference import cbam as _cbam_ref
 from .reference import se as _se_ref
 
@@ -195,14 +196,6 @@ def check_attention(op: str, q, k, v=None, attn_mask=None, *, dropout_p: float =
         if not ok:
             raise ValueError(f"attnkern.{op}: attn_mask of shape {tuple(attn_mask.shape)} does not "
                              f"broadcast to [B, H, N_q, N_k] = {list(full)}")
-
-
-def broadcast_mask(attn_mask: Tensor, q: Tensor, k: Tensor) -> Tensor:
-    """A validated mask as a [B, H, N_q, N_k] view (broadcast dimensions get stride 0)."""
-    m = attn_mask
-    while m.dim() < 4:
-        m = m.unsqueeze(0)
-    return m.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
 
 
 def scaled_dot_product_attention(

@@ -60,15 +60,6 @@ def pick_backend(q: Tensor, v: Tensor) -> str:
     return _backend.pick("scaled_dot_product_attention", q.device, supports, extension=False)
 
 
-def _expand(mask: Optional[Tensor], q: Tensor, k: Tensor) -> Optional[Tensor]:
-    if mask is None:
-        return None
-    m = mask
-    while m.dim() < 4:
-        m = m.unsqueeze(0)
-    return m.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
-
-
 def _sum_to(g: Tensor, shape) -> Tensor:
     """Sum a [B, H, N_q, N_k] gradient down to a mask's broadcastable ``shape``."""
     lead = g.dim() - len(shape)
@@ -87,7 +78,8 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], is_
     broadcastable shape, or None."""
     ta = _ta()
     with _device_of(q):
-        return ta.attention_fwd(q, k, v, _expand(mask, q, k), is_causal, scale)
+        m4 = None if mask is None else _ref.broadcast_mask(mask, q, k)
+        return ta.attention_fwd(q, k, v, m4, is_causal, scale)
 
 
 @flash_attention.register_fake
@@ -105,7 +97,8 @@ def flash_attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out:
     """``(dq, dk, dv, dmask)``; dmask is summed to ``mask``'s shape (empty unless ``need_dmask``)."""
     ta = _ta()
     with _device_of(q):
-        dq, dk, dv, dm = ta.attention_bwd(dout, q, k, v, out, lse, _expand(mask, q, k), is_causal, scale,
+        m4 = None if mask is None else _ref.broadcast_mask(mask, q, k)
+        dq, dk, dv, dm = ta.attention_bwd(dout, q, k, v, out, lse, m4, is_causal, scale,
                                           need_dmask)
     if need_dmask and mask is not None:
         dm = _sum_to(dm, mask.shape).to(mask.dtype)

@@ -23,7 +23,7 @@ from typing import Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-__all__ = ["scaled_dot_product_attention", "causal_mask", "additive_mask", "attention_probs"]
+__all__ = ["scaled_dot_product_attention", "causal_mask", "additive_mask", "broadcast_mask", "attention_probs"]
 
 
 def causal_mask(n_q: int, n_k: int, device=None) -> Tensor:
@@ -43,6 +43,15 @@ def additive_mask(attn_mask: Optional[Tensor], is_causal: bool, n_q: int, n_k: i
         return torch.zeros(attn_mask.shape, dtype=dtype, device=attn_mask.device).masked_fill(
             ~attn_mask, float("-inf"))
     return attn_mask.to(dtype)
+
+
+def broadcast_mask(attn_mask: Tensor, q: Tensor, k: Tensor) -> Tensor:
+    """A mask that broadcasts to [B, H, N_q, N_k] as a view of that shape (broadcast
+    dimensions get stride 0: nothing is copied)."""
+    m = attn_mask
+    while m.dim() < 4:
+        m = m.unsqueeze(0)
+    return m.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
 
 
 def _compute_dtype(dtype: torch.dtype, upcast: bool) -> torch.dtype:
