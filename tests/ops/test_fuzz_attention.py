@@ -101,9 +101,9 @@ def _check(backend, problem, monkeypatch):
         flash = flash_grads_from_rounded_output(q, k, v, ours[0], dout, m, causal, scale)
         same[1:4] = [worse(h, a, b) for h, a, b in zip(high[1:4], same[1:4], flash)]
     for i, (name, a, h, s) in enumerate(zip(["out", "dq", "dk", "dv", "dmask"], ours, high, same)):
-        # a gradient is a sum of products whose rounding scales with the tensor's largest entry
+        # the mask's gradient dS has entries that cancel to ~0: its floor scales with its largest entry
         assert_close(a, h, s, dtype=dtype, grad=i > 0, name=f"{name} {problem}",
-                     scale=float(h.abs().max()) if i > 0 and h.numel() else 0.0)
+                     scale=float(h.abs().max()) if name == "dmask" else 0.0)
 
 
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
