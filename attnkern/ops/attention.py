@@ -33,10 +33,6 @@ from ..reference import attention as _ref
 
 __all__ = ["pick_backend", "scaled_dot_product_attention", "flash_attention"]
 
-TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-TRITON_MAX_HEAD_DIM = 256
-
-
 def _ta():
     from ..triton import attention as ta
 
@@ -48,11 +44,12 @@ def pick_backend(q: Tensor, v: Tensor) -> str:
 
     def supports(backend: str) -> Optional[str]:
         if backend == "triton":
-            if q.dtype not in TRITON_DTYPES:
+            ta = _ta()
+            if q.dtype not in ta.SUPPORTED_DTYPES:
                 return f"the triton attention kernels do not take {q.dtype}"
             d = max(q.shape[-1], v.shape[-1])
-            if d > TRITON_MAX_HEAD_DIM:
-                return f"the triton attention kernels take head dims up to {TRITON_MAX_HEAD_DIM}, got {d}"
+            if d > ta.MAX_HEAD_DIM:
+                return f"the triton attention kernels take head dims up to {ta.MAX_HEAD_DIM}, got {d}"
         return None
 
     if _backend.forced() is None and _backend.exporting():
@@ -76,10 +73,8 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], is_
                     scale: float) -> Tuple[Tensor, Tensor]:
     """``(out, lse)`` of flash attention; ``mask`` additive (float32 or q's dtype) in its own
     broadcastable shape, or None."""
-    ta = _ta()
-    with _device_of(q):
-        m4 = None if mask is None else _ref.broadcast_mask(mask, q, k)
-        return ta.attention_fwd(q, k, v, m4, is_causal, scale)
+    m4 = None if mask is None else _ref.broadcast_mask(mask, q, k)
+    return _ta().attention_fwd(q, k, v, m4, is_causal, scale)
 
 
 @flash_attention.register_fake
@@ -95,11 +90,8 @@ def flash_attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out:
                              mask: Optional[Tensor], is_causal: bool, scale: float,
                              need_dmask: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(dq, dk, dv, dmask)``; dmask is summed to ``mask``'s shape (empty unless ``need_dmask``)."""
-    ta = _ta()
-    with _device_of(q):
-        m4 = None if mask is None else _ref.broadcast_mask(mask, q, k)
-        dq, dk, dv, dm = ta.attention_bwd(dout, q, k, v, out, lse, m4, is_causal, scale,
-                                          need_dmask)
+    m4 = None if mask is None else _ref.broadcast_mask(mask, q, k)
+    dq, dk, dv, dm = _ta().attention_bwd(dout, q, k, v, out, lse, m4, is_causal, scale, need_dmask)
     if need_dmask and mask is not None:
         dm = _sum_to(dm, mask.shape).to(mask.dtype)
     else:
@@ -131,22 +123,6 @@ def _backward(ctx, dout, _dlse):
 
 
 flash_attention.register_autograd(_backward, setup_context=_setup)
-
-
-class _device_of:
-    """The CUDA device guard of a tensor's device (a no-op for CPU tensors)."""
-
-    def __init__(self, t: Tensor):
-        self.ctx = torch.cuda.device(t.device) if t.device.type == "cuda" else None
-
-    def __enter__(self):
-        if self.ctx is not None:
-            self.ctx.__enter__()
-
-    def __exit__(self, *exc):
-        if self.ctx is not None:
-            return self.ctx.__exit__(*exc)
-        return False
 
 
 # ----------------------------------------------------------------------------------------

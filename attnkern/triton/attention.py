@@ -58,14 +58,15 @@ Algorithm (FlashAttention-2; Dao 2023):
 """
 from __future__ import annotations
 
-import contextlib
-import os
 from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from ._launch import device_guard as _device_guard
+from ._launch import interpret as _interpret
 
 __all__ = ["SUPPORTED_DTYPES", "MAX_HEAD_DIM", "attention_fwd", "attention_bwd"]
 
@@ -95,9 +96,6 @@ _REG_BUDGET = 160           # float32 accumulator/tile words per thread
 # ------------------------------------------------------------------------------------------
 # argument checks
 # ------------------------------------------------------------------------------------------
-
-def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def _err(fn: str, msg: str) -> str:
@@ -172,11 +170,6 @@ def _check_like(t: Tensor, name: str, shape, dtype: torch.dtype, device, fn: str
     if tuple(t.shape) != tuple(shape) or t.dtype != dtype or t.device != device:
         raise ValueError(_err(fn, f"{name} must be a {dtype} tensor of shape {list(shape)} on {device}; "
                                   f"got {t.dtype}, shape {tuple(t.shape)}, device {t.device}"))
-
-
-def _device_guard(x: Tensor):
-    """Launch on x's GPU whatever the current device is."""
-    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
 # ------------------------------------------------------------------------------------------

@@ -49,15 +49,16 @@ current device is. Without a GPU they run under ``TRITON_INTERPRET=1`` on CPU te
 """
 from __future__ import annotations
 
-import contextlib
 import math
-import os
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from ._launch import device_guard as _device_guard
+from ._launch import interpret as _interpret
 
 __all__ = ["SUPPORTED_DTYPES", "MAX_HEAD_DIM", "row_lse", "received", "supports"]
 
@@ -71,10 +72,6 @@ _LN2 = 0.6931471805599453
 
 # mask kinds (constexpr)
 _NO_MASK, _BOOL_MASK, _ADD_MASK = 0, 1, 2
-
-
-def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def _err(fn: str, msg: str) -> str:
@@ -96,11 +93,6 @@ def _ieee(q: Tensor) -> bool:
     (triton 3.x; products of bfloat16 numbers are exact in float32, so the scores are the same
     up to summation order). On a GPU half inputs go to the tensor cores with float32 sums."""
     return q.dtype == torch.float32 or (q.dtype == torch.bfloat16 and not q.is_cuda)
-
-
-def _device_guard(t: Tensor):
-    """Launch on t's GPU whatever the current device is."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def _check(fn: str, q: Tensor, k: Tensor, mask: Optional[Tensor], is_causal: bool) -> None:

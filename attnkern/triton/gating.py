@@ -44,14 +44,15 @@ Design (for bandwidth on H100/H200-class GPUs; checked on CPU under ``TRITON_INT
 """
 from __future__ import annotations
 
-import contextlib
-import os
 from typing import NamedTuple, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from ._launch import device_guard as _device_guard
+from ._launch import interpret as _interpret
 
 __all__ = [
     "SUPPORTED_DTYPES", "channel_stats", "spatial_stats", "gate_apply", "gate_bwd_a",
@@ -96,10 +97,6 @@ class _Layout(NamedTuple):
     sC: int
     sHW: int
     acc: torch.dtype
-
-
-def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def _err(fn: str, msg: str) -> str:
@@ -160,11 +157,6 @@ def _check_small(t: Optional[Tensor], name: str, n: int, x: Tensor, fn: str,
         raise ValueError(_err(fn, f"{name} must be a contiguous {dtype} tensor of {n} elements on "
                                   f"{x.device}; got {t.dtype}, shape {tuple(t.shape)}, "
                                   f"contiguous={t.is_contiguous()}, device {t.device}"))
-
-
-def _device_guard(x: Tensor):
-    """Launch on x's GPU whatever the current device is."""
-    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
 def _tl_acc(L: _Layout):
