@@ -1,6 +1,8 @@
-"""Small helpers the drop-in modules share: timm's channel rounding, activation and gate lookup."""
+"""Small helpers the drop-in modules share: timm's channel rounding, activation and gate lookup,
+and the checks a converter makes before it takes over another library's layers."""
 from __future__ import annotations
 
+import copy
 from typing import Callable, Optional, Type, Union
 
 import torch
@@ -77,3 +79,43 @@ def check_module_input(name: str, x, channels: int, param: torch.Tensor) -> None
         raise ValueError(
             f"attnkern.{name}: x is on {x.device} but the module's parameters are on {param.device}"
         )
+
+
+class NotConvertible(ValueError):
+    """Raised by a ``from_*`` converter for a module whose configuration the fused module cannot
+    reproduce exactly; :func:`attnkern.convert` then leaves that module as it is (with a
+    warning that gives this message)."""
+
+
+def reuse(layer: nn.Module) -> nn.Module:
+    """A converter's copy of one of the replaced module's small layers (activation, gate, norm):
+    the object itself, deep-copied, so every constructor argument (a LeakyReLU's slope, a norm's
+    eps, ...) and any parameter it holds is kept; never rebuilt from its type."""
+    return copy.deepcopy(layer)
+
+
+def require_pointwise(what: str, layer: nn.Module) -> None:
+    """A 1x1 convolution (or Linear) that acts as a plain matrix product on a pooled vector:
+    the fused modules apply it as ``F.linear(v, weight.flatten(1), bias)``."""
+    if isinstance(layer, nn.Linear) and type(layer).forward is nn.Linear.forward:
+        return
+    if isinstance(layer, nn.Conv2d) and type(layer).forward is nn.Conv2d.forward:
+        k, s, p, d = layer.kernel_size, layer.stride, layer.padding, layer.dilation
+        if k == (1, 1) and s == (1, 1) and p in ((0, 0), "valid") and d == (1, 1) and layer.groups == 1:
+            return
+        raise NotConvertible(
+            f"{what} is a Conv2d(kernel_size={k}, stride={s}, padding={p}, dilation={d}, "
+            f"groups={layer.groups}); only a plain 1x1 convolution (a matrix product) can be fused")
+    raise NotConvertible(f"{what} is a {type(layer).__name__}; only nn.Conv2d 1x1 or nn.Linear can be fused")
+
+
+def same_layer(a: nn.Module, b: nn.Module) -> bool:
+    """Whether two parameter-free layers compute the same function: same class and the same
+    attributes (a LeakyReLU's slope, ...)."""
+    if type(a) is not type(b) or any(True for _ in a.parameters()) or any(True for _ in b.parameters()):
+        return False
+
+    def state(m):
+        return {k: v for k, v in vars(m).items() if not k.startswith("_") and k not in ("training", "inplace")}
+
+    return state(a) == state(b)

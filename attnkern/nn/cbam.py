@@ -16,7 +16,8 @@ from torch import Tensor, nn
 
 from .. import functional as AF
 from ..reference.cbam import POOL_ORDERS
-from ._layers import LayerSpec, check_module_input, create_layer, make_divisible
+from ._layers import (LayerSpec, NotConvertible, check_module_input, create_layer, make_divisible,
+                      require_pointwise, reuse, same_layer)
 
 __all__ = ["CBAM", "cbam_state_dict_from_authors"]
 
@@ -132,22 +133,45 @@ class CBAM(nn.Module):
 
     @classmethod
     def from_timm(cls, m: nn.Module) -> "CBAM":
-        """A CBAM with the configuration, weights, device, dtype and mode of timm's ``m``."""
-        fc1, bn = m.channel.fc1, m.spatial.conv.bn
-        conv = m.spatial.conv.conv
-        w = fc1.weight
+        """A CBAM computing exactly what timm's ``CbamModule`` ``m`` computes: its activation,
+        gate, spatial conv and BatchNorm objects are taken over (deep copies, so every
+        constructor argument is kept), with its weights, device, dtype and mode.
+
+        Raises:
+            NotConvertible: a configuration the fused kernels cannot reproduce (an MLP layer
+                that is not a plain 1x1 conv, channel and spatial gates that differ, a spatial
+                conv that changes the map's size); ``attnkern.convert`` leaves such a module
+                unconverted.
+        """
+        ch, sp = m.channel, m.spatial
+        require_pointwise("CbamModule.channel.fc1", ch.fc1)
+        require_pointwise("CbamModule.channel.fc2", ch.fc2)
+        if not same_layer(ch.gate, sp.gate):
+            raise NotConvertible(
+                f"CbamModule's channel gate {ch.gate} and spatial gate {sp.gate} differ; "
+                "attnkern.CBAM applies one gate to both")
+        conv, bn = sp.conv.conv, sp.conv.bn
+        k = conv.kernel_size
+        same_size = (isinstance(conv, nn.Conv2d) and type(conv).forward is nn.Conv2d.forward
+                     and conv.in_channels == 2 and conv.out_channels == 1 and conv.stride == (1, 1)
+                     and (conv.padding == "same" or all(2 * p == d * (kk - 1) for p, d, kk in
+                                                       zip(conv.padding, conv.dilation, k))))
+        if not same_size or k[0] != k[1] or k[0] % 2 == 0:
+            raise NotConvertible(f"CbamModule's spatial conv {conv} is not an odd square 2->1 "
+                                 "convolution that keeps the map's size")
+        fc1 = ch.fc1
         new = cls(
             fc1.in_channels,
             rd_channels=fc1.out_channels,
-            spatial_kernel_size=conv.kernel_size[0],
-            act_layer=type(m.channel.act),
-            gate_layer=m.channel.gate,
+            spatial_kernel_size=k[0],
+            act_layer=reuse(ch.act),
+            gate_layer=reuse(ch.gate),
             mlp_bias=fc1.bias is not None,
-            bn_momentum=bn.momentum,
-            bn_eps=bn.eps,
-            device=w.device,
-            dtype=w.dtype,
+            device=fc1.weight.device,
+            dtype=fc1.weight.dtype,
         )
+        new.spatial.conv.conv = reuse(conv)
+        new.spatial.conv.bn = reuse(bn)
         new.load_state_dict(m.state_dict(), strict=True)
         new.train(m.training)
         return new

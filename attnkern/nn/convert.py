@@ -6,15 +6,18 @@ Each converter is registered against the fully qualified class name of the modul
 """
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Dict, List, Optional, Tuple
 
 from torch import nn
+
+from ._layers import NotConvertible
 
 from .attention import Attention
 from .cbam import CBAM
 from .se import SqueezeExcite, is_linear_se
 
-__all__ = ["convert", "register_converter", "register_structural_converter", "CONVERTERS"]
+__all__ = ["convert", "register_converter", "register_structural_converter", "CONVERTERS", "NotConvertible"]
 
 CONVERTERS: Dict[str, Callable[[nn.Module], nn.Module]] = {}
 STRUCTURAL: List[Tuple[Callable[[nn.Module], bool], Callable[[nn.Module], nn.Module]]] = []
@@ -51,6 +54,15 @@ def _converter(m: nn.Module) -> Optional[Callable[[nn.Module], nn.Module]]:
     return fn
 
 
+def _convert_one(m: nn.Module, fn: Callable[[nn.Module], nn.Module], where: str) -> nn.Module:
+    """``fn(m)``, or ``m`` itself (with a warning) when ``fn`` refuses its configuration."""
+    try:
+        return fn(m)
+    except NotConvertible as e:
+        warnings.warn(f"attnkern.convert: {where} ({_qualname(m)}) left unconverted: {e}", stacklevel=3)
+        return m
+
+
 def convert(model: nn.Module) -> nn.Module:
     """Replace, in place, every supported attention module of ``model`` by attnkern's fused
     equivalent (weights, device, dtype and train/eval mode kept) and return the model.
@@ -61,16 +73,24 @@ def convert(model: nn.Module) -> nn.Module:
     :class:`attnkern.SqueezeExcite`; timm ViT ``Attention`` (ViT, DeiT, ... blocks) ->
     :class:`attnkern.Attention`. If ``model`` itself is such a module, the converted module
     is returned (there is no parent to put it in).
+
+    The converted module computes what the original did: its small layers (activations, gates,
+    norms) are the original's objects, deep-copied, never rebuilt from their type. A module
+    whose configuration the fused kernels cannot reproduce (e.g. an MLP layer that is not a
+    plain 1x1 convolution) is left as it is, with a ``UserWarning`` that says why.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"attnkern.convert: model must be a torch.nn.Module, got {type(model).__name__}")
     fn = _converter(model)
     if fn is not None:
-        return fn(model)
+        return _convert_one(model, fn, "model")
     for name, child in list(model.named_children()):
         fn = _converter(child)
         if fn is not None:
-            setattr(model, name, fn(child))
+            setattr(model, name, _convert_one(child, fn, name))
         else:
             convert(child)
     return model

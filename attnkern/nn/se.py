@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import functional as AF
-from ._layers import LayerSpec, check_module_input, create_layer, make_divisible
+from ._layers import LayerSpec, NotConvertible, check_module_input, create_layer, make_divisible, require_pointwise, reuse
 
 __all__ = ["SqueezeExcite"]
 
@@ -116,33 +116,53 @@ class SqueezeExcite(nn.Module):
 
     @classmethod
     def from_timm(cls, m: nn.Module) -> "SqueezeExcite":
-        """From timm's ``SEModule`` (weights, device, dtype and mode kept)."""
-        norm = None if isinstance(m.bn, nn.Identity) else _norm_factory(m.bn)
+        """From timm's ``SEModule``: its activation, norm and gate objects taken over (deep
+        copies, every constructor argument kept), with its weights, device, dtype and mode.
+
+        Raises:
+            NotConvertible: ``fc1``/``fc2`` are not plain 1x1 convolutions (``attnkern.convert``
+                then leaves the module unconverted).
+        """
+        require_pointwise("SEModule.fc1", m.fc1)
+        require_pointwise("SEModule.fc2", m.fc2)
         new = cls(m.fc1.in_channels, rd_channels=m.fc1.out_channels, add_maxpool=m.add_maxpool,
-                  bias=m.fc1.bias is not None, act_layer=m.act, norm_layer=norm, gate_layer=m.gate)
+                  bias=m.fc1.bias is not None, act_layer=reuse(m.act), gate_layer=reuse(m.gate))
+        new.bn = reuse(m.bn)
         return new._finish(m)
 
     @classmethod
     def from_torchvision(cls, m: nn.Module) -> "SqueezeExcite":
-        """From torchvision's ``SqueezeExcitation`` (EfficientNet, MobileNetV3, RegNet)."""
+        """From torchvision's ``SqueezeExcitation`` (EfficientNet, MobileNetV3, RegNet): its
+        ``activation`` and ``scale_activation`` objects taken over (deep copies).
+
+        Raises:
+            NotConvertible: the pooling is not a global average or ``fc1``/``fc2`` are not
+                plain 1x1 convolutions.
+        """
+        pool = getattr(m, "avgpool", None)
+        if not (isinstance(pool, nn.AdaptiveAvgPool2d) and pool.output_size in (1, (1, 1))):
+            raise NotConvertible(f"SqueezeExcitation.avgpool is {pool}, not AdaptiveAvgPool2d(1)")
+        require_pointwise("SqueezeExcitation.fc1", m.fc1)
+        require_pointwise("SqueezeExcitation.fc2", m.fc2)
         new = cls(m.fc1.in_channels, rd_channels=m.fc1.out_channels, bias=m.fc1.bias is not None,
-                  act_layer=m.activation, gate_layer=m.scale_activation)
+                  act_layer=reuse(m.activation), gate_layer=reuse(m.scale_activation))
         return new._finish(m)
 
     @classmethod
     def from_linear_se(cls, m: nn.Module) -> "SqueezeExcite":
         """From the common Linear-based SE layer: ``avg_pool`` + ``fc = Sequential(Linear, act,
-        Linear, gate)``; keys ``fc.0.weight``, ``fc.2.weight`` kept."""
+        Linear, gate)``; keys ``fc.0.weight``, ``fc.2.weight`` kept, the activation and gate
+        objects taken over (deep copies).
+
+        Raises:
+            NotConvertible: the Linear layers are subclasses with their own forward.
+        """
         l1, act, l2, gate = m.fc
+        require_pointwise("fc.0", l1)
+        require_pointwise("fc.2", l2)
         new = cls(l1.in_features, rd_channels=l1.out_features, bias=l1.bias is not None,
-                  act_layer=act, gate_layer=gate, layout="linear")
+                  act_layer=reuse(act), gate_layer=reuse(gate), layout="linear")
         return new._finish(m)
-
-
-def _norm_factory(bn: nn.Module):
-    """A norm-layer factory that rebuilds ``bn``'s type with its eps/momentum/affine."""
-    kwargs = {k: getattr(bn, k) for k in ("eps", "momentum", "affine", "track_running_stats") if hasattr(bn, k)}
-    return lambda c, **dd: type(bn)(c, **kwargs, **dd)
 
 
 def is_linear_se(m: nn.Module) -> bool:
