@@ -8,12 +8,21 @@ inputs and float64 for float32 inputs (whole blocks, whose BatchNorm gradients c
 that a fixed relative floor would flag the reference's own rounding); a comparison given no
 same-dtype reference (float64, or float32 primitives computed in float32 by both sides) uses
 the floor alone.
+
+A parameter's gradient is a sum of terms over positions (a BatchNorm bias: of the gradient
+reaching each output). When the sum cancels, its value is much smaller than its terms, and the
+low-precision noise of the terms decides its error: one same-dtype run then says little (its
+sum may cancel its errors by luck on one CPU and not on another). For such gradients the budget
+also holds ``GRAD_FACTOR`` times the sum of the same-dtype reference's term errors
+(:class:`GradTerms`, :func:`term_error_bounds`), the bound the triangle inequality gives for any
+way of rounding those terms: valid whatever kernels a CPU's libraries pick.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Dict, List, Optional
 
 import torch
+from torch import nn
 
 FACTOR = 2.0
 GRAD_FACTOR = 3.0
@@ -37,6 +46,7 @@ def assert_close(
     grad: bool = False,
     name: str = "output",
     scale: float = 0.0,
+    terms: Optional[torch.Tensor] = None,
 ) -> None:
     """Check ``actual`` against the high-precision reference ``ref32`` under the rule above.
 
@@ -45,6 +55,8 @@ def assert_close(
     it is optional (then ``ref32`` should be a float64 reference). ``scale`` (e.g. the largest
     gradient of a module) adds ``RTOL * scale`` to the floor: gradients that are zero up to
     rounding (a bias followed by a training-mode BatchNorm) carry rounding noise of that size.
+    ``terms`` (same shape as ``actual``; from :func:`term_error_bounds`) adds ``GRAD_FACTOR``
+    times the same-dtype reference's summed term errors, for gradients that are sums which cancel.
     """
     dtype = dtype or actual.dtype
     if actual.shape != ref32.shape:
@@ -58,6 +70,8 @@ def assert_close(
     if ref_lowp is not None:
         ref_err = (ref_lowp.detach().double() - r).abs().max().item() if r.numel() else 0.0
         budget = budget + (GRAD_FACTOR if grad else FACTOR) * ref_err
+    if terms is not None:
+        budget = budget + GRAD_FACTOR * terms.detach().double()
     nan_a, nan_r = torch.isnan(a), torch.isnan(r)
     if not torch.equal(nan_a, nan_r):
         raise AssertionError(f"{name}: NaN pattern differs from the reference")
@@ -108,3 +122,80 @@ def flash_grads_from_rounded_output(q, k, v, out_lowp, dout, mask=None, is_causa
     dk = (ds.transpose(-1, -2) @ q.to(f)) * scale
     dv = p.transpose(-1, -2) @ do
     return dq.to(q.dtype), dk.to(q.dtype), dv.to(q.dtype)
+
+
+_TERM_LAYERS = (nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm)
+
+
+class GradTerms:
+    """Records, for every Conv2d, Linear and BatchNorm layer of ``module``, each call's input and
+    the gradient that reaches its output, so the terms its parameter gradients sum can be
+    compared between two runs (:func:`term_error_bounds`). Attach before the forward pass."""
+
+    def __init__(self, module: nn.Module):
+        self.calls: Dict[str, List[dict]] = {}
+        self.layers = {n: m for n, m in module.named_modules() if isinstance(m, _TERM_LAYERS)}
+        for name, m in self.layers.items():
+            m.register_forward_hook(self._record(name))
+
+    def _record(self, name):
+        def hook(m, inputs, out):
+            x = inputs[0].detach()
+            if isinstance(m, (nn.Conv2d, nn.Linear)) and torch.is_autocast_enabled(x.device.type):
+                x = x.to(torch.get_autocast_dtype(x.device.type))  # what the layer multiplies
+            rec = {"x": x.double(), "training": m.training}
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                dims = [d for d in range(x.dim()) if d != 1]
+                use_batch = m.training or m.running_mean is None
+                mean = x.double().mean(dims, keepdim=True) if use_batch else m.running_mean.double().view(1, -1, *[1] * (x.dim() - 2))
+                var = (x.double().var(dims, keepdim=True, unbiased=False) if use_batch
+                       else m.running_var.double().view(1, -1, *[1] * (x.dim() - 2)))
+                rec["xhat"] = (x.double() - mean) / torch.sqrt(var + m.eps)
+            self.calls.setdefault(name, []).append(rec)
+            if out.requires_grad:
+                out.register_hook(lambda g: rec.__setitem__("dy", g.detach().double()))
+        return hook
+
+
+def term_error_bounds(high: GradTerms, same: GradTerms) -> Dict[str, torch.Tensor]:
+    """For each parameter (``module.named_parameters()`` names) of the recorded layers:
+    ``sum over terms of |term_same - term_high|``, bounded through
+    ``|a'b' - ab| <= |a' - a| |b'| + |a| |b' - b|`` for the products a weight's terms are, summed
+    over every call of the layer. ``high`` and ``same`` are recorders of the high-precision and
+    the same-dtype reference runs of the same module (same layer names, same calls)."""
+    out: Dict[str, torch.Tensor] = {}
+
+    def add(name, value):
+        out[name] = out[name] + value if name in out else value
+
+    for name, m in high.layers.items():
+        for h, s in zip(high.calls.get(name, []), same.calls.get(name, [])):
+            if "dy" not in h or "dy" not in s:
+                continue
+            d_dy, dy_h = (s["dy"] - h["dy"]).abs(), h["dy"].abs()
+            pre = f"{name}." if name else ""
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                if not isinstance(getattr(m, "act", nn.Identity()), nn.Identity):
+                    continue  # a fused norm + activation (timm BatchNormAct2d): dy is past the act
+                dims = [d for d in range(d_dy.dim()) if d != 1]
+                if m.weight is not None:
+                    add(pre + "weight", (d_dy * s["xhat"].abs() + dy_h * (s["xhat"] - h["xhat"]).abs()).sum(dims))
+                if m.bias is not None:
+                    add(pre + "bias", d_dy.sum(dims))
+                continue
+            x_s, d_x = s["x"].abs(), (s["x"] - h["x"]).abs()
+            if isinstance(m, nn.Linear):
+                w = (d_dy.reshape(-1, d_dy.shape[-1]).T @ x_s.reshape(-1, x_s.shape[-1])
+                     + dy_h.reshape(-1, dy_h.shape[-1]).T @ d_x.reshape(-1, d_x.shape[-1]))
+                bias_dims = list(range(d_dy.dim() - 1))
+            else:
+                grad_w = torch.nn.grad.conv2d_weight
+                kw = dict(stride=m.stride, padding=m.padding, dilation=m.dilation, groups=m.groups)
+                if isinstance(m.padding, str) or m.padding_mode != "zeros":
+                    continue  # no closed form here: the plain rule applies
+                w = grad_w(x_s, m.weight.shape, d_dy, **kw) + grad_w(d_x, m.weight.shape, dy_h, **kw)
+                bias_dims = [0, 2, 3]
+            add(pre + "weight", w)
+            if m.bias is not None:
+                add(pre + "bias", d_dy.sum(bias_dims))
+    return out
