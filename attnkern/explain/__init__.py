@@ -3,5 +3,8 @@ rows, and the attention each token receives) and heatmaps of per-tile scores sti
 slide thumbnail."""
 from .attention import attention_received, attention_rows
 from .heatmap import overlay, stitch
+from .cam import cam
+from .sampling import attention_sample, sampled_expectation
 
-__all__ = ["attention_rows", "attention_received", "stitch", "overlay"]
+__all__ = ["attention_rows", "attention_received", "stitch", "overlay", "cam", "attention_sample",
+           "sampled_expectation"]
