@@ -4,7 +4,8 @@ slide thumbnail."""
 from .attention import attention_received, attention_rows
 from .heatmap import overlay, stitch
 from .cam import cam
+from .guided import guided_backprop, guided_gradcam
 from .sampling import attention_sample, sampled_expectation
 
-__all__ = ["attention_rows", "attention_received", "stitch", "overlay", "cam", "attention_sample",
+__all__ = ["attention_rows", "attention_received", "stitch", "overlay", "cam", "guided_backprop", "guided_gradcam", "attention_sample",
            "sampled_expectation"]
