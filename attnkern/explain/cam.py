@@ -18,7 +18,6 @@ pooling) are refused with a ``ValueError``.
 """
 from __future__ import annotations
 
-import time
 from typing import List, NamedTuple, Optional, Tuple, Union
 
 import torch
@@ -102,7 +101,7 @@ class CamRecorder:
     model's output. ``maps(logits, target)`` then computes the class activation maps.
 
     Use as a context manager (the hooks are removed on exit) around forward passes of
-    ``model``; ``seconds`` sums the time spent in :meth:`maps` (CUDA-synchronised on a GPU)."""
+    ``model`` (a ``torch.compile`` wrapper too: dynamo traces the hooks)."""
 
     def __init__(self, model: nn.Module):
         base = getattr(model, "_orig_mod", model)  # torch.compile's wrapper
@@ -114,8 +113,6 @@ class CamRecorder:
         self.fc_in: Optional[torch.Tensor] = None
         self.fc_out: Optional[torch.Tensor] = None
         self.checked = False
-        self.seconds = 0.0
-        self.calls = 0
         self._handles: List = []
 
     def _keep_features(self, module, args):
@@ -170,7 +167,6 @@ class CamRecorder:
     def maps(self, logits: torch.Tensor, target: Union[None, int, torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         """(maps [B, h, w], target [B]) of the last forward: ``target`` None is the predicted class
         (argmax of ``logits``), an int the same class for every image, a [B] tensor one each."""
-        t0 = time.perf_counter()
         if not self.checked:
             self._check(logits)
         a = self.features
@@ -190,11 +186,8 @@ class CamRecorder:
                             f"{type(target).__name__}" + (f" of shape {tuple(target.shape)}" if isinstance(target, torch.Tensor) else ""))
         acc = torch.float64 if a.dtype == torch.float64 else torch.float32
         w = self.fc.weight.detach().to(acc)[target]                      # [B, K]
-        maps = torch.einsum("bk,bkhw->bhw", w, a.detach().to(acc))       # accumulate in fp32 / fp64
-        if maps.is_cuda:
-            torch.cuda.synchronize(maps.device)
-        self.seconds += time.perf_counter() - t0
-        self.calls += 1
+        with torch.autocast(a.device.type, enabled=False):              # fp32 / fp64 even under autocast
+            maps = torch.einsum("bk,bkhw->bhw", w, a.detach().to(acc))
         return maps, target
 
 
