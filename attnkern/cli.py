@@ -2,7 +2,8 @@
 
     attnkern profile [SLIDE] [--model cbam_resnet50] [--tile 256] [--level 0] [--batch 16]
                      [--workers 1] [--compare naive,compile,fused,fused-compile]
-                     [--max-tiles 64] [--train] [--explain attention|gradcam] [--out DIR]
+                     [--max-tiles 64] [--train] [--explain attention|gradcam|cam|guided-gradcam]
+                     [--sample K] [--out DIR]
                      [--device cpu|cuda] [--amp auto|bf16|fp16|off] [--[no-]channels-last] [--trace]
 
 profiles a model over the tissue of a slide (the built-in sample slide without SLIDE) with and
