@@ -2,7 +2,8 @@
 
     attnkern profile [SLIDE] [--model cbam_resnet50] [--tile 256] [--level 0] [--batch 16]
                      [--workers 1] [--compare naive,compile,fused,fused-compile]
-                     [--max-tiles 64] [--train] [--explain attention|gradcam] [--out DIR]
+                     [--max-tiles 64] [--train] [--explain attention|gradcam|cam|guided-gradcam]
+                     [--sample K] [--out DIR]
                      [--device cpu|cuda] [--amp auto|bf16|fp16|off] [--[no-]channels-last] [--trace]
 
 profiles a model over the tissue of a slide (the built-in sample slide without SLIDE) with and
@@ -47,7 +48,8 @@ def _profile(args) -> int:
                      compare=[v.strip() for v in args.compare.split(",") if v.strip()], out=args.out,
                      max_tiles=args.max_tiles, device=args.device, progress=not args.no_progress,
                      train=args.train, explain=args.explain, amp=args.amp,
-                     channels_last=args.channels_last, trace=args.trace)
+                     channels_last=args.channels_last, trace=args.trace,
+                     sample=args.sample, sample_seed=args.sample_seed)
     try:
         report = profile(pa)
     except SlideError as e:
@@ -81,8 +83,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--train", action="store_true",
                    help="also time a training step (forward, backward, SGD) per batch")
-    p.add_argument("--explain", choices=["attention", "gradcam"], default="attention",
-                   help="heatmap: the last CBAM's spatial gates, or Grad-CAM (any CNN)")
+    p.add_argument("--explain", choices=["attention", "gradcam", "cam", "guided-gradcam"], default="attention",
+                   help="heatmap: the last CBAM's spatial gates (attention), Grad-CAM (any CNN), CAM of every "
+                        "profiled tile computed in the timed forward (GAP + linear heads), or Grad-CAM plus a "
+                        "gallery.png of guided Grad-CAM of the top-scoring tiles (ReLU CNNs)")
+    p.add_argument("--sample", type=int, default=0, metavar="K",
+                   help="also run attention sampling: K tiles drawn from the CAM of a coarse level, the slide-level "
+                        "prediction estimated from them, set beside the exhaustive run (default 0: off)")
+    p.add_argument("--sample-seed", type=int, default=0, help="seed of the --sample draw (default 0)")
     p.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto",
                    help="autocast of the timed passes (auto: bf16 on CUDA, off on CPU)")
     p.add_argument("--channels-last", dest="channels_last", action=argparse.BooleanOptionalAction, default=None,

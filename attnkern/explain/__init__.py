@@ -1,7 +1,12 @@
 """Where a model looks: attention maps of ViTs in O(N) memory (the attention of chosen query
-rows, and the attention each token receives) and heatmaps of per-tile scores stitched over a
-slide thumbnail."""
+rows, and the attention each token receives), heatmaps of per-tile scores stitched over a
+slide thumbnail, class activation maps from the forward pass (CAM), Guided Backpropagation
+and Guided Grad-CAM, and hard attention by attention sampling."""
 from .attention import attention_received, attention_rows
 from .heatmap import overlay, stitch
+from .cam import cam
+from .guided import guided_backprop, guided_gradcam
+from .sampling import attention_sample, sampled_expectation
 
-__all__ = ["attention_rows", "attention_received", "stitch", "overlay"]
+__all__ = ["attention_rows", "attention_received", "stitch", "overlay", "cam", "guided_backprop", "guided_gradcam",
+           "attention_sample", "sampled_expectation"]

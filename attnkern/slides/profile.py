@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from . import dist as D
+from .explain_tiles import EXPLAIN, CamPass, cam_info, markdown_lines, positive_class, write_gallery
 from .reader import SlideError, open_slide
 from .sample import sample_slide_path
 from .tiling import TileDataset, tile_grid
@@ -64,6 +65,8 @@ class ProfileArgs:
     amp: str = "auto"                     # auto (bf16 on CUDA, off on CPU), bf16, fp16, off
     channels_last: Optional[bool] = None  # None: on CUDA yes, on CPU no
     trace: bool = False                   # a torch.profiler trace of each variant's pass
+    sample: int = 0                       # --sample K: attention sampling of K tiles (0: off)
+    sample_seed: int = 0
 
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
@@ -223,8 +226,8 @@ def profile(args: ProfileArgs) -> Dict:
         raise SlideError(f"unknown model {args.model!r}; known: {', '.join(MODELS)}")
     if args.amp not in ("auto", *AMP_DTYPES):
         raise SlideError(f"unknown --amp {args.amp!r}; known: auto, {', '.join(AMP_DTYPES)}")
-    if args.explain not in ("attention", "gradcam"):
-        raise SlideError(f"unknown --explain {args.explain!r}; known: attention, gradcam")
+    if args.explain not in EXPLAIN:
+        raise SlideError(f"unknown --explain {args.explain!r}; known: {', '.join(EXPLAIN)}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SlideError("--device cuda asked for, but no CUDA device is available")
     rank, world, device, started = D.setup(args.device)
@@ -285,9 +288,15 @@ def _profile(args: ProfileArgs, rank: int, world: int, device: str) -> Dict:
     results, heat_maps = {}, None
     try:
         progress = args.progress and lead
+        cam_maps = None
         for v in args.compare:
-            fig, preds = run_variant(_variant(base, v), loader, device, progress, v, amp=amp, channels_last=cl,
+            model = _variant(base, v)
+            cam_pass = CamPass(model, positive_class(args.num_classes)) if args.explain == "cam" else None
+            fig, preds = run_variant(cam_pass or model, loader, device, progress, v, amp=amp, channels_last=cl,
                                      trace=trace_path(v))
+            if cam_pass is not None:  # CAM of every profiled tile, computed in the timed forward
+                maps_v = cam_pass.finish(mine, fig)
+                cam_maps = cam_maps or {i: m for part in D.gather(maps_v, world) for i, m in part.items()}
             fig = D.merge_figures(D.gather(fig, world))
             preds = {i: p for part in D.gather(preds, world) for i, p in part.items()}
             fig["megapixels_per_s"] = fig["tiles_per_s"] * mpix
@@ -308,7 +317,17 @@ def _profile(args: ProfileArgs, rank: int, world: int, device: str) -> Dict:
             fig["same_predictions_as_" + ref] = float(np.mean([int(np.argmax(p)) == ref_pred[i] for i, p in preds.items()]))
         # The heatmap covers all the tissue: one more pass of the fused model at the finest level
         # whose tissue tiles number at most HEATMAP_TILES (the timed passes took a sample).
-        hm = _heatmap_pass(base, slide, path, mask, args, device, rank, world)
+        if args.sample and lead:  # hard attention: K tiles drawn from a coarse attention map
+            from .sampled import sampled_eager_variant, sampled_run
+
+            sv, smodel = sampled_eager_variant(base, results)
+            report["sampled"] = sampled_run(smodel, slide, path, mask, coords, args.level, args.tile, args.sample,
+                                            results[sv][0], results[sv][1], total_tiles, args.batch, device,
+                                            args.num_classes, args.sample_seed, amp, cl, sv)
+        if cam_maps is not None:
+            report["cam"] = cam_info(base, positive_class(args.num_classes))
+        hm = ((f"cam_class_{report['cam']['target_class']}", cam_maps), coords, tile0) if cam_maps is not None \
+            else _heatmap_pass(base, slide, path, mask, args, device, rank, world)
         if hm is not None:
             heat_maps, hm_coords, hm_tile0 = hm
         else:
@@ -322,6 +341,9 @@ def _profile(args: ProfileArgs, rank: int, world: int, device: str) -> Dict:
             heat = stitch([maps[i] for i in order], [hm_coords[i] for i in order], hm_tile0, slide.dimensions,
                           mask.shape)
             Image.fromarray(overlay(thumb, heat, mask)).save(os.path.join(args.out, "heatmap.png"))
+            if args.explain == "guided-gradcam":  # pixel-level maps of the top-scoring tiles
+                report["gallery"] = write_gallery(base, path, coords, args.level, args.tile, results[ref][1],
+                                                  args.out, device, args.num_classes)
         report["heatmap"] = dict(kind=kind, file="heatmap.png", shape=list(mask.shape))
         report["partial"] = False
     finally:
@@ -385,7 +407,7 @@ def _heatmap_pass(base, slide, path, mask, args, device, rank=0, world=1):
     loader = torch.utils.data.DataLoader(TileDataset(path, [coords[i] for i in mine], level, args.tile, indices=mine),
                                          batch_size=args.batch, num_workers=args.workers)
     maps = {}
-    if args.explain == "gradcam":
+    if args.explain in ("gradcam", "guided-gradcam"):
         from pytorch_grad_cam import GradCAM
 
         with GradCAM(model=model, target_layers=[_gradcam_target(model)]) as cam:
@@ -435,4 +457,5 @@ def markdown(report: Dict) -> str:
         lines.append(f"| {v} | {f['tiles_per_s']:.2f} | {f.get('megapixels_per_s', 0):.2f} | {f['read_seconds']:.2f} | "
                      f"{f['compute_seconds']:.2f} | {f['bound']} | {f['peak_rss_mb']:.0f} | "
                      f"{'' if same is None else f'{same:.0%}'} |")
+    lines += markdown_lines(report)
     return "\n".join(lines)
