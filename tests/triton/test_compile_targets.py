@@ -1,0 +1,79 @@
+"""Every Triton kernel compiles ahead of time for sm_80 (A100) and sm_90 (H100/H200) with no GPU
+present, in every configuration its launcher can choose, within the architecture's shared
+memory and without register spills (benchmarks/compile_targets.py does the work).
+
+The launches are captured from the public ops under the interpreter (kernels, argument dtypes,
+constexprs, autotune configurations after pruning, fixed tiles), then compiled with ptxas in a
+process without TRITON_INTERPRET. Compiling all of them takes hours on two cores, so a run
+compiles one randomly chosen configuration of every kernel for both targets; the seed is
+printed. Environment:
+
+- ``ATTNKERN_COMPILE_SEED=S``: that sample again;
+- ``ATTNKERN_COMPILE_SAMPLE=N``: N records (at least one per kernel);
+- ``ATTNKERN_COMPILE_FULL=1``: every record (the table of benchmarks/RESULTS.md);
+- ``ATTNKERN_COMPILE_JOBS=J``: compile processes (default: the CPUs available, at most 4).
+"""
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+
+import pytest
+
+pytest.importorskip("triton")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TOOL = os.path.join(ROOT, "benchmarks", "compile_targets.py")
+
+
+def _tool():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("compile_targets", TOOL)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_limits_of_each_architecture():
+    ct = _tool()
+    fits = {"shared": 163 * 1024, "regs": 255, "spill_stores": 0, "spill_loads": 0}
+    assert ct.problems(fits, 80) == []
+    assert ct.problems(dict(fits, shared=163 * 1024 + 1), 80)        # sm_80: 163 KiB a block
+    assert ct.problems(dict(fits, shared=227 * 1024), 90) == []      # sm_90: 227 KiB
+    assert ct.problems(dict(fits, shared=227 * 1024 + 1), 90)
+    assert ct.problems(dict(fits, spill_loads=4), 90)
+    assert ct.problems(dict(fits, regs=None), 90)                    # no ptxas figures: no pass
+
+
+def test_every_kernel_compiles_for_sm80_and_sm90(tmp_path):
+    full = os.environ.get("ATTNKERN_COMPILE_FULL", "") not in ("", "0")
+    seed = int(os.environ.get("ATTNKERN_COMPILE_SEED") or random.SystemRandom().randrange(2 ** 31))
+    jobs = int(os.environ.get("ATTNKERN_COMPILE_JOBS") or min(4, len(os.sched_getaffinity(0))))
+    report = tmp_path / "report.json"
+    cmd = [sys.executable, TOOL, "run", "--jobs", str(jobs), "--report", str(report),
+           "--markdown", str(tmp_path / "table.md")]
+    cmd += ["--full"] if full else ["--seed", str(seed), "--sample", os.environ.get("ATTNKERN_COMPILE_SAMPLE", "0")]
+    env = dict(os.environ)
+    env.pop("ATTNKERN_BACKEND", None)
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    t0 = time.time()
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    print(r.stdout[-20000:], r.stderr[-5000:])
+    print(f"compile targets: {'full sweep' if full else f'seed {seed}'}, {time.time() - t0:.0f} s")
+    assert report.exists(), r.stderr[-5000:]
+    data = json.loads(report.read_text())
+    assert not data["uncovered"], f"kernels no public op launched in the capture: {data['uncovered']}"
+    failed = [f"sm_{f['arch']} {f['kernel']} [{f['case']}] {f.get('constexprs')}: "
+              f"{f.get('error') or '; '.join(f['problems'])}" for f in data["failed"]]
+    assert not failed, f"seed {seed}:\n" + "\n".join(failed)
+    kernels = {(x["module"], x["kernel"]) for x in data["results"]}
+    assert len(kernels) >= 10
+    for mod, kern in kernels:
+        archs = {x["arch"] for x in data["results"] if (x["module"], x["kernel"]) == (mod, kern)}
+        assert archs == {80, 90}, (kern, archs)
+    for x in data["results"]:
+        assert x["regs"] and x["regs"] <= 255 and x["shared"] >= 0
+    assert r.returncode == 0, r.stdout[-5000:] + r.stderr[-5000:]
