@@ -122,9 +122,9 @@ def _run(tk, q, k, v, add, is_causal, scale, do, need_dmask=False):
     B, H, Nq, _ = q.shape
     Nk = k.shape[2]
     full = add.expand(B, H, Nq, Nk) if add is not None else None
-    o, lse = tk.attention_fwd(q, k, v, full, is_causal, scale)
-    dq, dk, dv, dmask = tk.attention_bwd(do, q, k, v, o, lse, full, is_causal, scale, need_dmask)
-    return dict(o=o, lse=lse, dq=dq, dk=dk, dv=dv, dmask=dmask)
+    o, stats = tk.attention_fwd(q, k, v, full, is_causal, scale)
+    dq, dk, dv, dmask = tk.attention_bwd(do, q, k, v, o, stats, full, is_causal, scale, need_dmask)
+    return dict(o=o, lse=tk.lse_of(stats), dq=dq, dk=dk, dv=dv, dmask=dmask)
 
 
 def _sum_to(t, shape):
@@ -277,9 +277,9 @@ def test_fully_masked_rows_give_zeros(tk, device, dtype):
 
 def test_no_keys(tk, device):
     q, k, v = _qkv(1, 2, 5, 0, 16, 8, F32, device)
-    o, lse = tk.attention_fwd(q, k, v, None, False, 0.25)
-    assert o.shape == (1, 2, 5, 8) and (o == 0).all() and torch.isneginf(lse).all()
-    dq, dk, dv, _ = tk.attention_bwd(torch.ones_like(o), q, k, v, o, lse, None, False, 0.25, False)
+    o, stats = tk.attention_fwd(q, k, v, None, False, 0.25)
+    assert o.shape == (1, 2, 5, 8) and (o == 0).all() and torch.isneginf(tk.lse_of(stats)).all()
+    dq, dk, dv, _ = tk.attention_bwd(torch.ones_like(o), q, k, v, o, stats, None, False, 0.25, False)
     assert (dq == 0).all() and dk.shape == k.shape and dv.shape == v.shape
 
 
@@ -422,9 +422,9 @@ def test_argument_errors_name_the_argument(tk, device):
         tk.attention_fwd(q.double(), k.double(), v.double(), None, False, 1.0)
     with pytest.raises(TypeError, match="v must have q's dtype"):
         tk.attention_fwd(q, k, v.half(), None, False, 1.0)
-    with pytest.raises(ValueError, match=r"k must be \[B, H, Nk, D\]"):
+    with pytest.raises(ValueError, match=r"k must be \[B, Hkv, Nk, D\]"):
         tk.attention_fwd(q, k[..., :8], v, None, False, 1.0)
-    with pytest.raises(ValueError, match=r"v must be \[B, H, Nk, Dv\]"):
+    with pytest.raises(ValueError, match=r"v must be \[B, Hkv, Nk, Dv\]"):
         tk.attention_fwd(q, k, v[:, :, :4], None, False, 1.0)
     with pytest.raises(ValueError, match="head dim of q and k must be in 1..256"):
         big = torch.zeros(1, 1, 4, 257, device=device)
@@ -435,11 +435,11 @@ def test_argument_errors_name_the_argument(tk, device):
         tk.attention_fwd(q, k, v, full[:, :1], False, 1.0)
     with pytest.raises(ValueError, match="either mask or is_causal"):
         tk.attention_fwd(q, k, v, full, True, 1.0)
-    o, lse = tk.attention_fwd(q, k, v, None, False, 1.0)
+    o, stats = tk.attention_fwd(q, k, v, None, False, 1.0)
     with pytest.raises(ValueError, match="do must be a torch.float32 tensor of shape"):
-        tk.attention_bwd(o[:, :1], q, k, v, o, lse, None, False, 1.0, False)
-    with pytest.raises(ValueError, match="lse must be a torch.float32 tensor"):
-        tk.attention_bwd(o, q, k, v, o, lse.half(), None, False, 1.0, False)
+        tk.attention_bwd(o[:, :1], q, k, v, o, stats, None, False, 1.0, False)
+    with pytest.raises(ValueError, match="stats must be a torch.float32 tensor"):
+        tk.attention_bwd(o, q, k, v, o, stats.half(), None, False, 1.0, False)
     if device.type == "cpu":
         with pytest.raises(ValueError, match="k must be on q's device"):
             tk.attention_fwd(q, k.to("meta"), v, None, False, 1.0)
