@@ -32,8 +32,8 @@ def register_structural_converter(match: Callable[[nn.Module], bool], fn: Callab
 
 
 register_converter("timm.layers.cbam.CbamModule", CBAM.from_timm)
-register_converter("timm.layers.attention.Attention", Attention.from_timm)
-register_converter("timm.models.vision_transformer.Attention", Attention.from_timm)  # older timm
+register_converter("timm.layers.attention.Attention", Attention.convert_timm)
+register_converter("timm.models.vision_transformer.Attention", Attention.convert_timm)  # older timm
 register_converter("timm.layers.squeeze_excite.SEModule", SqueezeExcite.from_timm)
 register_converter("torchvision.ops.misc.SqueezeExcitation", SqueezeExcite.from_torchvision)
 register_structural_converter(is_linear_se, SqueezeExcite.from_linear_se)

@@ -335,6 +335,13 @@ def _dot(a, b, PREC: tl.constexpr):
 
 
 @triton.jit
+def _floor(d):
+    """A score difference (<= 0) raised to -1e38, so that scaling it by log2(e) stays finite
+    (exp2 of either is 0); NaN stays NaN."""
+    return tl.where(d < -1e38, -1e38, d)
+
+
+@triton.jit
 def _fwd_steps(acc, l_i, m_i, q, k_base, v_base, msk_base, offs_m, offs_d, offs_dv, lo, hi,
                Nq, Nk, causal_off, skn, skd, svn, svd, smm, smn, scale,
                D: tl.constexpr, DV: tl.constexpr, HAS_MASK: tl.constexpr, IS_CAUSAL: tl.constexpr,
@@ -362,8 +369,8 @@ def _fwd_steps(acc, l_i, m_i, q, k_base, v_base, msk_base, offs_m, offs_d, offs_
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row with every key masked so far keeps m = -inf; subtract 0 there instead (no NaN).
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2((s - m_use[:, None]) * _LOG2E)
-        alpha = tl.math.exp2((m_i - m_use) * _LOG2E)
+        p = tl.math.exp2(_floor(s - m_use[:, None]) * _LOG2E)
+        alpha = tl.math.exp2(_floor(m_i - m_use) * _LOG2E)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_base + offs_n64[:, None] * svn + offs_dv[None, :] * svd,
                     mask=in_k[:, None] & (offs_dv < DV)[None, :], other=0.0)
@@ -486,12 +493,14 @@ def _dkv_steps(dk, dv, k, v, q_base, do_base, msk_base, stats_base, delta_base, 
         delta = tl.load(delta_base + offs_m, mask=in_m, other=0.0)
         st = _dot(k, tl.trans(q), PREC) * scale
         if HAS_MASK:
+            # -inf past Nk and Nq: a padded key must not meet the row max of a filled row
+            # (S - m would overflow; those rows are never stored either way)
             mm = tl.load(msk_base + offs_m64[None, :] * smm + offs_n.to(tl.int64)[:, None] * smn,
-                         mask=in_m[None, :] & (offs_n < Nk)[:, None], other=0.0)
+                         mask=in_m[None, :] & (offs_n < Nk)[:, None], other=float("-inf"))
             st += mm.to(tl.float32)
         if CAUSAL_EDGE:
             st = tl.where(offs_n[:, None] <= offs_m[None, :] + causal_off, st, float("-inf"))
-        pt = tl.math.exp2((st - m_row[None, :]) * _LOG2E - log2_l[None, :])
+        pt = tl.math.exp2(_floor(st - m_row[None, :]) * _LOG2E - log2_l[None, :])
         dv += _dot(pt.to(do.dtype), do, PREC)
         dpt = _dot(v, tl.trans(do), PREC)
         dst = pt * (dpt - delta[None, :])
@@ -584,7 +593,7 @@ def _dq_steps(dq, q, do, m_row, log2_l, delta, k_base, v_base, msk_base, dm_base
             if IS_CAUSAL:
                 keep = keep & (offs_n[None, :] <= offs_m[:, None] + causal_off)
             s = tl.where(keep, s, float("-inf"))
-        p = tl.math.exp2((s - m_row[:, None]) * _LOG2E - log2_l[:, None])
+        p = tl.math.exp2(_floor(s - m_row[:, None]) * _LOG2E - log2_l[:, None])
         dp = _dot(do, tl.trans(v), PREC)
         ds = p * (dp - delta[:, None])
         if NEED_DMASK:
