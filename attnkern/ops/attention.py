@@ -131,7 +131,10 @@ def _to4(t: Tensor, lead: Tuple[int, ...]) -> Tensor:
 
 
 def _mask_to4(m: Tensor, full: Tuple[int, ...]) -> Tensor:
-    """A mask broadcastable to ``full`` (rank R >= 2), as one broadcastable to the 4-D view."""
+    """A mask broadcastable to ``full`` (rank R >= 2), as one broadcastable to the 4-D view
+    (a 1-D key mask [S] as [1, S]: ATen's kernels take masks of rank >= 2)."""
+    if m.dim() < 2:
+        m = m.reshape(1, -1)
     if m.dim() <= 3 or len(full) <= 4:
         return m
     m = m.reshape((1,) * (len(full) - m.dim()) + tuple(m.shape))

@@ -1,47 +1,58 @@
-"""Triton flash attention: forward (output and log-sum-exp) and backward, without atomics.
+"""Triton flash attention: forward (output and softmax statistics) and backward, without atomics.
 
 Same math as :mod:`attnkern.reference.attention` (the ground truth), for one [B, H] grid of
 heads at a time::
 
-    S   = scale * q @ k^T + mask          (mask additive, or causal: key j kept iff j <= i)
-    P   = softmax(S) over keys            (rows with every key masked give P = 0 and O = 0)
+    S   = scale * q @ k^T + mask          (mask additive, or causal: key j kept iff j <= i + off)
+    P   = softmax(S) over keys            (rows with every key masked by -inf give P = 0, O = 0)
     O   = P @ v
-    lse = log(sum_j exp(S_ij))            (natural log; -inf for rows with every key masked)
+    m   = max_j S_ij,  l = sum_j exp(S_ij - m)   (lse = m + log l)
 
 =====================  =====================================================================
-``attention_fwd``      O [B, H, Nq, Dv] in q's dtype and lse [B, H, Nq] float32
+``attention_fwd``      O [B, H, Nq, Dv] in q's dtype and the statistics [B, H, Nq, 2] float32
+                       (m and log l; :func:`lse_of` gives lse)
 ``attention_bwd``      dq, dk, dv and, if asked for, dS = P * (dP - delta), the gradient of an
                        additive mask, as a float32 [B, H, Nq, Nk] tensor
 =====================  =====================================================================
 
 Algorithm (FlashAttention-2; Dao 2023):
 
-- **Forward.** One program per (batch * head, block of BLOCK_M query rows) loops over key
+- **Forward.** One program per (batch * query head, block of BLOCK_M query rows) loops over key
   blocks of BLOCK_N keys with an online softmax: a running row maximum ``m``, a running sum
   ``l`` and an unnormalised accumulator ``acc`` [BLOCK_M, Dv], all float32, rescaled by
-  ``exp2(m_old - m_new)`` whenever the maximum grows. Scores live in base-2 units
-  (``log2(e)`` folded into the scale and into the mask) so the exponentials are ``exp2``.
-  At the end O = acc / l and lse = (m + log2 l) * ln 2. The only thing saved for backward
-  besides O is lse: float32, one value per query row.
+  ``exp(m_old - m_new)`` whenever the maximum grows. Exponentials are ``exp2`` of the score
+  differences ``(S - m) * log2(e)``: the scores themselves stay in natural units. At the end
+  O = acc / l, and m and log l are saved for backward (two float32 per query row).
 - **Backward.** A pre-pass computes ``delta_i = sum_d O_id * dO_id`` (float32). Then two kernels
-  recompute P = exp2(S * log2(e) - lse * log2(e)) block by block from the saved lse:
-  one program per key block loops over query blocks and accumulates dV += P^T dO and
-  dK += dS^T q in registers; one program per query block loops over key blocks and
-  accumulates dQ += dS k (and writes dS itself when the mask's gradient is wanted), with
-  dP = dO v^T and dS = P * (dP - delta). Each gradient element is owned by exactly one
-  program and summed in a fixed order: no atomics, bitwise reproducible run to run.
+  recompute P = exp2((S - m) * log2(e) - log2 l) block by block: one program per (batch, kv
+  head, key block) loops over the query heads of its group and their query blocks and
+  accumulates dV += P^T dO and dK += dS^T q in registers; one program per query block loops
+  over key blocks and accumulates dQ += dS k (and writes dS itself when the mask's gradient is
+  wanted), with dP = dO v^T and dS = P * (dP - delta). Each gradient element is owned by
+  exactly one program and summed in a fixed order: no atomics, bitwise reproducible run to run.
+- **Huge finite masks.** Codes that pad with ``finfo.min`` or ``-1e9`` instead of -inf get the
+  softmax of those finite scores: a row whose every key carries the fill is uniform over its
+  keys (the fill absorbs q.k in float32). Hence the natural units (``finfo.min * log2(e)``
+  would overflow to -inf), differences floored at -1e38 before the log2(e) scaling, and m and
+  log l kept apart (m + log l rounds to m for such a row, and P recomputed from that lse would
+  be 1 for every key).
+- **Grouped-query attention.** k and v may have fewer heads than q (H a multiple of Hkv):
+  query head h reads kv head h // (H // Hkv); nothing is repeated in memory, and dk, dv of a kv
+  head are the sums over its group, formed in registers by the one program that owns them.
 - **Precision.** Every score, exponential, sum and accumulator is float32 whatever the input
   dtype; for float16/bfloat16 the probabilities (and dS) are rounded to the input dtype just
   before the P @ V-style tensor-core products, as FlashAttention does. float32 inputs use
   ``tl.dot(..., input_precision="ieee")`` (no TF32), so they match a float64 reference as well
   as float32 PyTorch does.
-- **Masks.** ``is_causal`` (top-left aligned, as torch; Nq may differ from Nk): key blocks
-  entirely above the diagonal are never visited (forward and dQ stop at the diagonal, dK/dV
-  starts at it), and only blocks that straddle it apply an element mask. An additive float mask
-  is read through its four strides (an ``expand``-ed [B, 1, 1, Nk] key-padding mask costs no
-  memory); it may hold -inf. Rows with every key masked have m = -inf: the kernels substitute a
-  finite maximum so no ``-inf - -inf`` NaN appears, write O = 0 and lse = -inf, and the
-  backward kernels treat lse = -inf as P = 0, so those rows contribute no gradient anywhere.
+- **Masks.** Causal masking keeps key j for query i iff j <= i + off: off = 0 is ``is_causal``
+  (top-left aligned, as torch); off = Nk - Nq is the lower-right diagonal (aligned to the last
+  key, as FlashAttention >= 2.1 and ``causal_lower_right``). Key blocks entirely beyond the
+  diagonal are never visited (forward and dQ stop at it, dK/dV start at it), and only blocks
+  that straddle it apply an element mask. An additive float mask is read through its four
+  strides (an ``expand``-ed [B, 1, 1, Nk] key-padding mask costs no memory); it may hold -inf.
+  Rows with every key masked by -inf have m = -inf: the kernels substitute a finite maximum so
+  no ``-inf - -inf`` NaN appears, write O = 0 and m = log l = -inf, and the backward kernels
+  treat those rows as P = 0, so they contribute no gradient anywhere.
 - **Shapes.** Head dims 1..256, Dv independent of D: each is padded to a power of two (at least
   16, the smallest ``tl.dot`` tile) and the loads masked. Any Nq, Nk (ragged edges masked).
   q, k, v, dO and the mask are read through their strides (views cut from a packed qkv

@@ -345,17 +345,24 @@ def _definition64(q, k, v, mask, scale=None, score_dtype=torch.float64):
 def test_finite_fill_issue_case(backend, fill):
     """q [1, 2, 5, 16], k and v [1, 2, 12, 16] (float32); finfo(float32).min (or -1e9) on
     keys 9..11 of every row and on every key of row 4: row 4 is the plain mean of v (the
-    fill absorbs q.k in float32), the others the softmax over keys 0..8; gradients as the
-    float64 reference's autograd."""
+    fill absorbs q.k in the float32 scores), the others the softmax over keys 0..8. Output and
+    gradients against the float64 autograd of the definition with the scores formed in float32
+    (for finfo.min the float64 scores give the same; for -1e9 float64 would keep q.k)."""
     q, k, v = _qkv(1, 2, 5, 12, 16, torch.float32, seed=21)
     value = torch.finfo(torch.float32).min if fill == "finfo_min" else -1e9
     mask = _filled_mask(value, 5, 12, torch.float32)
-    out = attnkern.scaled_dot_product_attention(query=q, key=k, value=v, attn_mask=mask)
-    assert torch.isfinite(out).all()
+    dout = torch.randn(1, 2, 5, 16, generator=torch.Generator().manual_seed(24))
+    out, grads = _run(attnkern.scaled_dot_product_attention, q, k, v, mask, False, dout)
+    want, want_grads = _run(lambda q, k, v, attn_mask, is_causal: _definition64(q, k, v, attn_mask,
+                                                                               score_dtype=torch.float32),
+                            q.double(), k.double(), v.double(), mask.double(), False, dout.double())
+    assert torch.isfinite(out).all() and all(torch.isfinite(g).all() for g in grads)
     assert_close(out[:, :, 4], v.double().mean(dim=2), dtype=torch.float32, name="row 4 = mean of v")
-    assert_close(out, _definition64(q, k, v, mask, score_dtype=torch.float32), dtype=torch.float32,
-                 name="out against the float64 softmax of the float32 scores")
-    _check(q, k, v, mask, False, torch.float32)
+    assert_close(out, want, dtype=torch.float32, name="out")
+    for name, a, b in zip(["dq", "dk", "dv", "dmask"], grads, want_grads):
+        assert_close(a, b, dtype=torch.float32, grad=True, name=name)
+    if fill == "finfo_min":  # here the float64 scores are the float32 ones: the plain rule too
+        _check(q, k, v, mask, False, torch.float32)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
