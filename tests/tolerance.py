@@ -119,12 +119,15 @@ TORCH_SDPA_ATOL = {torch.float16: 1e-3, torch.bfloat16: 1e-3, torch.float32: 1e-
 TORCH_SDPA_RTOL = {torch.float16: 1e-3, torch.bfloat16: 1.6e-2, torch.float32: 1.3e-6}
 
 
-def torch_sdpa_tolerances(ref_hi: torch.Tensor, ref_lowp: torch.Tensor, fudge: float = 1.0):
+def torch_sdpa_tolerances(ref_hi: torch.Tensor, ref_lowp: torch.Tensor, fudge: float = 1.0,
+                          dtype: Optional[torch.dtype] = None):
     """``(atol, rtol)`` of PyTorch's fused-vs-math rule: the same-dtype MATH result's largest
-    absolute and relative deviation from the float64 MATH result, each at least the dtype's
-    floor, times a fudge factor (per output: out, dq, dk, dv, dmask). A relative deviation that
-    is NaN (0 / 0) counts as the floor; one above 1e30 (x / 0) falls back to the floor."""
-    dtype = ref_lowp.dtype
+    absolute and relative deviation from the float64 MATH result, each at least the floor of
+    the dtype the attention ran in (``dtype``, default ``ref_lowp``'s: a float32 mask's
+    gradient of a bfloat16 attention has bfloat16's floor), times a fudge factor (per output:
+    out, dq, dk, dv, dmask). A relative deviation that is NaN (0 / 0) counts as the floor; one
+    above 1e30 (x / 0) falls back to the floor."""
+    dtype = dtype or ref_lowp.dtype
     hi = ref_hi.detach().double()
     dev = (hi - ref_lowp.detach().double()).abs()
     atol = dev.max().item() if dev.numel() else 0.0
@@ -138,10 +141,11 @@ def torch_sdpa_tolerances(ref_hi: torch.Tensor, ref_lowp: torch.Tensor, fudge: f
 
 
 def assert_close_torch_sdpa(actual: torch.Tensor, ref_hi: torch.Tensor, ref_lowp: torch.Tensor,
-                            fudge: float = 1.0, name: str = "output") -> None:
+                            fudge: float = 1.0, name: str = "output",
+                            dtype: Optional[torch.dtype] = None) -> None:
     """``actual`` against the float64 reference cast to its dtype, with
     :func:`torch_sdpa_tolerances` (as PyTorch's tests call ``assertEqual``)."""
-    atol, rtol = torch_sdpa_tolerances(ref_hi, ref_lowp, fudge)
+    atol, rtol = torch_sdpa_tolerances(ref_hi, ref_lowp, fudge, dtype)
     torch.testing.assert_close(actual, ref_hi.detach().to(actual.dtype), atol=atol, rtol=rtol,
                                equal_nan=True, msg=lambda m: f"{name} (PyTorch rule, fudge {fudge}): {m}")
 

@@ -41,7 +41,7 @@ def _mask(kind, L, S, dtype):
     return m, False, m
 
 
-@pytest.mark.parametrize("case", sample("flash_attn.attention_probabilities", GRID, 8), ids=case_id)
+@pytest.mark.parametrize("case", sample("flash_attn.attention_probabilities", GRID, 6), ids=case_id)
 def test_attention_maps_flash_rule(backend, case):
     (L, S), d, dtype = case["seqlens"], case["d"], case["dtype"]
     q, k = randn((2, 3, L, d), dtype, 1, scale=1.5), randn((2, 3, S, d), dtype, 2, scale=1.5)

@@ -25,7 +25,7 @@ GRID = product(d=HEAD_DIMS, seqlens=SEQLENS, causal=[False, True], dtype=[F16, B
 NHEADS, NHEADS_K = 6, {"mha": 6, "mqa": 1, "gqa": 2}
 
 
-@pytest.mark.parametrize("case", sample("flash_attn.output", GRID, 10), ids=case_id)
+@pytest.mark.parametrize("case", sample("flash_attn.output", GRID, 8), ids=case_id)
 def test_flash_attn_output(backend, case):
     from torch.nn.attention.bias import causal_lower_right
 

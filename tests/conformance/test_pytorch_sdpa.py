@@ -40,7 +40,7 @@ def _check(q, k, v, dtype, fudge, seed=0, **kw):
     assert_close_torch_sdpa(out, h_out, s_out, fudge["out"], "out")
     for name, a, h, s in zip(["dq", "dk", "dv", "dmask"], grads, h_grads, s_grads):
         assert a is not None and a.shape == h.shape, name
-        assert_close_torch_sdpa(a, h, s.to(a.dtype), fudge[name], name)
+        assert_close_torch_sdpa(a, h, s.to(a.dtype), fudge[name], name, dtype=dtype)
 
 
 FLASH_FUDGE = dict(out=1.0, dq=4.0, dk=2.0, dv=2.0)
@@ -50,7 +50,7 @@ FLASH_GRID = product(B=[1, 2], L=SEQ, S=SEQ, E=[8, 16, 21, 32, 64, 72, 96, 128, 
                      causal=[False, True], dtype=[F16, BF16, F32], scale=[None, "l1"], gqa=[False, True])
 
 
-@pytest.mark.parametrize("case", sample("pytorch.flash_vs_math", FLASH_GRID, 10), ids=case_id)
+@pytest.mark.parametrize("case", sample("pytorch.flash_vs_math", FLASH_GRID, 8), ids=case_id)
 def test_flash_attention_vs_math_ref_grads(backend, case):
     B, L, S, E, dtype = case["B"], case["L"], case["S"], case["E"], case["dtype"]
     hq, hk = (4, 2) if case["gqa"] else (3, 3)
@@ -78,7 +78,7 @@ def _mask(kind, B, H, L, S, dtype, seed=7):
     return keep.view(B, 1, 1, S)
 
 
-@pytest.mark.parametrize("case", sample("pytorch.mem_efficient_with_mask", MASK_GRID, 8), ids=case_id)
+@pytest.mark.parametrize("case", sample("pytorch.mem_efficient_with_mask", MASK_GRID, 6), ids=case_id)
 def test_mem_efficient_attention_with_mask_vs_math_ref_grads(backend, case):
     B, L, S, E, dtype = case["B"], case["L"], case["S"], case["E"], case["dtype"]
     q, k, v = randn((B, 2, L, E), dtype, 4), randn((B, 2, S, E), dtype, 5), randn((B, 2, S, E), dtype, 6)
