@@ -520,3 +520,26 @@ def test_causal_bias(backend, variant, Nq, Nk, dtype):
         assert_close(a, b, c, dtype=dtype, grad=True, name=name)
     if variant == "lower_right" and Nq > Nk:  # rows that see no key
         assert (got[:, :, :Nq - Nk] == 0).all()
+
+
+@pytest.mark.parametrize("variant,Nk", [("upper_left", 64), ("lower_right", 128)])
+def test_causal_bias_issue_cases(backend, variant, Nk):
+    """The reported cases: causal_upper_left(64, 64) and causal_lower_right(64, 128) with
+    torch.rand q [2, 2, 64, 16] fp16 (k, v of Nk tokens): the bias is honoured, never read as
+    memory (no NaN, no garbage), forward and gradients against the explicit mask."""
+    from torch.nn.attention.bias import causal_lower_right, causal_upper_left
+
+    g = torch.Generator().manual_seed(37)
+    q = torch.rand(2, 2, 64, 16, generator=g).half()
+    k, v = (torch.rand(2, 2, Nk, 16, generator=g).half() for _ in range(2))
+    bias = (causal_upper_left if variant == "upper_left" else causal_lower_right)(64, Nk)
+    keep = ref.causal_mask(64, Nk, lower_right=variant == "lower_right")
+    dout = torch.rand(2, 2, 64, 16, generator=g).half()
+    got, got_g = _run(lambda q, k, v, attn_mask, is_causal: attnkern.scaled_dot_product_attention(
+        q, k, v, attn_mask=bias), q, k, v, None, False, dout)
+    h, h_g = _run(ref.scaled_dot_product_attention, q.float(), k.float(), v.float(), keep, False, dout.float())
+    s, s_g = _run(lambda *a, **kw: ref.scaled_dot_product_attention(*a, upcast=False, **kw), q, k, v, keep, False, dout)
+    assert torch.isfinite(got).all()
+    assert_close(got, h, s, dtype=torch.float16, name="out")
+    for name, a, b, c in zip(["dq", "dk", "dv"], got_g, h_g, s_g):
+        assert_close(a, b, c, dtype=torch.float16, grad=True, name=name)
