@@ -11,6 +11,7 @@ import torch
 
 if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
+import tests._triton_interpreter  # noqa: E402,F401  (bf16 casts round to nearest even, as on a GPU)
 
 _BENCH_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "benchmarks")
 

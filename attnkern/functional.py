@@ -137,101 +137,69 @@ def bam(
     return _bam_op.bam(dense(x), mlp, spatial, backend=backend, combine=combine)
 
 
-ATTENTION_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+ATTENTION_DTYPES = _attention_op.ATTENTION_DTYPES
 
 
 def check_attention(op: str, q, k, v=None, attn_mask=None, *, dropout_p: float = 0.0,
-                    is_causal: bool = False, scale=None) -> None:
-    """Raise a clear error unless q [B, H, N_q, D], k [B, H, N_k, D] (and v [B, H, N_k, D_v])
-    and the mask are what ``torch.nn.functional.scaled_dot_product_attention`` takes: the same
-    floating dtype and device, equal leading dimensions, a boolean, float32 or q-dtype mask that
-    broadcasts to [B, H, N_q, N_k], and not both a mask and ``is_causal``."""
-    named = [("q", q), ("k", k)] + ([("v", v)] if v is not None else [])
-    for name, t in named:
-        if not isinstance(t, Tensor):
-            raise TypeError(f"attnkern.{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"attnkern.{op}: {name} must be a 4-D tensor [B, H, N, D], got "
-                             f"{t.dim()}-D shape {tuple(t.shape)}")
-        if t.dtype not in ATTENTION_DTYPES:
-            raise TypeError(f"attnkern.{op}: {name} must be float32, bfloat16, float16 or float64, "
-                            f"got {t.dtype}")
-    for name, t in named[1:]:
-        if t.dtype != q.dtype:
-            raise TypeError(f"attnkern.{op}: q, k and v must have one dtype, got q {q.dtype} and "
-                            f"{name} {t.dtype}")
-        if t.device != q.device:
-            raise ValueError(f"attnkern.{op}: q, k and v must be on one device, got q on {q.device} "
-                             f"and {name} on {t.device}")
-    if k.shape[:2] != q.shape[:2]:
-        raise ValueError(f"attnkern.{op}: k's batch and heads {tuple(k.shape[:2])} must equal q's "
-                         f"{tuple(q.shape[:2])} (q {tuple(q.shape)}, k {tuple(k.shape)})")
-    if k.shape[-1] != q.shape[-1]:
-        raise ValueError(f"attnkern.{op}: q and k must have the same head dim, got q {tuple(q.shape)} "
-                         f"and k {tuple(k.shape)}")
-    if v is not None and (v.shape[:2] != k.shape[:2] or v.shape[2] != k.shape[2]):
-        raise ValueError(f"attnkern.{op}: v must be [B, H, N_k, D_v] with k's B, H and N_k, got "
-                         f"k {tuple(k.shape)} and v {tuple(v.shape)}")
-    if q.shape[-1] == 0:
-        raise ValueError(f"attnkern.{op}: the head dim must be positive, got q {tuple(q.shape)}")
-    if not isinstance(dropout_p, (int, float)) or not 0.0 <= float(dropout_p) < 1.0:
-        raise ValueError(f"attnkern.{op}: dropout_p must be a number in [0, 1), got {dropout_p!r}")
-    if scale is not None and not isinstance(scale, (int, float)):
-        raise TypeError(f"attnkern.{op}: scale must be a float or None, got {type(scale).__name__}")
-    if attn_mask is not None:
-        if is_causal:
-            raise ValueError(f"attnkern.{op}: give attn_mask or is_causal=True, not both")
-        if not isinstance(attn_mask, Tensor):
-            raise TypeError(f"attnkern.{op}: attn_mask must be a torch.Tensor or None, got "
-                            f"{type(attn_mask).__name__}")
-        if attn_mask.dtype not in (torch.bool, torch.float32, q.dtype):
-            raise TypeError(f"attnkern.{op}: attn_mask must be bool, float32 or q's dtype {q.dtype}, "
-                            f"got {attn_mask.dtype}")
-        if attn_mask.device != q.device:
-            raise ValueError(f"attnkern.{op}: attn_mask must be on q's device {q.device}, got "
-                             f"{attn_mask.device}")
-        full = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
-        ok = 2 <= attn_mask.dim() <= 4 and all(
-            m in (1, f) for m, f in zip(reversed(attn_mask.shape), reversed(full)))
-        if not ok:
-            raise ValueError(f"attnkern.{op}: attn_mask of shape {tuple(attn_mask.shape)} does not "
-                             f"broadcast to [B, H, N_q, N_k] = {list(full)}")
+                    is_causal: bool = False, scale=None, enable_gqa: bool = False) -> None:
+    """Raise what ``torch.nn.functional.scaled_dot_product_attention`` raises (same exception
+    types, our messages) unless q (N, ..., H_q, L, E), k (N, ..., H_k, S, E), v (N, ..., H_v,
+    S, E_v) and the mask are what it takes: one floating dtype and device, batch dimensions
+    that broadcast (H_k, H_v dividing H_q with ``enable_gqa``), a boolean, float32 or q-dtype
+    mask broadcastable to (N, ..., H_q, L, S) or a ``CausalBias``, and not both a mask and
+    ``is_causal``. See :func:`attnkern.ops.attention.resolve`."""
+    _attention_op.resolve(op, q, k, v, attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+                          enable_gqa=enable_gqa)
 
 
 def scaled_dot_product_attention(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
     attn_mask: Optional[Tensor] = None,
     dropout_p: float = 0.0,
     is_causal: bool = False,
     scale: Optional[float] = None,
+    enable_gqa: bool = False,
 ) -> Tensor:
     """Scaled dot-product attention with ``torch.nn.functional.scaled_dot_product_attention``'s
-    signature and semantics: ``softmax(q @ k^T * scale + mask) @ v``.
+    signature, keyword names and semantics: ``softmax(query @ key^T * scale + mask) @ value``.
 
     Args:
-        q: queries [B, H, N_q, D]; k: keys [B, H, N_k, D]; v: values [B, H, N_k, D_v]. One
-            floating dtype and device; any strides (views cut from a packed qkv projection are
-            read in place on the GPU).
-        attn_mask: None, a boolean mask (True = attend) or an additive float mask (float32 or
-            q's dtype, may require grad), broadcastable to [B, H, N_q, N_k]: e.g. a key-padding
-            mask [B, 1, 1, N_k] for bags of tiles of different sizes. Query rows with no key
-            left give zeros (as ATen).
+        query: (N, ..., H_q, L, E); key: (N, ..., H_k, S, E); value: (N, ..., H_v, S, E_v).
+            Rank >= 2, batch dimensions broadcast as torch broadcasts them; one floating dtype
+            and device; any strides (views cut from a packed qkv projection are read in place
+            on the GPU).
+        attn_mask: None, a boolean mask (True = attend), an additive float mask (float32 or
+            query's dtype, may require grad) broadcastable to (N, ..., H_q, L, S) - e.g. a
+            key-padding mask [B, 1, 1, S] for bags of tiles of different sizes - or a
+            ``torch.nn.attention.bias.CausalBias`` (upper-left or lower-right, honoured without
+            materialising it). Finite fills (``finfo.min``, -1e9) are the softmax of those
+            finite scores: a row whose keys all carry the fill is uniform over them. Query rows
+            with every key masked by -inf / False give zeros (as ATen).
         dropout_p: dropout on the attention probabilities. The flash kernels have none: with
             ``dropout_p > 0`` the call is handed to ATen's SDPA.
         is_causal: key j is attended by query i only if j <= i (top-left aligned). Not with a mask.
-        scale: defaults to 1 / sqrt(D).
+        scale: defaults to 1 / sqrt(E).
+        enable_gqa: grouped-query attention: query head h reads kv head h // (H_q // H_k).
+            The Triton kernels index the kv head (k and v are not repeated; dk and dv are
+            summed over each group without atomics).
 
     Returns:
-        [B, H, N_q, D_v] in q's dtype. CUDA tensors run the Triton flash-attention kernels
-        (float16, bfloat16, float32; head dims up to 256; deterministic backward, no atomics);
-        CPU tensors run ATen's fused SDPA; float64 on the GPU and larger head dims run the
-        reference.
+        (N, ..., H_q, L, E_v) in query's dtype. CUDA tensors run the Triton flash-attention
+        kernels (float16, bfloat16, float32; head dims up to 256; deterministic backward, no
+        atomics); CPU tensors run ATen's fused SDPA; float64 on the GPU and larger head dims
+        run the reference.
+
+    Raises:
+        The exception types torch raises for the same misuse: ``RuntimeError`` for shapes,
+        dtypes, devices and ``attn_mask`` with ``is_causal``; ``TypeError`` for arguments of
+        the wrong type (and for tensor subclasses attnkern does not know, which it never
+        reads); ``ValueError`` for a ``CausalBias`` with ``is_causal``.
     """
-    check_attention("scaled_dot_product_attention", q, k, v, attn_mask, dropout_p=dropout_p,
-                    is_causal=is_causal, scale=scale)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    backend = _attention_op.pick_backend(q, v)
-    return _attention_op.scaled_dot_product_attention(q, k, v, attn_mask, float(dropout_p), bool(is_causal),
-                                                      scale, backend=backend)
+    op = "scaled_dot_product_attention"
+    inp = _attention_op.resolve(op, query, key, value, attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                                scale=scale, enable_gqa=enable_gqa)
+    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
+    backend = _attention_op.pick_backend(inp.q, inp.v)
+    return _attention_op.scaled_dot_product_attention(inp, float(dropout_p), scale, backend=backend)

@@ -124,6 +124,69 @@ def flash_grads_from_rounded_output(q, k, v, out_lowp, dout, mask=None, is_causa
     return dq.to(q.dtype), dk.to(q.dtype), dv.to(q.dtype)
 
 
+# ------------------------------------------------------------------------------------------
+# The peer suites' rules (tests/conformance/): PyTorch's fused-vs-math rule and FlashAttention's
+# ------------------------------------------------------------------------------------------
+
+#: PyTorch test/test_transformers.py: the floors of its fused-vs-math tolerances per dtype.
+TORCH_SDPA_ATOL = {torch.float16: 1e-3, torch.bfloat16: 1e-3, torch.float32: 1e-5}
+TORCH_SDPA_RTOL = {torch.float16: 1e-3, torch.bfloat16: 1.6e-2, torch.float32: 1.3e-6}
+
+
+def torch_sdpa_tolerances(ref_hi: torch.Tensor, ref_lowp: torch.Tensor, fudge: float = 1.0,
+                          dtype: Optional[torch.dtype] = None):
+    """``(atol, rtol)`` of PyTorch's fused-vs-math rule: the same-dtype MATH result's largest
+    absolute and relative deviation from the float64 MATH result, each at least the floor of
+    the dtype the attention ran in (``dtype``, default ``ref_lowp``'s: a float32 mask's
+    gradient of a bfloat16 attention has bfloat16's floor), times a fudge factor (per output:
+    out, dq, dk, dv, dmask). A relative deviation that is NaN (0 / 0) counts as the floor; one
+    above 1e30 (x / 0) falls back to the floor."""
+    dtype = dtype or ref_lowp.dtype
+    hi = ref_hi.detach().double()
+    dev = (hi - ref_lowp.detach().double()).abs()
+    atol = dev.max().item() if dev.numel() else 0.0
+    rel = torch.nan_to_num(dev / hi.abs(), nan=TORCH_SDPA_RTOL[dtype])
+    rtol = rel.max().item() if rel.numel() else 0.0
+    atol = fudge * max(atol, TORCH_SDPA_ATOL[dtype])
+    rtol = fudge * max(rtol, TORCH_SDPA_RTOL[dtype])
+    if rtol > 1e30:
+        rtol = TORCH_SDPA_RTOL[dtype]
+    return atol, rtol
+
+
+def assert_close_torch_sdpa(actual: torch.Tensor, ref_hi: torch.Tensor, ref_lowp: torch.Tensor,
+                            fudge: float = 1.0, name: str = "output",
+                            dtype: Optional[torch.dtype] = None) -> None:
+    """``actual`` against the float64 reference cast to its dtype, with
+    :func:`torch_sdpa_tolerances` (as PyTorch's tests call ``assertEqual``)."""
+    atol, rtol = torch_sdpa_tolerances(ref_hi, ref_lowp, fudge, dtype)
+    torch.testing.assert_close(actual, ref_hi.detach().to(actual.dtype), atol=atol, rtol=rtol,
+                               equal_nan=True, msg=lambda m: f"{name} (PyTorch rule, fudge {fudge}): {m}")
+
+
+def assert_flash_rule(actual: torch.Tensor, ref: torch.Tensor, ref_pt: torch.Tensor,
+                      factor: float = 2.0, name: str = "output") -> None:
+    """FlashAttention's tests/test_flash_attn.py rule: ``max |actual - ref| <= factor *
+    max |ref_pt - ref|``, ``ref`` computed in higher precision and ``ref_pt`` as plain PyTorch
+    computes in the input dtype, plus one unit in the last place (``actual``'s dtype) of the
+    larger of the reference's largest value and 1, so that a case whose same-dtype reference
+    happens to be exact (a gradient that is 0 for a single key) does not demand bit equality."""
+    a, r, p = (t.detach().double() for t in (actual, ref, ref_pt))
+    if a.shape != r.shape:
+        raise AssertionError(f"{name}: shape {tuple(a.shape)} != reference {tuple(r.shape)}")
+    if not a.numel():
+        return
+    if not torch.equal(torch.isnan(a), torch.isnan(r)):
+        raise AssertionError(f"{name}: NaN pattern differs from the reference")
+    a, r, p = (torch.nan_to_num(t, nan=0.0) for t in (a, r, p))
+    err = (a - r).abs().max().item()
+    pt_err = (p - r).abs().max().item()
+    ulp = torch.finfo(actual.dtype).eps * max(r.abs().max().item(), 1.0)
+    if not err <= factor * pt_err + ulp:
+        raise AssertionError(f"{name} (FlashAttention rule): max error {err:.3g} > {factor} x the same-dtype "
+                             f"reference's {pt_err:.3g} + {ulp:.3g}")
+
+
 _TERM_LAYERS = (nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm)
 
 

@@ -6,22 +6,25 @@ tokens is 1 GiB per head in float32). These two maps need O(N) memory:
 - :func:`attention_rows`: the attention of chosen query rows (the CLS token: ``rows=0``) over
   all keys, [B, H, len(rows), N_k]. The scores of R rows are R x N_k numbers, the size of the
   result itself, so they are computed directly (scores of the selected rows in float32,
-  ``exp(s - lse_row)``) with PyTorch on the ``cpu`` and ``triton`` backends alike: a kernel
+  a softmax over keys) with PyTorch on the ``cpu`` and ``triton`` backends alike: a kernel
   would save no memory and only launch overhead. (On CUDA these scores come from
   ``torch.matmul`` in float32, so ``torch.backends.cuda.matmul.allow_tf32``, off by default,
   applies.) On the ``reference`` backend the full P is materialised and indexed.
 - :func:`attention_received`: for each key, the attention it receives averaged over the N_q
   queries, [B, H, N_k] = ``P.mean(dim=-2)``, in two blockwise passes over the scores:
 
-  1. per query row the log-sum-exp ``lse_i = log sum_j exp(S_ij)``, from blocks of queries x
-     blocks of keys (online max and sum);
-  2. per block of keys ``sum_i exp(S_ij - lse_i)`` over the blocks of queries (the scores are
-     recomputed), then divided by N_q.
+  1. per query row the score maximum ``m_i`` and the sum ``l_i = sum_j exp(S_ij - m_i)``,
+     from blocks of queries x blocks of keys (online max and sum);
+  2. per block of keys ``sum_i exp(S_ij - m_i) / l_i`` over the blocks of queries (the scores
+     are recomputed), then divided by N_q.
 
   Memory: the lse (B*H*N_q floats), the result (B*H*N_k) and one tile of scores
   (B*H*block^2 floats in the blockwise PyTorch path, one buffer reused for every tile;
-  registers in the Triton kernels), never N_q x N_k. Both paths keep scores in base 2
-  (``S * log2(e)``, exponentials by ``exp2``), which on CPU is also the cheaper exponential. Work: two score products, 4*B*H*N_q*N_k*D flops; causal masks skip the tiles
+  registers in the Triton kernels), never N_q x N_k. Both paths keep m and l apart (not one
+  log-sum-exp) and the scores in natural units: a finite fill such as ``finfo.min`` or -1e9
+  would absorb log l in m + log l, and would overflow to -inf if scaled by log2(e), so a row
+  whose keys all carry the fill is uniform over them, the softmax of those finite scores.
+  Work: two score products, 4*B*H*N_q*N_k*D flops; causal masks skip the tiles
   above the diagonal. The sums run in a fixed order (no atomics), so results are bitwise
   reproducible run to run.
 
@@ -31,8 +34,9 @@ contribute 0 to every key and still count in the denominator N_q, exactly as
 fraction of queries that attend to anything, not to 1.) In :func:`attention_rows` such a row is
 all zeros.
 
-Inputs are those of ``torch.nn.functional.scaled_dot_product_attention``: q [B, H, N_q, D] and
-k [B, H, N_k, D] of one floating dtype (float32, bfloat16, float16, float64) with any strides
+Inputs are those of ``torch.nn.functional.scaled_dot_product_attention``: q (N, ..., H, N_q, D)
+and k (N, ..., H, N_k, D), any rank >= 2 with batch dimensions that broadcast (the maps have
+the broadcast batch shape), of one floating dtype (float32, bfloat16, float16, float64) with any strides
 (views cut from a packed qkv are read without a copy); ``attn_mask`` boolean (True = keep) or
 additive float (float32 or q's dtype), broadcastable to [B, H, N_q, N_k]; ``is_causal`` keeps
 key j for query i when j <= i (not together with a mask); ``scale`` defaults to 1/sqrt(D).
@@ -58,7 +62,8 @@ import torch
 from torch import Tensor
 
 from .. import _backend
-from ..functional import broadcast_mask, check_attention
+from ..ops.attention import resolve
+from ..reference.attention import broadcast_mask
 from ..reference import attention_maps as _ref
 
 __all__ = ["attention_rows", "attention_received"]
@@ -74,15 +79,23 @@ DEFAULT_BLOCK = 1024
 # argument handling
 # ------------------------------------------------------------------------------------------
 
-def _check(op: str, q, k, attn_mask, scale, is_causal) -> None:
-    if not isinstance(is_causal, (bool, int)):
-        raise TypeError(f"attnkern.{op}: is_causal must be a bool, got {type(is_causal).__name__}")
+def _resolve(op: str, q, k, attn_mask, scale, is_causal):
+    """:func:`attnkern.ops.attention.resolve` (torch's rules and exception types, any rank,
+    ``CausalBias``) plus the maps' own rule: at least one query and one key."""
     if isinstance(scale, bool):
         raise TypeError(f"attnkern.{op}: scale must be a float or None, got bool")
-    check_attention(op, q, k, None, attn_mask, is_causal=bool(is_causal), scale=scale)
-    if q.shape[2] == 0 or k.shape[2] == 0:
+    inp = resolve(op, q, k, None, attn_mask, is_causal=is_causal, scale=scale)
+    if inp.q.shape[2] == 0 or inp.k.shape[2] == 0:
         raise ValueError(f"attnkern.{op}: q and k must hold at least one token each, got "
                          f"q {tuple(q.shape)} and k {tuple(k.shape)}")
+    return inp
+
+
+def _causal_offset(inp) -> Optional[int]:
+    """None without causal masking, else the diagonal: key j kept for query i iff j <= i + offset."""
+    if inp.causal is None:
+        return None
+    return inp.k.shape[2] - inp.q.shape[2] if inp.causal == "lower_right" else 0
 
 
 def _check_block(op: str, block) -> int:
@@ -150,27 +163,25 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
 # blockwise PyTorch
 # ------------------------------------------------------------------------------------------
 
-_LOG2E = 1.4426950408889634
-
-
 class _Tiles:
-    """Base-2 score tiles ``S2 = (scale * q k^T + mask) * log2(e)`` of q, k, written into one
-    reused buffer of B*H*block^2 elements (a fresh tile per step would cost page faults, which
-    on CPU take longer than the tile's exponentials)."""
+    """Score tiles ``S = scale * q k^T + mask`` of q, k (natural units, -inf where masked),
+    written into one reused buffer of B*H*block^2 elements (a fresh tile per step would cost
+    page faults, which on CPU take longer than the tile's exponentials). ``causal``: None or
+    the diagonal offset (key j kept for query i iff j <= i + causal)."""
 
-    def __init__(self, q: Tensor, k: Tensor, attn_mask: Optional[Tensor], is_causal: bool,
+    def __init__(self, q: Tensor, k: Tensor, attn_mask: Optional[Tensor], causal: Optional[int],
                  scale: float, block: int):
-        self.q, self.k, self.is_causal = q, k, is_causal
+        self.q, self.k, self.causal = q, k, causal
         self.m4 = broadcast_mask(attn_mask, q, k) if attn_mask is not None else None
         self.cd = _acc(q.dtype)
-        self.qk_scale = scale * _LOG2E
+        self.scale = scale
         B, H, n_q, _ = q.shape
         n_k = k.shape[2]
         self.buf = torch.empty(B * H * min(block, n_q) * min(block, n_k), dtype=self.cd,
                                device=q.device)
 
     def q_block(self, q0: int, q1: int) -> Tensor:
-        return self.q[:, :, q0:q1].to(self.cd) * self.qk_scale
+        return self.q[:, :, q0:q1].to(self.cd) * self.scale
 
     def k_block(self, k0: int, k1: int) -> Tensor:
         return self.k[:, :, k0:k1].to(self.cd).transpose(-2, -1)
@@ -185,64 +196,71 @@ class _Tiles:
             if mt.dtype == torch.bool:
                 s.masked_fill_(mt.logical_not(), float("-inf"))
             else:
-                s.add_(mt, alpha=_LOG2E)
-        elif self.is_causal and k0 + nk - 1 > q0:  # the tile crosses the diagonal
+                s.add_(mt)
+        elif self.causal is not None and k0 + nk - 1 > q0 + self.causal:  # the tile crosses the diagonal
             qi = torch.arange(q0, q0 + nq, device=s.device)
             kj = torch.arange(k0, k0 + nk, device=s.device)
-            s.masked_fill_(kj[None, :] > qi[:, None], float("-inf"))
+            s.masked_fill_(kj[None, :] > qi[:, None] + self.causal, float("-inf"))
         return s
 
 
-def _row_lse2_blockwise(t: _Tiles, block: int) -> Tensor:
-    """Pass 1: base-2 lse of every query row, [B, H, N_q], by an online max and sum over
-    key tiles; -inf for rows with no key kept."""
+def _row_stats_blockwise(t: _Tiles, block: int):
+    """Pass 1: each query row's score maximum m and sum l = sum_j exp(S_ij - m), [B, H, N_q]
+    each, by an online max and sum over key tiles; m = -inf and l = 0 for rows with no key."""
     B, H, n_q, _ = t.q.shape
     n_k = t.k.shape[2]
-    lse2 = torch.empty(B, H, n_q, dtype=t.cd, device=t.q.device)
+    m_all = torch.empty(B, H, n_q, dtype=t.cd, device=t.q.device)
+    l_all = torch.empty_like(m_all)
     for q0 in range(0, n_q, block):
         q1 = min(n_q, q0 + block)
         qb = t.q_block(q0, q1)
         m = torch.full((B, H, q1 - q0), float("-inf"), dtype=t.cd, device=t.q.device)
         l = torch.zeros_like(m)
-        hi = min(n_k, q1) if t.is_causal else n_k  # keys past the last query are hidden
+        # keys past the last query (+ the diagonal's offset) are hidden
+        hi = n_k if t.causal is None else max(0, min(n_k, q1 + t.causal))
         for k0 in range(0, hi, block):
             k1 = min(hi, k0 + block)
             s = t.scores(qb, t.k_block(k0, k1), q0, k0)
             m_new = torch.maximum(m, s.amax(dim=-1))
             m_safe = m_new.masked_fill(torch.isneginf(m_new), 0.0)
-            l = l * torch.exp2(m - m_safe) + s.sub_(m_safe[..., None]).exp2_().sum(dim=-1)
+            l = l * torch.exp(m - m_safe) + s.sub_(m_safe[..., None]).exp_().sum(dim=-1)
             m = m_new
-        lse2[:, :, q0:q1] = m + torch.log2(l)  # l = 0 only where m = -inf: -inf
-    return lse2
+        m_all[:, :, q0:q1] = m
+        l_all[:, :, q0:q1] = l
+    return m_all, l_all
 
 
-def _received_blockwise(q: Tensor, k: Tensor, attn_mask: Optional[Tensor], is_causal: bool,
+def _received_blockwise(q: Tensor, k: Tensor, attn_mask: Optional[Tensor], causal: Optional[int],
                         scale: float, block: int) -> Tensor:
-    """Pass 1 (:func:`_row_lse2_blockwise`), then pass 2: per key block, sum over the query
-    blocks (in order) of exp2(S2 - lse2), divided by N_q."""
+    """Pass 1 (:func:`_row_stats_blockwise`), then pass 2: per key block, sum over the query
+    blocks (in order) of exp(S - m) / l, divided by N_q."""
     B, H, n_q, _ = q.shape
     n_k = k.shape[2]
-    t = _Tiles(q, k, attn_mask, is_causal, scale, block)
-    lse2 = _row_lse2_blockwise(t, block)
-    # a row with no key kept (lse = -inf) contributes exp2(s - inf) = 0
-    lse2 = lse2.masked_fill_(torch.isneginf(lse2), float("inf")).unsqueeze(-1)
+    t = _Tiles(q, k, attn_mask, causal, scale, block)
+    m, l = _row_stats_blockwise(t, block)
+    # a row with no key kept (m = -inf, l = 0) contributes exp(-inf) * 0 = 0
+    empty = torch.isneginf(m)
+    m = m.masked_fill_(empty, 0.0).unsqueeze(-1)
+    inv_l = torch.where(empty, torch.zeros_like(l), 1.0 / l.masked_fill(empty, 1.0)).unsqueeze(-1)
     out = torch.empty(B, H, n_k, dtype=t.cd, device=q.device)
     for k0 in range(0, n_k, block):
         k1 = min(n_k, k0 + block)
         kbt = t.k_block(k0, k1)
         acc = torch.zeros(B, H, k1 - k0, dtype=t.cd, device=q.device)
-        lo = (k0 // block) * block if is_causal else 0  # earlier queries see none of these keys
+        # earlier queries see none of these keys
+        lo = 0 if causal is None else (max(0, k0 - causal) // block) * block
         for q0 in range(lo, n_q, block):
             q1 = min(n_q, q0 + block)
             s = t.scores(t.q_block(q0, q1), kbt, q0, k0)
-            acc += s.sub_(lse2[:, :, q0:q1]).exp2_().sum(dim=-2)
+            acc += s.sub_(m[:, :, q0:q1]).exp_().mul_(inv_l[:, :, q0:q1]).sum(dim=-2)
         out[:, :, k0:k1] = acc.div_(n_q)
     return out
 
 
-def _rows_direct(q: Tensor, k: Tensor, idx: Tensor, attn_mask: Optional[Tensor], is_causal: bool,
+def _rows_direct(q: Tensor, k: Tensor, idx: Tensor, attn_mask: Optional[Tensor], causal: Optional[int],
                  scale: float) -> Tensor:
-    """exp(s - lse_row) of the selected rows; O(len(rows) * N_k), the size of the result."""
+    """The softmax over keys of the selected rows' scores; O(len(rows) * N_k), the size of the
+    result. Rows with no key kept are zeros."""
     cd = _acc(q.dtype)
     s = q.index_select(2, idx).to(cd) @ k.to(cd).transpose(-2, -1)  # [B, H, R, N_k]
     s.mul_(scale)
@@ -256,12 +274,15 @@ def _rows_direct(q: Tensor, k: Tensor, idx: Tensor, attn_mask: Optional[Tensor],
             s.masked_fill_(~m, float("-inf"))
         else:
             s.add_(m)
-    elif is_causal:
+    elif causal is not None:
         kj = torch.arange(k.shape[2], device=q.device)
-        s.masked_fill_(kj[None, :] > idx[:, None], float("-inf"))
-    lse = torch.logsumexp(s, dim=-1, keepdim=True)
-    s.sub_(lse.masked_fill(torch.isneginf(lse), float("inf"))).exp_()
-    return s
+        s.masked_fill_(kj[None, :] > idx[:, None] + causal, float("-inf"))
+    # the maximum first, then exp(s - max) / sum: a finite fill stays finite (no log-sum-exp
+    # that would absorb the sum); a row with every key at -inf keeps max = -inf -> zeros
+    mx = s.amax(dim=-1, keepdim=True)
+    s.sub_(mx.masked_fill(torch.isneginf(mx), 0.0)).exp_()
+    den = s.sum(dim=-1, keepdim=True)
+    return s.div_(den.masked_fill(den == 0, 1.0))
 
 
 # ------------------------------------------------------------------------------------------
@@ -273,29 +294,39 @@ def attention_rows(q: Tensor, k: Tensor, rows: Rows, attn_mask: Optional[Tensor]
     """The attention probabilities of query rows ``rows`` over all keys.
 
     Args:
-        q: queries [B, H, N_q, D], any strides.
-        k: keys [B, H, N_k, D], q's dtype and device.
+        q: queries (N, ..., H, N_q, D), any rank >= 2, any strides.
+        k: keys (N, ..., H, N_k, D), q's dtype and device; batch dimensions broadcast with q's.
         rows: the query rows: an int (``0`` for a CLS token), a list or tuple of ints, or a
             0-D/1-D integer tensor; negative indices count from the end, as in Python.
-        attn_mask: None, a bool mask (True = keep) or an additive float mask, broadcastable to
-            [B, H, N_q, N_k] (as ``scaled_dot_product_attention`` takes it).
+        attn_mask: None, a bool mask (True = keep), an additive float mask, broadcastable to
+            (N, ..., H, N_q, N_k) (as ``scaled_dot_product_attention`` takes it), or a
+            ``torch.nn.attention.bias.CausalBias``.
         scale: the score scale, default 1/sqrt(D).
         is_causal: key j is kept for query i when j <= i (not together with ``attn_mask``).
 
     Returns:
-        [B, H, len(rows), N_k] float32 (float64 for float64 input): softmax over keys of the
-        chosen rows' scores; a row with every key masked is all zeros. Memory
-        O(B*H*len(rows)*N_k): no other row's scores are computed.
+        (N, ..., H, len(rows), N_k) float32 (float64 for float64 input): softmax over keys of
+        the chosen rows' scores; a row with every key masked by -inf / False is all zeros, a
+        row whose keys all carry a finite fill (finfo.min) is the softmax of those scores.
+        Memory O(B*H*len(rows)*N_k): no other row's scores are computed.
+
+    Raises:
+        As :func:`attnkern.scaled_dot_product_attention` for q, k and the mask; ``TypeError``
+        / ``IndexError`` for rows that are not integers / out of range.
     """
     op = "attention_rows"
-    _check(op, q, k, attn_mask, scale, is_causal)
-    q, k, attn_mask = _detached(q, k, attn_mask)
-    idx = _rows_index(op, rows, q.shape[2], q.device)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    backend = _pick(op, q)
+    inp = _resolve(op, q, k, attn_mask, scale, is_causal)
+    q4, k4, mask = _detached(inp.q, inp.k, inp.mask)
+    idx = _rows_index(op, rows, q4.shape[2], q4.device)
+    scale = 1.0 / math.sqrt(q4.shape[-1]) if scale is None else float(scale)
+    causal = _causal_offset(inp)
+    backend = _pick(op, q4)
     if backend == "reference":
-        return _ref.attention_rows(q, k, idx, attn_mask, scale, bool(is_causal))
-    return _rows_direct(q, k, idx, attn_mask, bool(is_causal), scale)
+        out = _ref.attention_rows(q4, k4, idx, mask, scale, causal is not None,
+                                  lower_right=inp.causal == "lower_right")
+    else:
+        out = _rows_direct(q4, k4, idx, mask, causal, scale)
+    return out.reshape(*inp.batch, idx.numel(), k4.shape[2])
 
 
 def attention_received(q: Tensor, k: Tensor, attn_mask: Optional[Tensor] = None,
@@ -304,9 +335,9 @@ def attention_received(q: Tensor, k: Tensor, attn_mask: Optional[Tensor] = None,
     """For each key, the attention it receives averaged over the N_q queries, in O(N) memory.
 
     ``P.mean(dim=-2)`` of the softmax probabilities P, computed in two blockwise passes from the
-    per-row log-sum-exp, never as an N_q x N_k matrix (see the module docstring). Query rows
-    with every key masked contribute 0 and still count in the denominator N_q (the reference's
-    ``P.mean(dim=-2)``, whose fully masked rows are zeros).
+    per-row maximum and sum, never as an N_q x N_k matrix (see the module docstring). Query
+    rows with every key masked contribute 0 and still count in the denominator N_q (the
+    reference's ``P.mean(dim=-2)``, whose fully masked rows are zeros).
 
     Args:
         q, k, attn_mask, scale, is_causal: as :func:`attention_rows`.
@@ -315,21 +346,26 @@ def attention_received(q: Tensor, k: Tensor, attn_mask: Optional[Tensor] = None,
             the shapes.
 
     Returns:
-        [B, H, N_k] float32 (float64 for float64 input).
+        (N, ..., H, N_k) float32 (float64 for float64 input).
     """
     op = "attention_received"
-    _check(op, q, k, attn_mask, scale, is_causal)
-    q, k, attn_mask = _detached(q, k, attn_mask)
+    inp = _resolve(op, q, k, attn_mask, scale, is_causal)
+    q4, k4, mask = _detached(inp.q, inp.k, inp.mask)
     block = _check_block(op, block)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    backend = _pick(op, q)
+    scale = 1.0 / math.sqrt(q4.shape[-1]) if scale is None else float(scale)
+    causal = _causal_offset(inp)
+    backend = _pick(op, q4)
+    n_k = k4.shape[2]
     if backend == "reference":
-        return _ref.attention_received(q, k, attn_mask, scale, bool(is_causal))
-    if q.shape[0] * q.shape[1] == 0:
-        return torch.zeros(q.shape[0], q.shape[1], k.shape[2], dtype=_acc(q.dtype), device=q.device)
-    if backend == "triton":
+        out = _ref.attention_received(q4, k4, mask, scale, causal is not None,
+                                      lower_right=inp.causal == "lower_right")
+    elif q4.shape[0] * q4.shape[1] == 0:
+        out = torch.zeros(q4.shape[0], q4.shape[1], n_k, dtype=_acc(q4.dtype), device=q4.device)
+    elif backend == "triton":
         from ..triton import attention_maps as tm
 
-        m4 = broadcast_mask(attn_mask, q, k) if attn_mask is not None else None
-        return tm.received(q, k, m4, bool(is_causal), scale)
-    return _received_blockwise(q, k, attn_mask, bool(is_causal), scale, block)
+        m4 = broadcast_mask(mask, q4, k4) if mask is not None else None
+        out = tm.received(q4, k4, m4, causal is not None, scale, causal_lower_right=inp.causal == "lower_right")
+    else:
+        out = _received_blockwise(q4, k4, mask, causal, scale, block)
+    return out.reshape(*inp.batch, n_k)

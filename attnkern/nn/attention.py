@@ -1,8 +1,9 @@
 """``attnkern.Attention``: a drop-in for timm's ViT ``Attention`` (multi-head self-attention
 with a packed qkv projection) that runs :func:`attnkern.scaled_dot_product_attention`.
 
-Same constructor arguments, defaults, submodules and ``state_dict`` keys as
-``timm.models.vision_transformer.Attention`` (``qkv``, ``q_norm``, ``k_norm``, ``norm``,
+Same constructor arguments (names, order, defaults: ``dim, num_heads, attn_head_dim, dim_out,
+qkv_bias, qk_norm, scale_norm, proj_bias, gated, attn_drop, proj_drop, norm_layer, device,
+dtype``), submodules and ``state_dict`` keys as ``timm.models.vision_transformer.Attention`` (``qkv``, ``q_norm``, ``k_norm``, ``norm``,
 ``gate``, ``proj``, ``attn_drop``, ``proj_drop``), so a ViT checkpoint loads unchanged and
 ``attnkern.convert`` swaps timm's layers in place. q, k and v are views of the qkv projection
 (no copy); with ``keep_qk = True`` the module keeps the last forward's q and k (detached) for
@@ -17,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import functional as F_ak
+from ._layers import NotConvertible
 
 __all__ = ["Attention"]
 
@@ -98,20 +100,57 @@ class Attention(nn.Module):
     def extra_repr(self) -> str:
         return f"num_heads={self.num_heads}, head_dim={self.head_dim}"
 
+    #: The submodules of timm's ViT ``Attention`` that the converted module takes over as they are.
+    TIMM_CHILDREN = ("qkv", "q_norm", "k_norm", "attn_drop", "norm", "gate", "proj", "proj_drop")
+
     @classmethod
     def from_timm(cls, m: nn.Module) -> "Attention":
-        """An attnkern Attention with ``m``'s configuration and weights (timm ViT ``Attention``)."""
-        head_dim, num_heads = m.head_dim, m.num_heads
+        """An attnkern Attention that computes exactly what ``m`` (timm ViT ``Attention``) does.
+
+        The layer objects of ``m`` themselves move over (``qkv``, ``q_norm``, ``k_norm``,
+        ``norm``, ``gate``, ``proj`` and the dropouts: same classes, constructor arguments,
+        weights, hooks and ``state_dict`` keys), so any norm layer or configuration timm takes
+        is kept. The scale is the one ``m`` uses: 1/sqrt(head_dim) on timm's fused path (which
+        ignores ``m.scale``), ``m.scale`` on its explicit path.
+
+        Raises:
+            NotConvertible (a ValueError): when the result could not be exact - ``m`` holds submodules besides
+                those above, has forward hooks or an instance-level ``forward``, or lacks
+                ``num_heads`` / ``head_dim`` / ``qkv`` / ``proj``. ``m`` is left untouched.
+        """
+        why = cls._why_not_exact(m)
+        if why is not None:
+            raise NotConvertible(f"attnkern.Attention.from_timm: cannot convert {type(m).__name__} exactly: {why}; "
+                             "the module is left unconverted")
+        head_dim, num_heads = int(m.head_dim), int(m.num_heads)
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         new.num_heads, new.head_dim = num_heads, head_dim
-        new.attn_dim = getattr(m, "attn_dim", num_heads * head_dim)
-        new.scale = getattr(m, "scale", head_dim ** -0.5)
-        # The submodules themselves move over: same classes, weights, hooks and keys.
-        for name in ("qkv", "q_norm", "k_norm", "attn_drop", "norm", "proj", "proj_drop"):
-            setattr(new, name, getattr(m, name) if hasattr(m, name) else nn.Identity())
-        new.gate = getattr(m, "gate", None)
+        new.attn_dim = int(getattr(m, "attn_dim", num_heads * head_dim))
+        new.scale = head_dim ** -0.5 if getattr(m, "fused_attn", True) else float(m.scale)
+        # The submodules themselves move over: same objects, weights, hooks and keys.
+        for name in cls.TIMM_CHILDREN:
+            if name == "gate":
+                new.gate = getattr(m, "gate", None)
+            else:
+                setattr(new, name, getattr(m, name) if hasattr(m, name) else nn.Identity())
         new.keep_qk = False
         new.last_qk = None
         new.train(m.training)
         return new
+
+    @classmethod
+    def _why_not_exact(cls, m: nn.Module) -> Optional[str]:
+        for attr in ("num_heads", "head_dim", "qkv", "proj"):
+            if not hasattr(m, attr):
+                return f"it has no {attr!r}"
+        extra = [n for n, _ in m.named_children() if n not in cls.TIMM_CHILDREN]
+        if extra:
+            return f"it holds submodules this converter does not know: {extra}"
+        if m._forward_hooks or m._forward_pre_hooks:
+            return "it has forward hooks, which would not run on the converted module"
+        if "forward" in vars(m):
+            return "its forward is overridden on the instance"
+        if int(getattr(m, "attn_dim", m.num_heads * m.head_dim)) != m.num_heads * m.head_dim:
+            return f"attn_dim {m.attn_dim} != num_heads * head_dim"
+        return None

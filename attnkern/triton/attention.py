@@ -1,47 +1,58 @@
-"""Triton flash attention: forward (output and log-sum-exp) and backward, without atomics.
+"""Triton flash attention: forward (output and softmax statistics) and backward, without atomics.
 
 Same math as :mod:`attnkern.reference.attention` (the ground truth), for one [B, H] grid of
 heads at a time::
 
-    S   = scale * q @ k^T + mask          (mask additive, or causal: key j kept iff j <= i)
-    P   = softmax(S) over keys            (rows with every key masked give P = 0 and O = 0)
+    S   = scale * q @ k^T + mask          (mask additive, or causal: key j kept iff j <= i + off)
+    P   = softmax(S) over keys            (rows with every key masked by -inf give P = 0, O = 0)
     O   = P @ v
-    lse = log(sum_j exp(S_ij))            (natural log; -inf for rows with every key masked)
+    m   = max_j S_ij,  l = sum_j exp(S_ij - m)   (lse = m + log l)
 
 =====================  =====================================================================
-``attention_fwd``      O [B, H, Nq, Dv] in q's dtype and lse [B, H, Nq] float32
+``attention_fwd``      O [B, H, Nq, Dv] in q's dtype and the statistics [B, H, Nq, 2] float32
+                       (m and log l; :func:`lse_of` gives lse)
 ``attention_bwd``      dq, dk, dv and, if asked for, dS = P * (dP - delta), the gradient of an
                        additive mask, as a float32 [B, H, Nq, Nk] tensor
 =====================  =====================================================================
 
 Algorithm (FlashAttention-2; Dao 2023):
 
-- **Forward.** One program per (batch * head, block of BLOCK_M query rows) loops over key
+- **Forward.** One program per (batch * query head, block of BLOCK_M query rows) loops over key
   blocks of BLOCK_N keys with an online softmax: a running row maximum ``m``, a running sum
   ``l`` and an unnormalised accumulator ``acc`` [BLOCK_M, Dv], all float32, rescaled by
-  ``exp2(m_old - m_new)`` whenever the maximum grows. Scores live in base-2 units
-  (``log2(e)`` folded into the scale and into the mask) so the exponentials are ``exp2``.
-  At the end O = acc / l and lse = (m + log2 l) * ln 2. The only thing saved for backward
-  besides O is lse: float32, one value per query row.
+  ``exp(m_old - m_new)`` whenever the maximum grows. Exponentials are ``exp2`` of the score
+  differences ``(S - m) * log2(e)``: the scores themselves stay in natural units. At the end
+  O = acc / l, and m and log l are saved for backward (two float32 per query row).
 - **Backward.** A pre-pass computes ``delta_i = sum_d O_id * dO_id`` (float32). Then two kernels
-  recompute P = exp2(S * log2(e) - lse * log2(e)) block by block from the saved lse:
-  one program per key block loops over query blocks and accumulates dV += P^T dO and
-  dK += dS^T q in registers; one program per query block loops over key blocks and
-  accumulates dQ += dS k (and writes dS itself when the mask's gradient is wanted), with
-  dP = dO v^T and dS = P * (dP - delta). Each gradient element is owned by exactly one
-  program and summed in a fixed order: no atomics, bitwise reproducible run to run.
+  recompute P = exp2((S - m) * log2(e) - log2 l) block by block: one program per (batch, kv
+  head, key block) loops over the query heads of its group and their query blocks and
+  accumulates dV += P^T dO and dK += dS^T q in registers; one program per query block loops
+  over key blocks and accumulates dQ += dS k (and writes dS itself when the mask's gradient is
+  wanted), with dP = dO v^T and dS = P * (dP - delta). Each gradient element is owned by
+  exactly one program and summed in a fixed order: no atomics, bitwise reproducible run to run.
+- **Huge finite masks.** Codes that pad with ``finfo.min`` or ``-1e9`` instead of -inf get the
+  softmax of those finite scores: a row whose every key carries the fill is uniform over its
+  keys (the fill absorbs q.k in float32). Hence the natural units (``finfo.min * log2(e)``
+  would overflow to -inf), differences floored at -1e38 before the log2(e) scaling, and m and
+  log l kept apart (m + log l rounds to m for such a row, and P recomputed from that lse would
+  be 1 for every key).
+- **Grouped-query attention.** k and v may have fewer heads than q (H a multiple of Hkv):
+  query head h reads kv head h // (H // Hkv); nothing is repeated in memory, and dk, dv of a kv
+  head are the sums over its group, formed in registers by the one program that owns them.
 - **Precision.** Every score, exponential, sum and accumulator is float32 whatever the input
   dtype; for float16/bfloat16 the probabilities (and dS) are rounded to the input dtype just
   before the P @ V-style tensor-core products, as FlashAttention does. float32 inputs use
   ``tl.dot(..., input_precision="ieee")`` (no TF32), so they match a float64 reference as well
   as float32 PyTorch does.
-- **Masks.** ``is_causal`` (top-left aligned, as torch; Nq may differ from Nk): key blocks
-  entirely above the diagonal are never visited (forward and dQ stop at the diagonal, dK/dV
-  starts at it), and only blocks that straddle it apply an element mask. An additive float mask
-  is read through its four strides (an ``expand``-ed [B, 1, 1, Nk] key-padding mask costs no
-  memory); it may hold -inf. Rows with every key masked have m = -inf: the kernels substitute a
-  finite maximum so no ``-inf - -inf`` NaN appears, write O = 0 and lse = -inf, and the
-  backward kernels treat lse = -inf as P = 0, so those rows contribute no gradient anywhere.
+- **Masks.** Causal masking keeps key j for query i iff j <= i + off: off = 0 is ``is_causal``
+  (top-left aligned, as torch); off = Nk - Nq is the lower-right diagonal (aligned to the last
+  key, as FlashAttention >= 2.1 and ``causal_lower_right``). Key blocks entirely beyond the
+  diagonal are never visited (forward and dQ stop at it, dK/dV start at it), and only blocks
+  that straddle it apply an element mask. An additive float mask is read through its four
+  strides (an ``expand``-ed [B, 1, 1, Nk] key-padding mask costs no memory); it may hold -inf.
+  Rows with every key masked by -inf have m = -inf: the kernels substitute a finite maximum so
+  no ``-inf - -inf`` NaN appears, write O = 0 and m = log l = -inf, and the backward kernels
+  treat those rows as P = 0, so they contribute no gradient anywhere.
 - **Shapes.** Head dims 1..256, Dv independent of D: each is padded to a power of two (at least
   16, the smallest ``tl.dot`` tile) and the loads masked. Any Nq, Nk (ragged edges masked).
   q, k, v, dO and the mask are read through their strides (views cut from a packed qkv
@@ -68,7 +79,7 @@ from torch import Tensor
 from ._launch import device_guard as _device_guard
 from ._launch import interpret as _interpret
 
-__all__ = ["SUPPORTED_DTYPES", "MAX_HEAD_DIM", "attention_fwd", "attention_bwd"]
+__all__ = ["SUPPORTED_DTYPES", "MAX_HEAD_DIM", "attention_fwd", "attention_bwd", "lse_of"]
 
 #: Input dtypes the kernels take (q, k, v, dO); the ops layer sends any other to the reference.
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -77,7 +88,6 @@ MAX_HEAD_DIM = 256
 
 _LOG2E = tl.constexpr(1.4426950408889634)
 _LN2 = tl.constexpr(0.6931471805599453)
-_LOG2E_PY = 1.4426950408889634
 
 # Fixed tiles under the interpreter: small, and different along queries and keys so that tests
 # with a few dozen tokens already cover several blocks, ragged edges and diagonal blocks of
@@ -133,12 +143,13 @@ def _check_qkv(q: Tensor, k: Tensor, v: Tensor, fn: str) -> _Shape:
         raise ValueError(_err(fn, f"q must be a CUDA tensor (CPU tensors only under "
                                   f"TRITON_INTERPRET=1), got device {q.device}"))
     B, H, Nq, D = q.shape
-    if tuple(k.shape[:2]) != (B, H) or k.shape[3] != D:
-        raise ValueError(_err(fn, f"k must be [B, H, Nk, D] = [{B}, {H}, Nk, {D}] to match q "
-                                  f"{tuple(q.shape)}, got {tuple(k.shape)}"))
+    Hkv = k.shape[1]
+    if k.shape[0] != B or k.shape[3] != D or Hkv == 0 or H % Hkv != 0:
+        raise ValueError(_err(fn, f"k must be [B, Hkv, Nk, D] = [{B}, Hkv, Nk, {D}] with Hkv dividing "
+                                  f"q's {H} heads, to match q {tuple(q.shape)}; got {tuple(k.shape)}"))
     Nk = k.shape[2]
-    if tuple(v.shape[:3]) != (B, H, Nk):
-        raise ValueError(_err(fn, f"v must be [B, H, Nk, Dv] = [{B}, {H}, {Nk}, Dv] to match k "
+    if tuple(v.shape[:3]) != (B, Hkv, Nk):
+        raise ValueError(_err(fn, f"v must be [B, Hkv, Nk, Dv] = [{B}, {Hkv}, {Nk}, Dv] to match k "
                                   f"{tuple(k.shape)}, got {tuple(v.shape)}"))
     Dv = v.shape[3]
     for name, d in (("q and k", D), ("v", Dv)):
@@ -335,33 +346,42 @@ def _dot(a, b, PREC: tl.constexpr):
 
 
 @triton.jit
+def _floor(d):
+    """A score difference (<= 0) raised to -1e38, so that scaling it by log2(e) stays finite
+    (exp2 of either is 0); NaN stays NaN."""
+    return tl.where(d < -1e38, -1e38, d)
+
+
+@triton.jit
 def _fwd_steps(acc, l_i, m_i, q, k_base, v_base, msk_base, offs_m, offs_d, offs_dv, lo, hi,
-               Nq, Nk, skn, skd, svn, svd, smm, smn, qk_scale,
+               Nq, Nk, causal_off, skn, skd, svn, svd, smm, smn, scale,
                D: tl.constexpr, DV: tl.constexpr, HAS_MASK: tl.constexpr, IS_CAUSAL: tl.constexpr,
                EDGE: tl.constexpr, PREC: tl.constexpr, BLOCK_N: tl.constexpr):
     """Online-softmax steps over key blocks [lo, hi). EDGE: the blocks may hold keys past Nk or
-    above the causal diagonal, so apply the element mask."""
+    above the causal diagonal, so apply the element mask. Scores are in natural units (a
+    finite mask such as finfo.min stays finite); only differences to the running maximum,
+    which are <= 0, are scaled by log2(e) for exp2."""
     for n0 in range(lo, hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         offs_n64 = offs_n.to(tl.int64)
         in_k = offs_n < Nk
         k = tl.load(k_base + offs_n64[:, None] * skn + offs_d[None, :] * skd,
                     mask=in_k[:, None] & (offs_d < D)[None, :], other=0.0)
-        s = _dot(q, tl.trans(k), PREC) * qk_scale
+        s = _dot(q, tl.trans(k), PREC) * scale
         if HAS_MASK:
             mm = tl.load(msk_base + offs_m.to(tl.int64)[:, None] * smm + offs_n64[None, :] * smn,
                          mask=(offs_m < Nq)[:, None] & in_k[None, :], other=0.0)
-            s += mm.to(tl.float32) * _LOG2E
+            s += mm.to(tl.float32)
         if EDGE:
             keep = in_k[None, :]
             if IS_CAUSAL:
-                keep = keep & (offs_n[None, :] <= offs_m[:, None])
+                keep = keep & (offs_n[None, :] <= offs_m[:, None] + causal_off)
             s = tl.where(keep, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row with every key masked so far keeps m = -inf; subtract 0 there instead (no NaN).
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_use[:, None])
-        alpha = tl.math.exp2(m_i - m_use)
+        p = tl.math.exp2(_floor(s - m_use[:, None]) * _LOG2E)
+        alpha = tl.math.exp2(_floor(m_i - m_use) * _LOG2E)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_base + offs_n64[:, None] * svn + offs_dv[None, :] * svd,
                     mask=in_k[:, None] & (offs_dv < DV)[None, :], other=0.0)
@@ -371,21 +391,33 @@ def _fwd_steps(acc, l_i, m_i, q, k_base, v_base, msk_base, offs_m, offs_d, offs_
 
 
 @triton.jit
-def _attn_fwd_kernel(Q, K, V, M, O, LSE,
+def _causal_fwd_range(m0, Nk, causal_off, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(end of the key blocks every row of the query block [m0, m0 + BLOCK_M) sees in full,
+    end of the keys any of its rows sees) under the diagonal key <= query + causal_off."""
+    first = tl.maximum(m0 + causal_off + 1, 0)          # keys [0, first) seen by every row
+    full_hi = tl.minimum((Nk // BLOCK_N) * BLOCK_N, (first // BLOCK_N) * BLOCK_N)
+    hi = tl.minimum(Nk, tl.maximum(m0 + BLOCK_M + causal_off, 0))
+    return full_hi, tl.maximum(hi, full_hi)
+
+
+@triton.jit
+def _attn_fwd_kernel(Q, K, V, M, O, STATS,
                      sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                      smb, smh, smm, smn, sob, soh, som, sod,
-                     H, Nq, Nk, qk_scale, NQ_BUCKET, NK_BUCKET,
+                     H, GROUP, Nq, Nk, causal_off, scale, NQ_BUCKET, NK_BUCKET,
                      D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                      IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """O and lse for BLOCK_M query rows of one (batch, head). The largest query blocks (the
-    most work under causal masking) get the lowest program ids."""
+    """O and the softmax statistics for BLOCK_M query rows of one (batch, query head); the
+    query head h reads kv head h // GROUP. The largest query blocks (the most work under
+    causal masking) get the lowest program ids."""
     pid = tl.program_id(0)
     num_m = tl.cdiv(Nq, BLOCK_M)
     bh = pid // num_m
     mb = num_m - 1 - pid % num_m
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
+    hk = h // GROUP
     m0 = mb * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D).to(tl.int64)
@@ -396,28 +428,39 @@ def _attn_fwd_kernel(Q, K, V, M, O, LSE,
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    k_base = K + b * skb + h * skh
-    v_base = V + b * svb + h * svh
+    k_base = K + b * skb + hk * skh
+    v_base = V + b * svb + hk * svh
     msk_base = M + b * smb + h * smh
     full_hi = (Nk // BLOCK_N) * BLOCK_N
     hi = Nk
     if IS_CAUSAL:
-        # Blocks whose last key is <= the block's first query are fully visible.
-        full_hi = tl.minimum(full_hi, ((m0 + 1) // BLOCK_N) * BLOCK_N)
-        hi = tl.minimum(Nk, m0 + BLOCK_M)
+        full_hi, hi = _causal_fwd_range(m0, Nk, causal_off, BLOCK_M, BLOCK_N)
     acc, l_i, m_i = _fwd_steps(acc, l_i, m_i, q, k_base, v_base, msk_base, offs_m, offs_d, offs_dv,
-                               0, full_hi, Nq, Nk, skn, skd, svn, svd, smm, smn, qk_scale,
+                               0, full_hi, Nq, Nk, causal_off, skn, skd, svn, svd, smm, smn, scale,
                                D, DV, HAS_MASK, IS_CAUSAL, False, PREC, BLOCK_N)
     acc, l_i, m_i = _fwd_steps(acc, l_i, m_i, q, k_base, v_base, msk_base, offs_m, offs_d, offs_dv,
-                               full_hi, hi, Nq, Nk, skn, skd, svn, svd, smm, smn, qk_scale,
+                               full_hi, hi, Nq, Nk, causal_off, skn, skd, svn, svd, smm, smn, scale,
                                D, DV, HAS_MASK, IS_CAUSAL, True, PREC, BLOCK_N)
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     o = acc / l_safe[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * _LN2)
+    log_l = tl.where(empty, float("-inf"), tl.math.log2(l_safe) * _LN2)
     tl.store(O + b * sob + h * soh + offs_m.to(tl.int64)[:, None] * som + offs_dv[None, :] * sod,
              o.to(O.dtype.element_ty), mask=in_m[:, None] & (offs_dv < DV)[None, :])
-    tl.store(LSE + bh.to(tl.int64) * Nq + offs_m, lse, mask=in_m)
+    st = STATS + (bh.to(tl.int64) * Nq + offs_m) * 2
+    tl.store(st, m_i, mask=in_m)
+    tl.store(st + 1, log_l, mask=in_m)
+
+
+@triton.jit
+def _load_stats(STATS, row0, offs_m, in_m):
+    """(m, log2 l) of query rows for P = exp2((S - m) * log2(e) - log2 l): m = 0 and
+    log2 l = +inf (so P = 0) for rows with every key masked and rows past Nq."""
+    st = STATS + (row0 + offs_m) * 2
+    m = tl.load(st, mask=in_m, other=float("-inf"))
+    log_l = tl.load(st + 1, mask=in_m, other=float("-inf"))
+    empty = m == float("-inf")
+    return tl.where(empty, 0.0, m), tl.where(empty, float("inf"), log_l * _LOG2E)
 
 
 @triton.jit
@@ -442,13 +485,13 @@ def _bwd_delta_kernel(O, DO, DELTA, H, Nq,
 
 
 @triton.jit
-def _dkv_steps(dk, dv, k, v, q_base, do_base, msk_base, lse_base, delta_base, offs_n, offs_d, offs_dv,
-               lo, hi, Nq, Nk, sqm, sqd, sdm, sdd, smm, smn, qk_scale,
+def _dkv_steps(dk, dv, k, v, q_base, do_base, msk_base, stats_base, delta_base, offs_n, offs_d, offs_dv,
+               lo, hi, Nq, Nk, causal_off, sqm, sqd, sdm, sdd, smm, smn, scale,
                D: tl.constexpr, DV: tl.constexpr, HAS_MASK: tl.constexpr, CAUSAL_EDGE: tl.constexpr,
                PREC: tl.constexpr, BLOCK_M: tl.constexpr):
-    """dK/dV contributions of query blocks [lo, hi), computed transposed ([keys, queries]).
-    Keys past Nk need no mask (their rows are never stored); query rows past Nq get lse = +inf,
-    hence P = 0."""
+    """dK/dV contributions of query blocks [lo, hi) of one query head, computed transposed
+    ([keys, queries]). Keys past Nk need no mask (their rows are never stored); query rows
+    past Nq get P = 0."""
     for m0 in range(lo, hi, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         offs_m64 = offs_m.to(tl.int64)
@@ -457,18 +500,18 @@ def _dkv_steps(dk, dv, k, v, q_base, do_base, msk_base, lse_base, delta_base, of
                     mask=in_m[:, None] & (offs_d < D)[None, :], other=0.0)
         do = tl.load(do_base + offs_m64[:, None] * sdm + offs_dv[None, :] * sdd,
                      mask=in_m[:, None] & (offs_dv < DV)[None, :], other=0.0)
-        lse = tl.load(lse_base + offs_m, mask=in_m, other=float("inf"))
-        # lse = -inf (every key masked): P must be 0, so subtract +inf instead.
-        lse2 = tl.where(lse == float("-inf"), float("inf"), lse) * _LOG2E
+        m_row, log2_l = _load_stats(stats_base, 0, offs_m64, in_m)
         delta = tl.load(delta_base + offs_m, mask=in_m, other=0.0)
-        st = _dot(k, tl.trans(q), PREC) * qk_scale
+        st = _dot(k, tl.trans(q), PREC) * scale
         if HAS_MASK:
+            # -inf past Nk and Nq: a padded key must not meet the row max of a filled row
+            # (S - m would overflow; those rows are never stored either way)
             mm = tl.load(msk_base + offs_m64[None, :] * smm + offs_n.to(tl.int64)[:, None] * smn,
-                         mask=in_m[None, :] & (offs_n < Nk)[:, None], other=0.0)
-            st += mm.to(tl.float32) * _LOG2E
+                         mask=in_m[None, :] & (offs_n < Nk)[:, None], other=float("-inf"))
+            st += mm.to(tl.float32)
         if CAUSAL_EDGE:
-            st = tl.where(offs_n[:, None] <= offs_m[None, :], st, float("-inf"))
-        pt = tl.math.exp2(st - lse2[None, :])
+            st = tl.where(offs_n[:, None] <= offs_m[None, :] + causal_off, st, float("-inf"))
+        pt = tl.math.exp2(_floor(st - m_row[None, :]) * _LOG2E - log2_l[None, :])
         dv += _dot(pt.to(do.dtype), do, PREC)
         dpt = _dot(v, tl.trans(do), PREC)
         dst = pt * (dpt - delta[None, :])
@@ -477,19 +520,22 @@ def _dkv_steps(dk, dv, k, v, q_base, do_base, msk_base, lse_base, delta_base, of
 
 
 @triton.jit
-def _attn_bwd_dkv_kernel(Q, K, V, M, DO, LSE, DELTA, DK, DV_OUT,
+def _attn_bwd_dkv_kernel(Q, K, V, M, DO, STATS, DELTA, DK, DV_OUT,
                          sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                          smb, smh, smm, smn, sdb, sdh, sdm, sdd,
-                         H, Nq, Nk, qk_scale, scale, NQ_BUCKET, NK_BUCKET,
+                         H, GROUP, Nq, Nk, causal_off, scale, NQ_BUCKET, NK_BUCKET,
                          D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                          IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """dK and dV of BLOCK_N keys of one (batch, head), looping over query blocks."""
+    """dK and dV of BLOCK_N keys of one (batch, kv head), looping over the GROUP query heads
+    that read that kv head and over their query blocks: the group's sum is formed in
+    registers, in a fixed order, without atomics."""
     pid = tl.program_id(0)
     num_n = tl.cdiv(Nk, BLOCK_N)
-    bh = pid // num_n
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
+    hkv = H // GROUP
+    bhk = pid // num_n
+    b = (bhk // hkv).to(tl.int64)
+    hk = (bhk % hkv).to(tl.int64)
     n0 = (pid % num_n) * BLOCK_N
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_n64 = offs_n.to(tl.int64)
@@ -498,38 +544,45 @@ def _attn_bwd_dkv_kernel(Q, K, V, M, DO, LSE, DELTA, DK, DV_OUT,
     in_n = offs_n < Nk
     kmask = in_n[:, None] & (offs_d < D)[None, :]
     vmask = in_n[:, None] & (offs_dv < DV)[None, :]
-    k = tl.load(K + b * skb + h * skh + offs_n64[:, None] * skn + offs_d[None, :] * skd, mask=kmask, other=0.0)
-    v = tl.load(V + b * svb + h * svh + offs_n64[:, None] * svn + offs_dv[None, :] * svd, mask=vmask, other=0.0)
+    k = tl.load(K + b * skb + hk * skh + offs_n64[:, None] * skn + offs_d[None, :] * skd, mask=kmask, other=0.0)
+    v = tl.load(V + b * svb + hk * svh + offs_n64[:, None] * svn + offs_dv[None, :] * svd, mask=vmask, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
-    q_base = Q + b * sqb + h * sqh
-    do_base = DO + b * sdb + h * sdh
-    msk_base = M + b * smb + h * smh
-    lse_base = LSE + bh.to(tl.int64) * Nq
-    delta_base = DELTA + bh.to(tl.int64) * Nq
     lo = 0
     mid = 0
     if IS_CAUSAL:
-        # Queries before the block's first key see none of it; query blocks starting before its
-        # last key straddle the diagonal and need the element mask.
-        lo = (n0 // BLOCK_M) * BLOCK_M
-        mid = tl.minimum(tl.cdiv(n0 + BLOCK_N - 1, BLOCK_M) * BLOCK_M, Nq)
+        # Query i sees key j iff j <= i + causal_off: queries before n0 - causal_off see none of
+        # the block; query blocks starting before its last key's first query straddle the
+        # diagonal and need the element mask.
+        first_q = tl.maximum(n0 - causal_off, 0)
+        lo = tl.minimum((first_q // BLOCK_M) * BLOCK_M, Nq)
+        last_q = tl.maximum(n0 + BLOCK_N - 1 - causal_off, 0)
+        mid = tl.minimum(tl.cdiv(last_q, BLOCK_M) * BLOCK_M, Nq)
         mid = tl.maximum(mid, lo)
-        dk, dv = _dkv_steps(dk, dv, k, v, q_base, do_base, msk_base, lse_base, delta_base,
-                            offs_n, offs_d, offs_dv, lo, mid, Nq, Nk, sqm, sqd, sdm, sdd, smm, smn,
-                            qk_scale, D, DV, HAS_MASK, True, PREC, BLOCK_M)
-    dk, dv = _dkv_steps(dk, dv, k, v, q_base, do_base, msk_base, lse_base, delta_base,
-                        offs_n, offs_d, offs_dv, mid, Nq, Nq, Nk, sqm, sqd, sdm, sdd, smm, smn,
-                        qk_scale, D, DV, HAS_MASK, False, PREC, BLOCK_M)
-    out = bh.to(tl.int64) * Nk * D + offs_n64[:, None] * D + offs_d[None, :]
+    for g in range(0, GROUP):
+        h = hk * GROUP + g
+        bh = b * H + h
+        q_base = Q + b * sqb + h * sqh
+        do_base = DO + b * sdb + h * sdh
+        msk_base = M + b * smb + h * smh
+        stats_base = STATS + bh * Nq * 2
+        delta_base = DELTA + bh * Nq
+        if IS_CAUSAL:
+            dk, dv = _dkv_steps(dk, dv, k, v, q_base, do_base, msk_base, stats_base, delta_base,
+                                offs_n, offs_d, offs_dv, lo, mid, Nq, Nk, causal_off,
+                                sqm, sqd, sdm, sdd, smm, smn, scale, D, DV, HAS_MASK, True, PREC, BLOCK_M)
+        dk, dv = _dkv_steps(dk, dv, k, v, q_base, do_base, msk_base, stats_base, delta_base,
+                            offs_n, offs_d, offs_dv, mid, Nq, Nq, Nk, causal_off,
+                            sqm, sqd, sdm, sdd, smm, smn, scale, D, DV, HAS_MASK, False, PREC, BLOCK_M)
+    out = bhk.to(tl.int64) * Nk * D + offs_n64[:, None] * D + offs_d[None, :]
     tl.store(DK + out, (dk * scale).to(DK.dtype.element_ty), mask=kmask)
-    out = bh.to(tl.int64) * Nk * DV + offs_n64[:, None] * DV + offs_dv[None, :]
+    out = bhk.to(tl.int64) * Nk * DV + offs_n64[:, None] * DV + offs_dv[None, :]
     tl.store(DV_OUT + out, dv.to(DV_OUT.dtype.element_ty), mask=vmask)
 
 
 @triton.jit
-def _dq_steps(dq, q, do, lse2, delta, k_base, v_base, msk_base, dm_base, offs_m, offs_d, offs_dv,
-              lo, hi, Nq, Nk, skn, skd, svn, svd, smm, smn, qk_scale,
+def _dq_steps(dq, q, do, m_row, log2_l, delta, k_base, v_base, msk_base, dm_base, offs_m, offs_d, offs_dv,
+              lo, hi, Nq, Nk, causal_off, skn, skd, svn, svd, smm, smn, scale,
               D: tl.constexpr, DV: tl.constexpr, HAS_MASK: tl.constexpr, IS_CAUSAL: tl.constexpr,
               EDGE: tl.constexpr, NEED_DMASK: tl.constexpr, PREC: tl.constexpr, BLOCK_N: tl.constexpr):
     """dQ contributions of key blocks [lo, hi); writes dS to the mask gradient if asked."""
@@ -541,17 +594,17 @@ def _dq_steps(dq, q, do, lse2, delta, k_base, v_base, msk_base, dm_base, offs_m,
                     mask=in_k[:, None] & (offs_d < D)[None, :], other=0.0)
         v = tl.load(v_base + offs_n64[:, None] * svn + offs_dv[None, :] * svd,
                     mask=in_k[:, None] & (offs_dv < DV)[None, :], other=0.0)
-        s = _dot(q, tl.trans(k), PREC) * qk_scale
+        s = _dot(q, tl.trans(k), PREC) * scale
         if HAS_MASK:
             mm = tl.load(msk_base + offs_m.to(tl.int64)[:, None] * smm + offs_n64[None, :] * smn,
                          mask=(offs_m < Nq)[:, None] & in_k[None, :], other=0.0)
-            s += mm.to(tl.float32) * _LOG2E
+            s += mm.to(tl.float32)
         if EDGE:
             keep = in_k[None, :]
             if IS_CAUSAL:
-                keep = keep & (offs_n[None, :] <= offs_m[:, None])
+                keep = keep & (offs_n[None, :] <= offs_m[:, None] + causal_off)
             s = tl.where(keep, s, float("-inf"))
-        p = tl.math.exp2(s - lse2[:, None])
+        p = tl.math.exp2(_floor(s - m_row[:, None]) * _LOG2E - log2_l[:, None])
         dp = _dot(do, tl.trans(v), PREC)
         ds = p * (dp - delta[:, None])
         if NEED_DMASK:
@@ -562,20 +615,22 @@ def _dq_steps(dq, q, do, lse2, delta, k_base, v_base, msk_base, dm_base, offs_m,
 
 
 @triton.jit
-def _attn_bwd_dq_kernel(Q, K, V, M, DO, LSE, DELTA, DQ, DMASK,
+def _attn_bwd_dq_kernel(Q, K, V, M, DO, STATS, DELTA, DQ, DMASK,
                         sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
                         smb, smh, smm, smn, sdb, sdh, sdm, sdd,
-                        H, Nq, Nk, qk_scale, scale, NQ_BUCKET, NK_BUCKET,
+                        H, GROUP, Nq, Nk, causal_off, scale, NQ_BUCKET, NK_BUCKET,
                         D: tl.constexpr, DV: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                         IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, NEED_DMASK: tl.constexpr,
                         PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """dQ (and dS) of BLOCK_M query rows of one (batch, head), looping over key blocks."""
+    """dQ (and dS) of BLOCK_M query rows of one (batch, query head), looping over key blocks
+    of kv head h // GROUP."""
     pid = tl.program_id(0)
     num_m = tl.cdiv(Nq, BLOCK_M)
     bh = pid // num_m
     mb = num_m - 1 - pid % num_m
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
+    hk = h // GROUP
     m0 = mb * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_m64 = offs_m.to(tl.int64)
@@ -586,27 +641,26 @@ def _attn_bwd_dq_kernel(Q, K, V, M, DO, LSE, DELTA, DQ, DMASK,
     q = tl.load(Q + b * sqb + h * sqh + offs_m64[:, None] * sqm + offs_d[None, :] * sqd, mask=qmask, other=0.0)
     do = tl.load(DO + b * sdb + h * sdh + offs_m64[:, None] * sdm + offs_dv[None, :] * sdd,
                  mask=in_m[:, None] & (offs_dv < DV)[None, :], other=0.0)
-    lse = tl.load(LSE + bh.to(tl.int64) * Nq + offs_m, mask=in_m, other=float("inf"))
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse) * _LOG2E
+    m_row, log2_l = _load_stats(STATS, bh.to(tl.int64) * Nq, offs_m64, in_m)
     delta = tl.load(DELTA + bh.to(tl.int64) * Nq + offs_m, mask=in_m, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    k_base = K + b * skb + h * skh
-    v_base = V + b * svb + h * svh
+    k_base = K + b * skb + hk * skh
+    v_base = V + b * svb + hk * svh
     msk_base = M + b * smb + h * smh
     dm_base = DMASK + bh.to(tl.int64) * Nq * Nk
     full_hi = (Nk // BLOCK_N) * BLOCK_N
     hi = Nk
     if IS_CAUSAL:
-        full_hi = tl.minimum(full_hi, ((m0 + 1) // BLOCK_N) * BLOCK_N)
-        hi = tl.minimum(Nk, m0 + BLOCK_M)
-    dq = _dq_steps(dq, q, do, lse2, delta, k_base, v_base, msk_base, dm_base, offs_m, offs_d, offs_dv,
-                   0, full_hi, Nq, Nk, skn, skd, svn, svd, smm, smn, qk_scale,
+        full_hi, hi = _causal_fwd_range(m0, Nk, causal_off, BLOCK_M, BLOCK_N)
+    dq = _dq_steps(dq, q, do, m_row, log2_l, delta, k_base, v_base, msk_base, dm_base, offs_m, offs_d, offs_dv,
+                   0, full_hi, Nq, Nk, causal_off, skn, skd, svn, svd, smm, smn, scale,
                    D, DV, HAS_MASK, IS_CAUSAL, False, NEED_DMASK, PREC, BLOCK_N)
-    dq = _dq_steps(dq, q, do, lse2, delta, k_base, v_base, msk_base, dm_base, offs_m, offs_d, offs_dv,
-                   full_hi, hi, Nq, Nk, skn, skd, svn, svd, smm, smn, qk_scale,
+    dq = _dq_steps(dq, q, do, m_row, log2_l, delta, k_base, v_base, msk_base, dm_base, offs_m, offs_d, offs_dv,
+                   full_hi, hi, Nq, Nk, causal_off, skn, skd, svn, svd, smm, smn, scale,
                    D, DV, HAS_MASK, IS_CAUSAL, True, NEED_DMASK, PREC, BLOCK_N)
     tl.store(DQ + bh.to(tl.int64) * Nq * D + offs_m64[:, None] * D + offs_d[None, :],
              (dq * scale).to(DQ.dtype.element_ty), mask=qmask)
+
 
 
 _attn_fwd_tuned = triton.autotune(
@@ -644,6 +698,11 @@ def _mask_args(mask: Optional[Tensor], q: Tensor):
     return mask, tuple(mask.stride())
 
 
+def _causal_offset(S: _Shape, lower_right: bool) -> int:
+    """The diagonal of causal masking: key j is kept for query i iff j <= i + offset."""
+    return S.Nk - S.Nq if lower_right else 0
+
+
 def _meta(S: _Shape, q: Tensor, is_causal: bool, has_mask: bool) -> Dict:
     return dict(D=S.D, DV=S.Dv, BLOCK_D=_block_d(S.D), BLOCK_DV=_block_d(S.Dv),
                 IS_CAUSAL=bool(is_causal), HAS_MASK=has_mask, PREC=_dot_precision(q.dtype))
@@ -654,60 +713,76 @@ def _meta(S: _Shape, q: Tensor, is_causal: bool, has_mask: bool) -> Dict:
 # ------------------------------------------------------------------------------------------
 
 def attention_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], is_causal: bool,
-                  scale: float) -> Tuple[Tensor, Tensor]:
+                  scale: float, *, causal_lower_right: bool = False) -> Tuple[Tensor, Tensor]:
     """Flash-attention forward.
 
-    q [B, H, Nq, D], k [B, H, Nk, D], v [B, H, Nk, Dv], any strides (read in place). ``mask``:
-    None or an additive float32 / q-dtype mask of shape [B, H, Nq, Nk], typically an ``expand``
-    view (stride 0 on broadcast dims); may hold -inf. ``is_causal``: key j kept for query i iff
-    j <= i (not together with a mask). Returns ``(o, lse)``: o [B, H, Nq, Dv] contiguous in q's
-    dtype and lse [B, H, Nq] float32 (natural log); rows with every key masked give o = 0 and
-    lse = -inf.
+    q [B, H, Nq, D], k [B, Hkv, Nk, D], v [B, Hkv, Nk, Dv] with H a multiple of Hkv (grouped-
+    query attention: query head h reads kv head h // (H // Hkv); nothing is repeated), any
+    strides (read in place). ``mask``: None or an additive float32 / q-dtype mask of shape
+    [B, H, Nq, Nk], typically an ``expand`` view (stride 0 on broadcast dims); may hold -inf
+    and huge finite fills such as ``finfo.min``. ``is_causal``: key j kept for query i iff
+    j <= i (top-left diagonal), or iff j <= i + Nk - Nq with ``causal_lower_right`` (the
+    diagonal aligned to the last key, as FlashAttention >= 2.1); not together with a mask.
+
+    Returns ``(o, stats)``: o [B, H, Nq, Dv] contiguous in q's dtype and the softmax statistics
+    [B, H, Nq, 2] float32: ``stats[..., 0]`` the row maximum m of the scores and
+    ``stats[..., 1]`` the natural log of sum_j exp(S_ij - m), so lse = m + log-sum (see
+    :func:`lse_of`). They are kept apart because a finite fill absorbs the log-sum: with
+    every key of a row at -3.4e38 the lse rounds to m, while P = exp(S - m) / l needs both.
+    Rows with every key masked by -inf give o = 0 and m = log-sum = -inf.
     """
     fn = "attention_fwd"
     S = _check_qkv(q, k, v, fn)
     _check_mask(mask, q, S, is_causal, fn)
     B, H, Nq, Nk, D, Dv = S
     o = torch.empty(B, H, Nq, Dv, dtype=q.dtype, device=q.device)
-    lse = torch.empty(B, H, Nq, dtype=torch.float32, device=q.device)
+    stats = torch.empty(B, H, Nq, 2, dtype=torch.float32, device=q.device)
     if B * H * Nq == 0:
-        return o, lse
+        return o, stats
     if Nk == 0:
-        return o.zero_(), lse.fill_(float("-inf"))
-    scale = float(scale)
+        return o.zero_(), stats.fill_(float("-inf"))
     m, ms = _mask_args(mask, q)
     meta = _meta(S, q, is_causal, mask is not None)
     es = q.element_size()
-    args = (q, k, v, m, o, lse, *q.stride(), *k.stride(), *v.stride(), *ms, *o.stride(),
-            H, Nq, Nk, scale * _LOG2E_PY, _bucket(Nq), _bucket(Nk))
+    args = (q, k, v, m, o, stats, *q.stride(), *k.stride(), *v.stride(), *ms, *o.stride(),
+            H, H // k.shape[1], Nq, Nk, _causal_offset(S, causal_lower_right), float(scale),
+            _bucket(Nq), _bucket(Nk))
     with _device_guard(q):
         _launch(_attn_fwd_tuned, _attn_fwd_kernel, _fixed_fwd(meta["BLOCK_D"], meta["BLOCK_DV"], es),
                 lambda bm, bn: B * H * triton.cdiv(Nq, bm), args, meta)
-    return o, lse
+    return o, stats
 
 
-def attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
-                  mask: Optional[Tensor], is_causal: bool, scale: float, need_dmask: bool
-                  ) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
-    """Flash-attention backward from the forward's ``o`` and ``lse``.
+def lse_of(stats: Tensor) -> Tensor:
+    """The natural log-sum-exp [B, H, Nq] of each query row from :func:`attention_fwd`'s
+    statistics (-inf for rows with every key masked by -inf)."""
+    return stats[..., 0] + stats[..., 1]
+
+
+def attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, stats: Tensor,
+                  mask: Optional[Tensor], is_causal: bool, scale: float, need_dmask: bool, *,
+                  causal_lower_right: bool = False) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
+    """Flash-attention backward from the forward's ``o`` and ``stats``.
 
     Takes the forward's arguments plus ``do`` (shape of o, q's dtype, any strides), ``o`` and
-    ``lse`` as :func:`attention_fwd` returned them. Returns ``(dq, dk, dv, dmask)``: contiguous
-    gradients with the shapes and dtypes of q, k, v, and, if ``need_dmask``, dS = P * (dP - delta),
-    the gradient of an additive mask, as a contiguous float32 [B, H, Nq, Nk] tensor (to be summed
-    down to the mask's own shape by the caller); else None. Rows with every key masked
-    contribute nothing to any gradient.
+    ``stats`` as :func:`attention_fwd` returned them. Returns ``(dq, dk, dv, dmask)``:
+    contiguous gradients with the shapes and dtypes of q, k, v (dk and dv of a kv head summed
+    over the query heads of its group, in registers, without atomics), and, if ``need_dmask``,
+    dS = P * (dP - delta), the gradient of an additive mask, as a contiguous float32
+    [B, H, Nq, Nk] tensor (to be summed down to the mask's own shape by the caller); else
+    None. Rows with every key masked by -inf contribute nothing to any gradient.
     """
     fn = "attention_bwd"
     S = _check_qkv(q, k, v, fn)
     _check_mask(mask, q, S, is_causal, fn)
     B, H, Nq, Nk, D, Dv = S
+    Hkv = k.shape[1]
     _check_like(do, "do", (B, H, Nq, Dv), q.dtype, q.device, fn)
     _check_like(o, "o", (B, H, Nq, Dv), q.dtype, q.device, fn)
-    _check_like(lse, "lse", (B, H, Nq), torch.float32, q.device, fn)
+    _check_like(stats, "stats", (B, H, Nq, 2), torch.float32, q.device, fn)
     dq = torch.empty(B, H, Nq, D, dtype=q.dtype, device=q.device)
-    dk = torch.empty(B, H, Nk, D, dtype=k.dtype, device=k.device)
-    dv = torch.empty(B, H, Nk, Dv, dtype=v.dtype, device=v.device)
+    dk = torch.empty(B, Hkv, Nk, D, dtype=k.dtype, device=k.device)
+    dv = torch.empty(B, Hkv, Nk, Dv, dtype=v.dtype, device=v.device)
     dmask = None
     if need_dmask:
         # Causal blocks above the diagonal are never visited: their zeros must be there already.
@@ -717,23 +792,23 @@ def attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: T
         return dq, dk, dv, dmask
     if Nq == 0 or Nk == 0:
         return dq.zero_(), dk.zero_(), dv.zero_(), dmask
-    scale = float(scale)
-    lse = lse.contiguous()
+    stats = stats.contiguous()
     m, ms = _mask_args(mask, q)
     meta = _meta(S, q, is_causal, mask is not None)
     bd, bdv, es = meta["BLOCK_D"], meta["BLOCK_DV"], q.element_size()
     delta = torch.empty(B, H, Nq, dtype=torch.float32, device=q.device)
     common = (*q.stride(), *k.stride(), *v.stride(), *ms, *do.stride(),
-              H, Nq, Nk, scale * _LOG2E_PY, scale, _bucket(Nq), _bucket(Nk))
+              H, H // Hkv, Nq, Nk, _causal_offset(S, causal_lower_right), float(scale),
+              _bucket(Nq), _bucket(Nk))
     with _device_guard(q):
         _bwd_delta_kernel[(B * H * triton.cdiv(Nq, _PRE_BLOCK_M),)](
             o, do, delta, H, Nq, *o.stride(), *do.stride(),
             DV=Dv, BLOCK_DV=bdv, BLOCK_M=_PRE_BLOCK_M)
         _launch(_attn_bwd_dkv_tuned, _attn_bwd_dkv_kernel, _fixed_dkv(bd, bdv, es),
-                lambda bm, bn: B * H * triton.cdiv(Nk, bn),
-                (q, k, v, m, do, lse, delta, dk, dv, *common), meta)
+                lambda bm, bn: B * Hkv * triton.cdiv(Nk, bn),
+                (q, k, v, m, do, stats, delta, dk, dv, *common), meta)
         _launch(_attn_bwd_dq_tuned, _attn_bwd_dq_kernel, _fixed_dq(bd, bdv, es),
                 lambda bm, bn: B * H * triton.cdiv(Nq, bm),
-                (q, k, v, m, do, lse, delta, dq, dmask if dmask is not None else delta, *common),
+                (q, k, v, m, do, stats, delta, dq, dmask if dmask is not None else delta, *common),
                 dict(meta, NEED_DMASK=bool(need_dmask)))
     return dq, dk, dv, dmask

@@ -11,13 +11,15 @@ PyTorch path of :mod:`attnkern.explain.attention`:
 
 Math (S = scale * q k^T + mask, P = softmax(S) over keys, rows with no key kept give P = 0):
 
-- pass 1, ``_lse_kernel``: one program per (b, h, block of BLOCK_M queries) loops over the key
-  blocks with an online max and sum (as flash attention's forward) and writes
-  lse_i = log sum_j exp(S_ij), -inf for a row with no key kept. Scores are kept in base 2
-  (scaled by log2(e)) so the exponentials are ``exp2``; the buffer passed between the passes
-  holds the base-2 lse, :func:`row_lse` returns the natural one.
+- pass 1, ``_stats_kernel``: one program per (b, h, block of BLOCK_M queries) loops over the
+  key blocks with an online max and sum (as flash attention's forward) and writes each row's
+  score maximum m_i and log-sum log sum_j exp(S_ij - m_i) (both -inf for a row with no key
+  kept); lse = m + log-sum. The two are kept apart, and scores stay in natural units (only
+  differences S - m <= 0 are scaled by log2(e) for ``exp2``), because a finite fill such as
+  ``finfo.min`` would overflow to -inf when scaled and would absorb the log-sum: a row whose
+  keys all carry the fill is then uniform over them, as the softmax of the finite scores is.
 - pass 2, ``_received_kernel``: one program per (b, h, block of BLOCK_N keys) loops over the
-  query blocks, recomputes S for the tile and adds sum_i exp(S_ij - lse_i) into a register
+  query blocks, recomputes S for the tile and adds sum_i exp(S_ij - m_i) / l_i into a register
   accumulator of BLOCK_N floats; the result is divided by N_q (fully masked rows contribute
   0 and still count in N_q, as ``P.mean(dim=-2)`` of the reference). No atomics: every key is
   owned by one program and its sum runs over the query blocks in a fixed order, so two runs
@@ -40,7 +42,8 @@ Inputs:
 - ``mask``: None, or a [B, H, N_q, N_k] view (broadcast dimensions with stride 0, as
   :func:`attnkern.functional.broadcast_mask` gives) of a bool mask (True = keep) or of an
   additive float mask (float32 or q's dtype, added in float32); read through its strides.
-- ``is_causal``: key j kept for query i when j <= i (top-left aligned, as ATen).
+- ``is_causal``: key j kept for query i when j <= i (top-left aligned, as ATen), or when
+  j <= i + N_k - N_q with ``causal_lower_right`` (the diagonal aligned to the last key).
 
 Offsets are 64-bit (batch, head and token indices widened before they meet a stride); grids
 are one-dimensional. Block sizes depend on the shapes only (no autotuning, whose choice would
@@ -67,8 +70,6 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 #: The largest head dim (padded to a power of two inside the kernels).
 MAX_HEAD_DIM = 256
 
-_LOG2E = 1.4426950408889634
-_LN2 = 0.6931471805599453
 
 # mask kinds (constexpr)
 _NO_MASK, _BOOL_MASK, _ADD_MASK = 0, 1, 2
@@ -159,18 +160,19 @@ def _mask_args(q: Tensor, mask: Optional[Tensor]):
 # ------------------------------------------------------------------------------------------
 
 @triton.jit
-def _scores(q, kt, m_ptr, smb, smh, smq, smk, b, h, offs_m, offs_n, N_Q, N_K, qk_scale,
+def _scores(q, kt, m_ptr, smb, smh, smq, smk, b, h, offs_m, offs_n, N_Q, N_K, causal_off, scale,
             MASK: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr):
-    """Base-2 scores of a [BLOCK_M, BLOCK_N] tile: (scale * q k^T + mask) * log2(e), -inf where
-    the key is masked, causal-hidden or past N_K. Rows past N_Q are left finite (callers mask)."""
+    """Scores of a [BLOCK_M, BLOCK_N] tile in natural units, scale * q k^T + mask (a finite
+    fill such as finfo.min stays finite), -inf where the key is masked, causal-hidden (key >
+    query + causal_off) or past N_K. Rows past N_Q are left finite (callers mask)."""
     if IEEE:
         s = tl.dot(q.to(tl.float32), kt.to(tl.float32), input_precision="ieee")
     else:
         s = tl.dot(q, kt)
-    s = s * qk_scale
+    s = s * scale
     keep = (offs_n < N_K)[None, :]
     if CAUSAL:
-        keep = keep & (offs_n[None, :] <= offs_m[:, None])
+        keep = keep & (offs_n[None, :] <= offs_m[:, None] + causal_off)
     if MASK != 0:
         mp = (m_ptr + b * smb + h * smh + offs_m.to(tl.int64)[:, None] * smq
               + offs_n.to(tl.int64)[None, :] * smk)
@@ -179,17 +181,25 @@ def _scores(q, kt, m_ptr, smb, smh, smq, smk, b, h, offs_m, offs_n, N_Q, N_K, qk
             mv = tl.load(mp, mask=inb, other=1)
             keep = keep & (mv != 0)
         else:
-            s = s + tl.load(mp, mask=inb, other=0.0).to(tl.float32) * 1.4426950408889634
+            s = s + tl.load(mp, mask=inb, other=0.0).to(tl.float32)
     return tl.where(keep, s, float("-inf"))
 
 
 @triton.jit
-def _lse_kernel(q_ptr, k_ptr, m_ptr, lse_ptr,
-                sqb, sqh, sqn, sqd, skb, skh, skn, skd, smb, smh, smq, smk,
-                H, N_Q, N_K, D, NQB, qk_scale,
-                MASK: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DP: tl.constexpr):
-    """Base-2 log-sum-exp of BLOCK_M query rows of one (b, h) over all keys (online max/sum)."""
+def _exp2_diff(d):
+    """exp(d) for a score difference d <= 0, as exp2(d * log2(e)) with d raised to -1e38 first
+    so that the product stays finite (NaN stays NaN)."""
+    return tl.exp2(tl.where(d < -1e38, -1e38, d) * 1.4426950408889634)
+
+
+@triton.jit
+def _stats_kernel(q_ptr, k_ptr, m_ptr, stats_ptr,
+                  sqb, sqh, sqn, sqd, skb, skh, skn, skd, smb, smh, smq, smk,
+                  H, N_Q, N_K, D, NQB, causal_off, scale,
+                  MASK: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DP: tl.constexpr):
+    """Row maximum m and log-sum log(sum_j exp(S_ij - m)) of BLOCK_M query rows of one (b, h)
+    over all keys (online max/sum); both -inf for a row with no key kept."""
     pid = tl.program_id(0)
     qb = pid % NQB
     bh = (pid // NQB).to(tl.int64)
@@ -204,30 +214,32 @@ def _lse_kernel(q_ptr, k_ptr, m_ptr, lse_ptr,
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     hi = N_K
-    if CAUSAL:  # keys past the block's last query are hidden from all its rows
-        hi = tl.minimum(N_K, (qb + 1) * BLOCK_M)
+    if CAUSAL:  # keys past the block's last query (+ the diagonal's offset) are hidden from all its rows
+        hi = tl.minimum(N_K, tl.maximum((qb + 1) * BLOCK_M + causal_off, 0))
     for start in range(0, hi, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         kt = tl.load(kbase + offs_n.to(tl.int64)[None, :] * skn,
                      mask=(offs_d < D)[:, None] & (offs_n < N_K)[None, :], other=0.0)
-        s = _scores(q, kt, m_ptr, smb, smh, smq, smk, b, h, offs_m, offs_n, N_Q, N_K, qk_scale,
+        s = _scores(q, kt, m_ptr, smb, smh, smq, smk, b, h, offs_m, offs_n, N_Q, N_K, causal_off, scale,
                     MASK, CAUSAL, IEEE)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), 1)
+        l_i = l_i * _exp2_diff(m_i - m_safe) + tl.sum(_exp2_diff(s - m_safe[:, None]), 1)
         m_i = m_new
-    # l_i = 0 only where m_i = -inf (no key kept): lse = -inf there, without a log2(0)
-    lse = m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0))
-    tl.store(lse_ptr + bh * N_Q + offs_m, lse, mask=offs_m < N_Q)
+    # l_i = 0 only where m_i = -inf (no key kept): log-sum = -inf there, without a log(0)
+    log_l = tl.where(l_i > 0, tl.log(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
+    sp = stats_ptr + (bh * N_Q + offs_m) * 2
+    tl.store(sp, m_i, mask=offs_m < N_Q)
+    tl.store(sp + 1, log_l, mask=offs_m < N_Q)
 
 
 @triton.jit
-def _received_kernel(q_ptr, k_ptr, m_ptr, lse_ptr, out_ptr,
+def _received_kernel(q_ptr, k_ptr, m_ptr, stats_ptr, out_ptr,
                      sqb, sqh, sqn, sqd, skb, skh, skn, skd, smb, smh, smq, smk,
-                     H, N_Q, N_K, D, NKB, qk_scale, inv_nq,
+                     H, N_Q, N_K, D, NKB, causal_off, scale, inv_nq,
                      MASK: tl.constexpr, CAUSAL: tl.constexpr, IEEE: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DP: tl.constexpr):
-    """sum_i exp2(S2_ij - lse2_i) / N_Q for BLOCK_N keys of one (b, h), queries in order."""
+    """sum_i exp(S_ij - m_i) / l_i / N_Q for BLOCK_N keys of one (b, h), queries in order."""
     pid = tl.program_id(0)
     kb = pid % NKB
     bh = (pid // NKB).to(tl.int64)
@@ -241,19 +253,24 @@ def _received_kernel(q_ptr, k_ptr, m_ptr, lse_ptr, out_ptr,
     qbase = q_ptr + b * sqb + h * sqh + offs_d.to(tl.int64)[None, :] * sqd
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     lo = 0
-    if CAUSAL:  # queries before the block's first key see none of its keys
-        lo = ((kb * BLOCK_N) // BLOCK_M) * BLOCK_M
+    if CAUSAL:  # queries before the block's first key (- the diagonal's offset) see none of its keys
+        lo = (tl.maximum(kb * BLOCK_N - causal_off, 0) // BLOCK_M) * BLOCK_M
     for start in range(lo, N_Q, BLOCK_M):
         offs_m = start + tl.arange(0, BLOCK_M)
         in_q = offs_m < N_Q
         q = tl.load(qbase + offs_m.to(tl.int64)[:, None] * sqn,
                     mask=in_q[:, None] & (offs_d < D)[None, :], other=0.0)
-        lse = tl.load(lse_ptr + bh * N_Q + offs_m, mask=in_q, other=float("inf"))
-        # a row with no key kept (lse = -inf) and padding rows contribute exp2(-inf) = 0
-        lse = tl.where(lse == float("-inf"), float("inf"), lse)
-        s = _scores(q, kt, m_ptr, smb, smh, smq, smk, b, h, offs_m, offs_n, N_Q, N_K, qk_scale,
+        sp = stats_ptr + (bh * N_Q + offs_m) * 2
+        m = tl.load(sp, mask=in_q, other=float("-inf"))
+        log_l = tl.load(sp + 1, mask=in_q, other=float("-inf"))
+        # a row with no key kept (m = -inf) and padding rows contribute exp(-inf) = 0
+        empty = m == float("-inf")
+        m = tl.where(empty, 0.0, m)
+        log_l = tl.where(empty, float("inf"), log_l)
+        s = _scores(q, kt, m_ptr, smb, smh, smq, smk, b, h, offs_m, offs_n, N_Q, N_K, causal_off, scale,
                     MASK, CAUSAL, IEEE)
-        acc += tl.sum(tl.exp2(s - lse[:, None]), 0)
+        d = s - m[:, None]
+        acc += tl.sum(_exp2_diff(d) * tl.exp(-log_l)[:, None], 0)
     tl.store(out_ptr + bh * N_K + offs_n, acc * inv_nq, mask=offs_n < N_K)
 
 
@@ -261,38 +278,45 @@ def _received_kernel(q_ptr, k_ptr, m_ptr, lse_ptr, out_ptr,
 # launchers
 # ------------------------------------------------------------------------------------------
 
-def _lse2(q: Tensor, k: Tensor, mask: Optional[Tensor], is_causal: bool, scale: float,
-          plan: _Plan) -> Tensor:
+def _stats(q: Tensor, k: Tensor, mask: Optional[Tensor], is_causal: bool, causal_off: int, scale: float,
+           plan: _Plan) -> Tensor:
+    """[B, H, N_q, 2]: each row's score maximum m and log-sum log(sum_j exp(S_ij - m)), kept
+    apart because a finite fill (finfo.min) absorbs the log-sum in m + log-sum."""
     B, H, N_Q, D = q.shape
     N_K = k.shape[2]
-    lse = torch.empty(B, H, N_Q, dtype=torch.float32, device=q.device)
-    if lse.numel() == 0:
-        return lse
+    stats = torch.empty(B, H, N_Q, 2, dtype=torch.float32, device=q.device)
+    if stats.numel() == 0:
+        return stats
     m, smb, smh, smq, smk, kind = _mask_args(q, mask)
     nqb = triton.cdiv(N_Q, plan.block_m)
     with _device_guard(q):
-        _lse_kernel[(B * H * nqb,)](
-            q, k, m, lse, *q.stride(), *k.stride(), smb, smh, smq, smk,
-            H, N_Q, N_K, D, nqb, float(scale) * _LOG2E,
+        _stats_kernel[(B * H * nqb,)](
+            q, k, m, stats, *q.stride(), *k.stride(), smb, smh, smq, smk,
+            H, N_Q, N_K, D, nqb, int(causal_off), float(scale),
             MASK=kind, CAUSAL=bool(is_causal), IEEE=_ieee(q),
             BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, DP=plan.dp, num_warps=plan.num_warps)
-    return lse
+    return stats
+
+
+def _causal_off(q: Tensor, k: Tensor, lower_right: bool) -> int:
+    return k.shape[2] - q.shape[2] if lower_right else 0
 
 
 def row_lse(q: Tensor, k: Tensor, mask: Optional[Tensor] = None, is_causal: bool = False,
             scale: Optional[float] = None, *, block_m: Optional[int] = None,
-            block_n: Optional[int] = None) -> Tensor:
+            block_n: Optional[int] = None, causal_lower_right: bool = False) -> Tensor:
     """The natural log-sum-exp of the scores of every query row: [B, H, N_q] float32, -inf for
     rows with no key kept (pass 1 alone)."""
     _check("row_lse", q, k, mask, is_causal)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     plan = _Plan(q.shape[2], k.shape[2], q.shape[3], block_m, block_n)
-    return _lse2(q, k, mask, is_causal, scale, plan) * _LN2
+    stats = _stats(q, k, mask, is_causal, _causal_off(q, k, causal_lower_right), scale, plan)
+    return stats[..., 0] + stats[..., 1]
 
 
 def received(q: Tensor, k: Tensor, mask: Optional[Tensor] = None, is_causal: bool = False,
              scale: Optional[float] = None, *, block_m: Optional[int] = None,
-             block_n: Optional[int] = None) -> Tensor:
+             block_n: Optional[int] = None, causal_lower_right: bool = False) -> Tensor:
     """The attention each key receives, averaged over the N_q queries: [B, H, N_k] float32.
 
     ``mask`` is None or a [B, H, N_q, N_k] (broadcast) view, bool or additive float; see the
@@ -305,13 +329,14 @@ def received(q: Tensor, k: Tensor, mask: Optional[Tensor] = None, is_causal: boo
     out = torch.empty(B, H, N_K, dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out
-    lse2 = _lse2(q, k, mask, is_causal, scale, plan)
+    off = _causal_off(q, k, causal_lower_right)
+    stats = _stats(q, k, mask, is_causal, off, scale, plan)
     m, smb, smh, smq, smk, kind = _mask_args(q, mask)
     nkb = triton.cdiv(N_K, plan.block_n)
     with _device_guard(q):
         _received_kernel[(B * H * nkb,)](
-            q, k, m, lse2, out, *q.stride(), *k.stride(), smb, smh, smq, smk,
-            H, N_Q, N_K, D, nkb, scale * _LOG2E, 1.0 / N_Q,
+            q, k, m, stats, out, *q.stride(), *k.stride(), smb, smh, smq, smk,
+            H, N_Q, N_K, D, nkb, off, scale, 1.0 / N_Q,
             MASK=kind, CAUSAL=bool(is_causal), IEEE=_ieee(q),
             BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, DP=plan.dp, num_warps=plan.num_warps)
     return out

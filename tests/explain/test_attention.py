@@ -347,17 +347,17 @@ def test_bad_inputs():
         A.attention_rows(q, k, [])
     mask = torch.ones(5, 6, dtype=torch.bool)
     for fn, args in ((A.attention_received, ()), (A.attention_rows, (0,))):
-        with pytest.raises(ValueError, match="not both"):
+        with pytest.raises(RuntimeError, match="not both"):
             fn(q, k, *args, mask, is_causal=True)
-        with pytest.raises(ValueError, match="attn_mask of shape \\(4, 6\\)"):
+        with pytest.raises(RuntimeError, match="attn_mask of shape \\(4, 6\\)"):
             fn(q, k, *args, torch.ones(4, 6, dtype=torch.bool))
-        with pytest.raises(TypeError, match="attn_mask must be bool"):
+        with pytest.raises(RuntimeError, match="attn_mask must be bool"):
             fn(q, k, *args, torch.ones(5, 6, dtype=torch.int64))
-        with pytest.raises(ValueError, match="q must be a 4-D"):
-            fn(q[0], k, *args)
-        with pytest.raises(TypeError, match="one dtype"):
+        with pytest.raises(RuntimeError, match="at least 2 dimensions"):
+            fn(q[0, 0, 0], k, *args)
+        with pytest.raises(RuntimeError, match="one dtype"):
             fn(q, k.half(), *args)
-        with pytest.raises(ValueError, match="head dim"):
+        with pytest.raises(RuntimeError, match="head dim"):
             fn(q, k[..., :8], *args)
         with pytest.raises(ValueError, match="at least one token"):
             fn(q[:, :, :0], k, *args) if fn is A.attention_received else fn(q, k[:, :, :0], *args)
@@ -446,3 +446,94 @@ def test_received_memory_is_linear():
     assert growth < 256, f"attention_received at N={N} grew the peak RSS by {growth:.0f} MiB ({line})"
     # each of the N rows is a distribution (no mask): the map sums to 1
     assert abs(total - 1.0) < 1e-3, line
+
+
+# ------------------------------------------------------------------------------------------
+# huge finite additive masks, any rank, CausalBias
+# ------------------------------------------------------------------------------------------
+
+def _filled(fill, n_q, n_k, dtype=F32, full_rows=(4,), pad_from=9, lead=(1, 2)):
+    m = torch.zeros(*lead, n_q, n_k, dtype=dtype)
+    m[..., pad_from:] = fill
+    for r in full_rows:
+        m[..., r, :] = fill
+    return m
+
+
+def _probs64(q, k, mask, score_dtype):
+    """The float64 softmax of the scores q k^T / sqrt(D) + mask as a kernel that accumulates in
+    ``score_dtype`` forms them (the fill absorbs q.k where that dtype's ulp exceeds it)."""
+    d = torch.float64
+    s = (q.to(d) @ k.to(d).transpose(-2, -1)) / q.shape[-1] ** 0.5 + mask.to(d)
+    return torch.softmax(s.to(score_dtype).to(d), dim=-1)
+
+
+@pytest.mark.parametrize("fill", ["finfo_min", "-1e9"])
+def test_finite_fill_issue_case(fill, backend):
+    """The issue's case: q [1, 2, 5, 16], k [1, 2, 12, 16], the fill on keys 9..11 of every row
+    and on every key of row 4. Row 4 is uniform (1/12 per key, sums to 1, not 12), and the
+    received map is the mean of the float64 softmax of the float32 scores."""
+    dev = _device(backend)
+    q, k = make_qk(1, 2, 5, 12, 16, F32, seed=40, spread=1.0)
+    value = torch.finfo(F32).min if fill == "finfo_min" else -1e9
+    mask = _filled(value, 5, 12)
+    p64 = _probs64(q, k, mask, F32)
+    rows = A.attention_rows(q.to(dev), k.to(dev), [3, 4], attn_mask=mask.to(dev)).cpu()
+    assert_close(rows[:, :, 1], torch.full((1, 2, 12), 1 / 12, dtype=torch.float64), dtype=F32, name="row 4")
+    assert_close(rows, p64[:, :, [3, 4]], dtype=F32, name="rows")
+    for block in (4, 1024):
+        rec = A.attention_received(q.to(dev), k.to(dev), attn_mask=mask.to(dev), block=block).cpu()
+        assert_close(rec, p64.mean(dim=-2), dtype=F32, name=f"received block={block}")
+    check(rec, R.attention_received, q, k, mask, False, name="received vs reference")
+
+
+@pytest.mark.parametrize("dtype", [F16, BF16], ids=["fp16", "bf16"])
+def test_finite_fill_of_the_input_dtype(dtype, backend):
+    """Masks in q's half dtype filled with its finfo.min, fully and partly masked rows, over
+    several tiles (block 16); the tolerance rule against the float64 / float32 references."""
+    dev = _device(backend)
+    q, k = make_qk(2, 3, 40, 33, 16, dtype, seed=41)
+    mask = _filled(torch.finfo(dtype).min, 40, 33, dtype, full_rows=(0, 20, 39), pad_from=25, lead=(2, 1))
+    rec = A.attention_received(q.to(dev), k.to(dev), attn_mask=mask.to(dev), block=16)
+    check(rec, R.attention_received, q, k, mask, False, name="received")
+    rows = A.attention_rows(q.to(dev), k.to(dev), [0, 5, 20], attn_mask=mask.to(dev))
+    check(rows, R.attention_rows, q, k, mask, False, rows=torch.tensor([0, 5, 20]), name="rows")
+
+
+@pytest.mark.parametrize("shapes", [((3, 7, 16), (3, 9, 16)), ((2, 2, 3, 7, 16), (1, 2, 3, 9, 16)),
+                                    ((7, 16), (9, 16))], ids=["3d", "5d-broadcast", "2d"])
+def test_any_rank(shapes, backend):
+    """Inputs of rank 2, 3 and 5 with broadcast batch dims: the maps have the broadcast batch
+    shape and equal the reference computed on the inputs expanded to 4-D."""
+    dev = _device(backend)
+    g = torch.Generator().manual_seed(42)
+    q, k = (torch.randn(s, generator=g) for s in shapes)
+    batch = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2])
+    q4 = q.expand(*batch, *q.shape[-2:]).reshape(-1, 1, *q.shape[-2:]) if len(batch) else q[None, None]
+    k4 = k.expand(*batch, *k.shape[-2:]).reshape(-1, 1, *k.shape[-2:]) if len(batch) else k[None, None]
+    rec = A.attention_received(q.to(dev), k.to(dev), block=4)
+    assert rec.shape == batch + (k.shape[-2],)
+    check(rec.reshape(-1, 1, k.shape[-2]), R.attention_received, q4, k4, None, False, name="received")
+    rows = A.attention_rows(q.to(dev), k.to(dev), [0, -1])
+    assert rows.shape == batch + (2, k.shape[-2])
+    check(rows.reshape(-1, 1, 2, k.shape[-2]), R.attention_rows, q4, k4, None, False,
+          rows=torch.tensor([0, -1]), name="rows")
+
+
+@pytest.mark.parametrize("variant,n_q,n_k", [("upper_left", 40, 33), ("lower_right", 17, 40),
+                                             ("lower_right", 40, 17)], ids=["ul", "lr-wide", "lr-tall"])
+def test_causal_bias(variant, n_q, n_k, backend):
+    """A CausalBias as attn_mask: the maps equal the reference with the explicit boolean mask
+    (rows that see no key are zeros), several tiles and ragged edges (block 16)."""
+    from torch.nn.attention.bias import causal_lower_right, causal_upper_left
+
+    from attnkern.reference.attention import causal_mask
+
+    dev = _device(backend)
+    q, k = make_qk(2, 2, n_q, n_k, 16, F32, seed=43)
+    bias = (causal_upper_left if variant == "upper_left" else causal_lower_right)(n_q, n_k)
+    keep = causal_mask(n_q, n_k, lower_right=variant == "lower_right")
+    rec = A.attention_received(q.to(dev), k.to(dev), attn_mask=bias, block=16)
+    check(rec, R.attention_received, q, k, keep, False, name="received")
+    rows = A.attention_rows(q.to(dev), k.to(dev), [0, n_q - 1], attn_mask=bias)
+    check(rows, R.attention_rows, q, k, keep, False, rows=torch.tensor([0, n_q - 1]), name="rows")

@@ -1,6 +1,7 @@
 """attnkern.Attention against timm's ViT Attention: same arguments, state_dict keys, outputs
 and gradients; convert() on whole timm ViTs; the q/k kept for attention maps."""
 import copy
+import functools
 
 import pytest
 import timm
@@ -131,3 +132,82 @@ def test_bad_input():
         attnkern.Attention(32, qk_norm=True)
     with pytest.raises(ValueError, match=r"x must be \[B, N, C\]"):
         attnkern.Attention(32, num_heads=4)(torch.randn(2, 32))
+
+
+def test_constructor_takes_timms_arguments():
+    """attnkern.Attention takes exactly the arguments of the installed timm's Attention."""
+    import inspect
+
+    def params(cls):
+        return [(p.name, p.default, p.kind) for p in inspect.signature(cls.__init__).parameters.values()]
+
+    assert params(attnkern.Attention) == params(TimmAttention)
+
+
+class _ScaledRms(nn.Module):
+    """A norm layer with its own constructor arguments (eps, a fixed gain), as users pass."""
+
+    def __init__(self, dim, eps=1e-6, gain=1.0, device=None, dtype=None):
+        super().__init__()
+        self.eps, self.gain = eps, gain
+        self.weight = nn.Parameter(torch.randn(dim, device=device, dtype=dtype))
+
+    def forward(self, x):
+        return self.gain * self.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+
+
+CONVERT_OPTIONS = [
+    dict(qk_norm=True, norm_layer=functools.partial(_ScaledRms, eps=1e-2, gain=3.0)),
+    dict(qk_norm=True, scale_norm=True, norm_layer=functools.partial(nn.LayerNorm, eps=0.3,
+                                                                     elementwise_affine=False)),
+    dict(proj_bias=False, qkv_bias=True, gated=True),
+    dict(attn_head_dim=20, dim_out=12, qk_norm=True, norm_layer=functools.partial(nn.RMSNorm, eps=0.5)),
+]
+
+
+@pytest.mark.parametrize("opts", CONVERT_OPTIONS, ids=["custom-norm", "ln-eps", "no-proj-bias-gated", "rmsnorm-head-dim20"])
+def test_convert_keeps_every_configuration(opts):
+    """convert() takes over timm's layer objects, so non-default constructor arguments of the
+    small layers (a norm layer's eps, a custom norm class) survive: the converted module
+    computes what the original does (float64, output and every gradient)."""
+    torch.manual_seed(5)
+    theirs = TimmAttention(32, num_heads=4, **opts).double().eval()
+    with torch.no_grad():
+        for p in theirs.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    ours = attnkern.convert(copy.deepcopy(theirs))
+    assert isinstance(ours, attnkern.Attention)
+    x = torch.randn(2, 9, 32, dtype=torch.float64)
+    g = torch.randn(2, 9, opts.get("dim_out", 32), dtype=torch.float64)
+    out, grads = _grads(ours, x, g)
+    r_out, r_grads = _grads(theirs, x, g)
+    torch.testing.assert_close(out, r_out, rtol=1e-10, atol=1e-12)
+    for a, r in zip(grads, r_grads):
+        torch.testing.assert_close(a, r, rtol=1e-9, atol=1e-12)
+
+
+def test_convert_uses_timms_scale_on_its_explicit_path():
+    torch.manual_seed(6)
+    theirs = TimmAttention(16, num_heads=2).double().eval()
+    theirs.fused_attn = False
+    theirs.scale = 0.05  # the explicit path multiplies by m.scale; the fused one ignores it
+    ours = attnkern.Attention.from_timm(copy.deepcopy(theirs))
+    x = torch.randn(1, 5, 16, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), theirs(x), rtol=1e-10, atol=1e-12)
+
+
+def test_convert_refuses_what_it_cannot_reproduce():
+    """A timm Attention with a submodule the converter does not know, or a forward hook, is
+    left unconverted with a warning that says why; from_timm raises."""
+    extra = TimmAttention(16, num_heads=2)
+    extra.rope = nn.Linear(8, 8)
+    hooked = TimmAttention(16, num_heads=2)
+    hooked.register_forward_hook(lambda mod, args, out: out * 2)
+    for m, why in ((extra, "submodules this converter does not know"), (hooked, "forward hooks")):
+        parent = nn.Sequential(m)
+        with pytest.warns(UserWarning, match=why):
+            attnkern.convert(parent)
+        assert parent[0] is m
+        with pytest.raises(ValueError, match="left unconverted"):
+            attnkern.Attention.from_timm(m)

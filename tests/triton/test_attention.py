@@ -87,9 +87,10 @@ def _make_mask(kind, B, H, Nq, Nk, dtype, device, seed=1):
     return m, add
 
 
-def _reference(q, k, v, attn_mask, is_causal, scale, do, dtype, mask_grad=False):
+def _reference(q, k, v, attn_mask, is_causal, scale, do, dtype, mask_grad=False, gqa=False):
     """(high-precision results, same-dtype results or None): each a dict of o, lse, dq, dk, dv
-    and dmask (the gradient of ``attn_mask`` if ``mask_grad``)."""
+    and dmask (the gradient of ``attn_mask`` if ``mask_grad``); ``gqa``: k and v have fewer
+    heads (repeated by the reference; their gradients summed over each group by autograd)."""
     hi = torch.float64 if dtype == F32 else F32
 
     def run(dt, upcast):
@@ -97,7 +98,7 @@ def _reference(q, k, v, attn_mask, is_causal, scale, do, dtype, mask_grad=False)
         m = attn_mask
         if mask_grad:
             m = attn_mask.detach().to(torch.float64 if dt == torch.float64 else F32).requires_grad_()
-        o, lse = ref.scaled_dot_product_attention(*leaves, m, 0.0, is_causal, scale,
+        o, lse = ref.scaled_dot_product_attention(*leaves, m, 0.0, is_causal, scale, gqa,
                                                   upcast=upcast, return_lse=True)
         o.backward(do.to(dt))
         r = dict(o=o.detach(), lse=lse.detach(), dq=leaves[0].grad, dk=leaves[1].grad, dv=leaves[2].grad)
@@ -122,9 +123,9 @@ def _run(tk, q, k, v, add, is_causal, scale, do, need_dmask=False):
     B, H, Nq, _ = q.shape
     Nk = k.shape[2]
     full = add.expand(B, H, Nq, Nk) if add is not None else None
-    o, lse = tk.attention_fwd(q, k, v, full, is_causal, scale)
-    dq, dk, dv, dmask = tk.attention_bwd(do, q, k, v, o, lse, full, is_causal, scale, need_dmask)
-    return dict(o=o, lse=lse, dq=dq, dk=dk, dv=dv, dmask=dmask)
+    o, stats = tk.attention_fwd(q, k, v, full, is_causal, scale)
+    dq, dk, dv, dmask = tk.attention_bwd(do, q, k, v, o, stats, full, is_causal, scale, need_dmask)
+    return dict(o=o, lse=tk.lse_of(stats), dq=dq, dk=dk, dv=dv, dmask=dmask)
 
 
 def _sum_to(t, shape):
@@ -277,9 +278,9 @@ def test_fully_masked_rows_give_zeros(tk, device, dtype):
 
 def test_no_keys(tk, device):
     q, k, v = _qkv(1, 2, 5, 0, 16, 8, F32, device)
-    o, lse = tk.attention_fwd(q, k, v, None, False, 0.25)
-    assert o.shape == (1, 2, 5, 8) and (o == 0).all() and torch.isneginf(lse).all()
-    dq, dk, dv, _ = tk.attention_bwd(torch.ones_like(o), q, k, v, o, lse, None, False, 0.25, False)
+    o, stats = tk.attention_fwd(q, k, v, None, False, 0.25)
+    assert o.shape == (1, 2, 5, 8) and (o == 0).all() and torch.isneginf(tk.lse_of(stats)).all()
+    dq, dk, dv, _ = tk.attention_bwd(torch.ones_like(o), q, k, v, o, stats, None, False, 0.25, False)
     assert (dq == 0).all() and dk.shape == k.shape and dv.shape == v.shape
 
 
@@ -422,9 +423,9 @@ def test_argument_errors_name_the_argument(tk, device):
         tk.attention_fwd(q.double(), k.double(), v.double(), None, False, 1.0)
     with pytest.raises(TypeError, match="v must have q's dtype"):
         tk.attention_fwd(q, k, v.half(), None, False, 1.0)
-    with pytest.raises(ValueError, match=r"k must be \[B, H, Nk, D\]"):
+    with pytest.raises(ValueError, match=r"k must be \[B, Hkv, Nk, D\]"):
         tk.attention_fwd(q, k[..., :8], v, None, False, 1.0)
-    with pytest.raises(ValueError, match=r"v must be \[B, H, Nk, Dv\]"):
+    with pytest.raises(ValueError, match=r"v must be \[B, Hkv, Nk, Dv\]"):
         tk.attention_fwd(q, k, v[:, :, :4], None, False, 1.0)
     with pytest.raises(ValueError, match="head dim of q and k must be in 1..256"):
         big = torch.zeros(1, 1, 4, 257, device=device)
@@ -435,11 +436,91 @@ def test_argument_errors_name_the_argument(tk, device):
         tk.attention_fwd(q, k, v, full[:, :1], False, 1.0)
     with pytest.raises(ValueError, match="either mask or is_causal"):
         tk.attention_fwd(q, k, v, full, True, 1.0)
-    o, lse = tk.attention_fwd(q, k, v, None, False, 1.0)
+    o, stats = tk.attention_fwd(q, k, v, None, False, 1.0)
     with pytest.raises(ValueError, match="do must be a torch.float32 tensor of shape"):
-        tk.attention_bwd(o[:, :1], q, k, v, o, lse, None, False, 1.0, False)
-    with pytest.raises(ValueError, match="lse must be a torch.float32 tensor"):
-        tk.attention_bwd(o, q, k, v, o, lse.half(), None, False, 1.0, False)
+        tk.attention_bwd(o[:, :1], q, k, v, o, stats, None, False, 1.0, False)
+    with pytest.raises(ValueError, match="stats must be a torch.float32 tensor"):
+        tk.attention_bwd(o, q, k, v, o, stats.half(), None, False, 1.0, False)
     if device.type == "cpu":
         with pytest.raises(ValueError, match="k must be on q's device"):
             tk.attention_fwd(q, k.to("meta"), v, None, False, 1.0)
+
+
+# ------------------------------------------------------------------------------------------
+# finite fills, grouped-query attention, the lower-right causal diagonal
+# ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fill", [torch.finfo(torch.float32).min, -1e9], ids=["finfo_min", "-1e9"])
+def test_finite_fill_rows(tk, device, fill):
+    """Every key of some rows (and the last keys of all rows) filled with a huge finite value:
+    the kernels never scale the fill by log2(e) (finfo.min would become -inf) and keep the row
+    maximum apart from the log-sum (which the fill would absorb), so those rows are uniform
+    forward and their gradients are the float64 reference's autograd."""
+    B, H, Nq, Nk, D = 1, 2, 40, 45, 16
+    q, k, v = _qkv(B, H, Nq, Nk, D, D, F32, device, seed=50)
+    do = torch.randn(B, H, Nq, D, generator=_gen(51)).to(device)
+    add = torch.zeros(1, 1, Nq, Nk, device=device)
+    add[..., 35:] = fill
+    add[..., [0, 4, 33], :] = fill  # rows in the first and last query tiles
+    got = _run(tk, q, k, v, add, False, 0.25, do, need_dmask=True)
+    for name, t in got.items():
+        assert torch.isfinite(t).all(), name
+    assert_close(got["o"][:, :, 4], v.double().mean(dim=2), dtype=F32, name="filled row = mean of v")
+    high, low = _reference(q, k, v, add, False, 0.25, do, F32, mask_grad=True)
+    _compare(got, high, low, F32, ["o", "dq", "dk", "dv"])
+    assert_close(_sum_to(got["dmask"], add.shape), high["dmask"], low["dmask"], dtype=F32, grad=True, name="dmask")
+
+
+@pytest.mark.parametrize("dtype,causal", [(F32, False), (F16, True), (BF16, False)], ids=["fp32", "fp16-causal", "bf16"])
+def test_grouped_query_attention(tk, device, dtype, causal):
+    """k and v with fewer heads (H = 6 query heads, 2 kv heads): query head h reads kv head
+    h // 3; dk and dv are the sums over each group (against the reference on repeated k, v)."""
+    B, H, Hkv, Nq, Nk, D = 2, 6, 2, 33, 40, 16
+    g = _gen(52)
+    q = torch.randn(B, H, Nq, D, generator=g).to(dtype).to(device)
+    k = torch.randn(B, Hkv, Nk, D, generator=g).to(dtype).to(device)
+    v = torch.randn(B, Hkv, Nk, D, generator=g).to(dtype).to(device)
+    do = torch.randn(B, H, Nq, D, generator=g).to(dtype).to(device)
+    got = _run(tk, q, k, v, None, causal, 0.25, do)
+    assert got["dk"].shape == k.shape and got["dv"].shape == v.shape
+    high, low = _reference(q, k, v, None, causal, 0.25, do, dtype, gqa=True)
+    _compare(got, high, low, dtype, ["o", "lse", "dq", "dk", "dv"])
+
+
+@pytest.mark.parametrize("Nq,Nk", [(17, 50), (50, 17), (33, 33), (1, 40)], ids=["wide", "tall", "square", "one-query"])
+def test_causal_lower_right(tk, device, Nq, Nk):
+    """The diagonal aligned to the last key (key j kept for query i iff j <= i + Nk - Nq), with
+    the blocks above it skipped: against the reference with the explicit mask; rows that see no
+    key (Nq > Nk) give zeros and no gradient."""
+    B, H, D = 1, 2, 16
+    q, k, v = _qkv(B, H, Nq, Nk, D, D, F32, device, seed=53)
+    do = torch.randn(B, H, Nq, D, generator=_gen(54)).to(device)
+    o, stats = tk.attention_fwd(q, k, v, None, True, 0.25, causal_lower_right=True)
+    dq, dk, dv, _ = tk.attention_bwd(do, q, k, v, o, stats, None, True, 0.25, False, causal_lower_right=True)
+    got = dict(o=o, lse=tk.lse_of(stats), dq=dq, dk=dk, dv=dv)
+    keep = ref.causal_mask(Nq, Nk, device, lower_right=True)
+    high, low = _reference(q, k, v, keep, False, 0.25, do, F32)
+    seen = keep.any(-1)
+    _compare({n: t for n, t in got.items() if n != "lse"}, high, low, F32, ["o", "dq", "dk", "dv"])
+    assert_close(got["lse"][..., seen], high["lse"][..., seen], low["lse"][..., seen], dtype=F32, name="lse")
+    assert (got["o"][..., ~seen, :] == 0).all() and (got["dq"][..., ~seen, :] == 0).all()
+
+
+@pytest.mark.skipif(not INTERPRET, reason="concerns Triton's interpreter only")
+def test_interpreter_rounds_bf16_casts_to_nearest_even():
+    """The test harness (tests/_triton_interpreter.py, imported by the root conftest) makes the
+    interpreter's float32 -> bfloat16 casts round to nearest even, as compiled Triton and torch do."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def cast(X, Y, N: tl.constexpr):
+        o = tl.arange(0, N)
+        tl.store(Y + o, tl.load(X + o).to(tl.bfloat16))
+
+    x = torch.randn(1024, generator=_gen(55))
+    x[:4] = torch.tensor([1.0 + 2 ** -8, 1.0 + 3 * 2 ** -8, float("inf"), float("nan")])  # ties, inf, nan
+    y = torch.empty(1024, dtype=BF16)
+    cast[(1,)](x, y, N=1024)
+    want = x.to(BF16)
+    assert torch.equal(y[:3], want[:3]) and torch.isnan(y[3]) and torch.equal(y[4:], want[4:])
