@@ -97,10 +97,14 @@ _INTERP_DKV = (16, 32)
 _INTERP_DQ = (32, 16)
 _PRE_BLOCK_M = 64           # rows per program of the delta pre-pass
 
-# Budgets of the autotune pruning (H100: 227 KiB of shared memory per block, 255 registers
-# per thread); estimates, not exact, chosen with headroom.
-_SMEM_BUDGET = 200 * 1024
-_REG_BUDGET = 160           # float32 accumulator/tile words per thread
+# Budgets of the autotune pruning. Shared memory: the device's own limit per block (A100 163 KiB,
+# H100/H200 227 KiB; the A100's when no device answers, e.g. compiling ahead of time), against
+# estimates that undercount what Triton allocates by up to a quarter (an estimated 180 KiB
+# forward tile took 224 KiB on sm_80 and 256 KiB on sm_90), hence the margin. Registers: 255 per
+# thread; the estimate counts float32 accumulator/tile words per thread.
+_SMEM_FALLBACK = 163 * 1024
+_SMEM_MARGIN = 1.25
+_REG_BUDGET = 160
 
 
 # ------------------------------------------------------------------------------------------
@@ -290,6 +294,14 @@ _DKV_CONFIGS = _configs([(32, 128), (32, 64), (64, 64), (64, 128), (32, 32), (16
 _DQ_CONFIGS = _configs([(128, 32), (64, 32), (64, 64), (128, 64), (32, 32), (32, 16)], [4, 8], [2, 3])
 
 
+def _smem_budget(q) -> int:
+    """Shared memory per block of q's device (opt-in maximum), or the A100's."""
+    try:
+        return int(torch.cuda.get_device_properties(q.device).shared_memory_per_block_optin)
+    except Exception:  # no device (ahead-of-time compiles, the interpreter): the smallest target
+        return _SMEM_FALLBACK
+
+
 def _make_pruner(smem, regs, fixed):
     """An ``early_config_prune`` keeping the configs whose estimated shared memory and register
     use fit, at most 8 (the largest tiles first); the fixed config if none fits."""
@@ -297,10 +309,13 @@ def _make_pruner(smem, regs, fixed):
     def prune(configs, named_args, **kwargs):
         bd, bdv = kwargs["BLOCK_D"], kwargs["BLOCK_DV"]
         es = _esize(named_args, kwargs)
+        budget = _smem_budget(named_args.get("Q"))
         keep = []
-        for cfg in configs:
+        # float32 runs tl.dot on the FMA path, operands in registers: only the fixed tile, chosen
+        # from ptxas' figures, compiles without spills; the tuner gets it alone.
+        for cfg in configs if es == 2 else []:
             c = _Fixed(cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.num_warps, cfg.num_stages)
-            if smem(c, bd, bdv, es) <= _SMEM_BUDGET and regs(c, bd, bdv, es) <= _REG_BUDGET:
+            if smem(c, bd, bdv, es) * _SMEM_MARGIN <= budget and regs(c, bd, bdv, es) <= _REG_BUDGET:
                 keep.append(cfg)
         keep.sort(key=lambda cfg: -cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_N"])
         keep = keep[:8]

@@ -143,7 +143,9 @@ class _Plan:
         # no bigger than the (padded) sequence, but at least 16 (tl.dot's smallest tile)
         self.block_m = max(16, min(bm, triton.next_power_of_2(n_q)))
         self.block_n = max(16, min(bn, triton.next_power_of_2(n_k)))
-        self.num_warps = 8 if self.dp * max(self.block_m, self.block_n) >= 128 * 64 else 4
+        # 8 warps from a 64 x 64 tile of a 64-wide head on: with 4, ptxas spills the float32
+        # score tile of the received pass (about 480 bytes a thread on sm_80 and sm_90)
+        self.num_warps = 8 if self.dp * max(self.block_m, self.block_n) >= 64 * 64 else 4
 
 
 def _mask_args(q: Tensor, mask: Optional[Tensor]):
