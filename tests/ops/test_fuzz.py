@@ -28,7 +28,7 @@ from attnkern.nn import BAM, CBAM, SqueezeExcite
 from attnkern.reference import bam as ref_bam
 from attnkern.reference import cbam as ref_cbam
 from attnkern.reference import se as ref_se
-from tests.tolerance import assert_close
+from tests.tolerance import GradTerms, assert_close, term_error_bounds
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 LAYOUTS = ["contiguous", "channels_last", "sliced", "permuted", "step", "expanded"]
@@ -124,11 +124,16 @@ def check_block(ours, ref_module, case):
 
     out, grads = run_view(ours, leaf, case, g)
     hi = torch.float64 if dtype in (torch.float32, torch.float64) else torch.float32
-    h_out, h_grads = run_view(copy.deepcopy(ref_module).to(hi), leaf.to(hi), case, g.to(hi))
+    hi_module = copy.deepcopy(ref_module).to(hi)
+    rec_hi = GradTerms(hi_module)
+    h_out, h_grads = run_view(hi_module, leaf.to(hi), case, g.to(hi))
     if dtype == torch.float64:
-        s_out, s_grads = None, [None] * len(h_grads)
+        s_out, s_grads, terms = None, [None] * len(h_grads), {}
     else:
-        s_out, s_grads = run_view(copy.deepcopy(ref_module).to(dtype), leaf, case, g)
+        same_module = copy.deepcopy(ref_module).to(dtype)
+        rec_same = GradTerms(same_module)
+        s_out, s_grads = run_view(same_module, leaf, case, g)
+        terms = term_error_bounds(rec_hi, rec_same)
 
     x = view_of(leaf, case)
     assert out.dtype == dtype and out.shape == x.shape
@@ -139,7 +144,8 @@ def check_block(ours, ref_module, case):
     scale = max(float(gr.abs().max()) for gr in h_grads[1:])
     names = [n for n, _ in ours.named_parameters()]
     for i, name in enumerate(names, start=1):
-        assert_close(grads[i], h_grads[i], s_grads[i], dtype=dtype, grad=True, name=name, scale=scale)
+        assert_close(grads[i], h_grads[i], s_grads[i], dtype=dtype, grad=True, name=name, scale=scale,
+                     terms=terms.get(name))
 
 
 def forced(backend: str):
