@@ -79,7 +79,7 @@ def save_heatmap(path: str, thumbnail: np.ndarray, heat: np.ndarray, mask: np.nd
     cax = fig.add_axes([(w / dpi + 0.15) / W, 0.1, 0.18 / W, 0.8 * (h / dpi) / H])
     pad = 0.0 if hi > lo else max(abs(lo), 1.0) * 1e-3  # a constant map: every tile the low colour
     sm = ScalarMappable(norm=Normalize(vmin=lo, vmax=hi + 2 * pad), cmap=cmap)
-    bar = fig.colorbar(sm, cax=cax, label=label + (f" (blended at alpha {alpha:g})" if alpha < 1 else ""))
+    bar = fig.colorbar(sm, cax=cax, label=label)
     bar.formatter.set_useOffset(False)
     bar.update_ticks()
     fig.suptitle(title, fontsize=9, y=1 - 0.08 / H, va="top")

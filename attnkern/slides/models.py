@@ -1,11 +1,14 @@
 """The models ``attnkern profile`` builds (timm architectures; random weights unless a
 checkpoint is given). Plain data, so the command line can list them without importing torch."""
 
+# ResNets are built without timm's zero initialisation of each block's last BatchNorm: with it,
+# every attention block of a randomly initialised model sees only zeros (so its gates are a
+# constant 0.5 and the heatmap is flat) and the fused and naive blocks are compared on zeros.
 MODELS = {
-    "cbam_resnet50": ("resnet50", dict(block_args=dict(attn_layer="cbam"))),
-    "cbam_resnet18": ("resnet18", dict(block_args=dict(attn_layer="cbam"))),
-    "seresnet50": ("seresnet50", {}),
-    "resnet50": ("resnet50", {}),
+    "cbam_resnet50": ("resnet50", dict(block_args=dict(attn_layer="cbam"), zero_init_last=False)),
+    "cbam_resnet18": ("resnet18", dict(block_args=dict(attn_layer="cbam"), zero_init_last=False)),
+    "seresnet50": ("seresnet50", dict(zero_init_last=False)),
+    "resnet50": ("resnet50", dict(zero_init_last=False)),
     # ViTs take any tile size (position embeddings interpolated); the heatmap is the CLS token's
     # attention over the patches in the last block, from attnkern.explain.attention_rows.
     "vit_small": ("vit_small_patch16_224", dict(dynamic_img_size=True)),

@@ -175,3 +175,33 @@ def test_heatmap_skips_a_level_that_cannot_hold_a_tile(tmp_path):
         p = model(x).softmax(dim=1).numpy()
     got = np.array([[float(r["prob_class_0"]), float(r["prob_class_1"])] for r in pick])
     np.testing.assert_allclose(got, p, atol=1e-4)
+
+
+def test_heatmap_figure_keeps_the_overlay_and_adds_a_colour_bar(tmp_path):
+    """heatmap.png holds the overlay pixel for pixel (one per thumbnail pixel), a title, and a
+    colour bar from the low to the high end of the colour range (the 2nd and 98th percentiles
+    of the scored tissue)."""
+    from matplotlib import colormaps
+    from PIL import Image
+
+    from attnkern.explain import colour_range, overlay, save_heatmap
+
+    rng = np.random.default_rng(0)
+    thumb = rng.integers(0, 255, (120, 200, 3), dtype=np.uint8)
+    heat = np.full((120, 200), np.nan, np.float32)
+    heat[10:60, 20:120] = rng.random((50, 100)) * 3 - 1
+    mask = np.zeros((120, 200), bool)
+    mask[:80, :150] = True
+    lo, hi = colour_range(heat, mask)
+    vals = heat[10:60, 20:120].astype(np.float64).ravel()
+    assert (lo, hi) == pytest.approx(tuple(np.percentile(vals, [2, 98])), rel=1e-6)
+    path = str(tmp_path / "h.png")
+    save_heatmap(path, thumb, heat, mask, title="a title", label="score")
+    png = np.asarray(Image.open(path).convert("RGB"))
+    assert png.shape[0] > 120 and png.shape[1] > 200  # room for the title and the bar
+    assert np.array_equal(png[-120:, :200], overlay(thumb, heat, mask))
+    bar = png[:, 200:].reshape(-1, 3).astype(int)
+    for end in (0.02, 0.98):  # both ends of the colour map are drawn in the bar
+        c = np.round(np.array(colormaps["jet"](end)[:3]) * 255)
+        assert (np.abs(bar - c).max(axis=1) <= 12).any(), end
+    assert colour_range(np.full((4, 4), np.nan), np.ones((4, 4), bool)) == (0.0, 1.0)
