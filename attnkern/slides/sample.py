@@ -9,6 +9,7 @@ centimetres so the microns-per-pixel reach OpenSlide.
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 import numpy as np
 
@@ -64,11 +65,14 @@ def render(size: int = SIZE, seed: int = 0) -> np.ndarray:
     return img
 
 
-def write_pyramid(path: str, img: np.ndarray, downsamples=DOWNSAMPLES, tile: int = TILE, mpp: float = MPP) -> None:
-    """Write ``img`` as a tiled pyramidal TIFF (see the module docstring) to ``path``."""
+def write_pyramid(path: str, img: np.ndarray, downsamples=DOWNSAMPLES, tile: int = TILE,
+                  mpp: Optional[float] = MPP) -> None:
+    """Write ``img`` as a tiled pyramidal TIFF (see the module docstring) to ``path``, at
+    ``mpp`` microns per pixel at level 0 (None: no resolution recorded, as some scanners and
+    converters leave it)."""
     import tifffile
 
-    res = 1e4 / mpp  # pixels per centimetre
+    res = 1e4 / mpp if mpp else None  # pixels per centimetre
     tmp = path + ".part"
     with tifffile.TiffWriter(tmp, bigtiff=img.nbytes > 2 ** 31) as tif:
         level = img
@@ -78,7 +82,9 @@ def write_pyramid(path: str, img: np.ndarray, downsamples=DOWNSAMPLES, tile: int
                 h, w = level.shape[0] // f * f, level.shape[1] // f * f
                 level = level[:h, :w].reshape(h // f, f, w // f, f, 3).mean(axis=(1, 3)).astype(np.uint8)
             tif.write(level, tile=(tile, tile), compression="zlib", photometric="rgb",
-                      subfiletype=1 if i else 0, resolution=(res / d, res / d), resolutionunit="CENTIMETER",
+                      subfiletype=1 if i else 0,
+                      resolution=(res / d, res / d) if res else (1, 1),
+                      resolutionunit="CENTIMETER" if res else "NONE",
                       description=f"attnkern sample slide level {i}" if i else "attnkern sample slide")
     os.replace(tmp, path)
 
