@@ -134,6 +134,45 @@ def test_sample_slide_is_cached_and_readable(monkeypatch, tmp_path):
     assert thumb.std() > 10  # tissue on glass
 
 
+def test_sample_slide_written_by_two_at_once(monkeypatch, tmp_path):
+    """Two writers of the sample slide at once (both found no cached file) each write a
+    temporary file of their own and rename it into place: both succeed, the slide is whole,
+    no temporary file is left."""
+    import threading
+
+    from attnkern.slides import open_slide, sample
+    from attnkern.slides.sample import sample_slide_path
+
+    monkeypatch.setenv("ATTNKERN_CACHE", str(tmp_path))
+    both_rendering = threading.Barrier(2, timeout=60)
+    render = sample.render
+
+    def render_together(size):
+        img = render(size)
+        both_rendering.wait()  # neither writes before both have passed the cache check
+        return img
+
+    monkeypatch.setattr(sample, "render", render_together)
+    paths, errors = [], []
+
+    def run():
+        try:
+            paths.append(sample_slide_path(size=1024))
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert len(set(paths)) == 1 and os.listdir(tmp_path) == [os.path.basename(paths[0])]
+    slide = open_slide(paths[0])
+    assert slide.dimensions == (1024, 1024) and slide.level_count == 2
+    assert np.asarray(slide.read_region((0, 0), 1, (256, 256)).convert("RGB")).std() > 10
+
+
 def test_train_steps_are_timed_for_every_variant(small_slide, tmp_path):
     out = str(tmp_path / "out")
     rc = main(["profile", small_slide, "--model", "cbam_resnet18", "--tile", "64", "--batch", "4",
