@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import datetime as _dt
+import functools
 import json
 import os
 import platform
@@ -439,7 +440,7 @@ def score_tiles(base: torch.nn.Module, path: str, grid: TileGrid, args: ProfileA
     loader = torch.utils.data.DataLoader(TileDataset(path, grid.subset(mine), indices=mine),
                                          batch_size=args.batch, num_workers=args.workers)
     if args.explain in ("gradcam", "guided-gradcam"):
-        explainer = _gradcam_maps
+        explainer = functools.partial(_gradcam_maps, option=f"--explain {args.explain}")
     elif any(isinstance(m, attnkern.Attention) for m in model.modules()):
         explainer = _vit_attention_maps
     elif any(isinstance(m, attnkern.CBAM) for m in model.modules()):
@@ -504,25 +505,26 @@ def _probability_maps(model, loader, device):
     return "probability_class_1", maps, probs
 
 
-def _gradcam_target(model: torch.nn.Module) -> torch.nn.Module:
-    """The last stage of a timm CNN (``layer4[-1]`` / ``stages[-1]``), else its last conv."""
+def _gradcam_target(model: torch.nn.Module, option: str = "--explain gradcam") -> torch.nn.Module:
+    """The last stage of a timm CNN (``layer4[-1]`` / ``stages[-1]``), else its last conv;
+    errors name ``option``."""
     if hasattr(model, "blocks") and hasattr(model, "patch_embed"):
-        raise SlideError("--explain gradcam needs a convolutional model; for a ViT use --explain attention")
+        raise SlideError(f"{option} needs a convolutional model; for a ViT use --explain attention")
     for name in ("layer4", "stages", "features"):
         stage = getattr(model, name, None)
         if stage is not None and len(stage):
             return stage[-1]
     convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
     if not convs:
-        raise SlideError("--explain gradcam needs a convolutional model")
+        raise SlideError(f"{option} needs a convolutional model")
     return convs[-1]
 
 
-def _gradcam_maps(model, loader, device):
+def _gradcam_maps(model, loader, device, option: str = "--explain gradcam"):
     from pytorch_grad_cam import GradCAM
 
     maps, probs = {}, {}
-    with GradCAM(model=model, target_layers=[_gradcam_target(model)]) as cam:
+    with GradCAM(model=model, target_layers=[_gradcam_target(model, option)]) as cam:
         for x, idx in loader:
             g = cam(input_tensor=x.to(device), targets=None)  # [B, tile, tile], predicted class
             _collect(maps, probs, idx, g, cam.outputs.detach())

@@ -173,3 +173,14 @@ def test_coarse_level_counts_the_resolution_the_model_sees():
     resized = TileGrid(level=0, downsample=1.0, read_size=256, tile=128)
     assert coarse_level(Slide, plain) == 2
     assert coarse_level(Slide, resized) == 3
+
+
+def test_guided_gradcam_of_a_vit_names_the_option():
+    from attnkern.slides.profile import _gradcam_target, build_model
+    from attnkern.slides.reader import SlideError
+
+    vit = build_model("vit_tiny", 2, None)
+    with pytest.raises(SlideError, match="^--explain guided-gradcam needs a convolutional model"):
+        _gradcam_target(vit, "--explain guided-gradcam")
+    with pytest.raises(SlideError, match="^--explain gradcam needs a convolutional model"):
+        _gradcam_target(vit)
