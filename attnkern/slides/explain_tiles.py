@@ -13,8 +13,10 @@ import torch
 from torch import nn
 
 from .reader import SlideError
+from .tiling import TileGrid
 
-EXPLAIN = ("attention", "gradcam", "cam", "guided-gradcam")
+from .models import EXPLAIN  # noqa: F401  (the --explain choices live with the models)
+
 GALLERY_TILES = 8     # tiles in the guided Grad-CAM gallery
 GALLERY_PX = 160      # side of each panel in the gallery, pixels
 
@@ -86,10 +88,11 @@ def _panel(rgb: np.ndarray) -> "object":
     return Image.fromarray(rgb).resize((GALLERY_PX, GALLERY_PX), Image.BILINEAR)
 
 
-def write_gallery(model: nn.Module, path: str, coords: Sequence[Tuple[int, int]], level: int, tile: int,
-                  preds: Dict[int, List[float]], out_dir: str, device: str, num_classes: int) -> Dict:
+def write_gallery(model: nn.Module, path: str, grid: TileGrid, preds: Dict[int, List[float]], out_dir: str,
+                  device: str, num_classes: int) -> Dict:
     """Guided Grad-CAM (:func:`attnkern.explain.guided_gradcam`) of the ``GALLERY_TILES`` profiled
-    tiles with the highest predicted probability of the positive class, for that class, written
+    tiles (``grid``, a :class:`~attnkern.slides.tiling.TileGrid`; ``preds`` keyed by index into
+    it) with the highest predicted probability of the positive class, for that class, written
     as ``gallery.png`` in ``out_dir``: one row per tile (the tile, Grad-CAM over it, Guided
     Backpropagation, Guided Grad-CAM). Returns what the report records (tiles, scores, seconds)."""
     from matplotlib import colormaps
@@ -98,6 +101,9 @@ def write_gallery(model: nn.Module, path: str, coords: Sequence[Tuple[int, int]]
     from ..explain.guided import check_guided_support, guided_gradcam, to_image
     from .tiling import IMAGENET_MEAN, IMAGENET_STD, TileDataset
 
+    if not isinstance(grid, TileGrid):
+        raise TypeError(f"grid must be a TileGrid, got {type(grid).__name__}")
+
     t0 = time.perf_counter()
     target = positive_class(num_classes)
     try:
@@ -105,7 +111,8 @@ def write_gallery(model: nn.Module, path: str, coords: Sequence[Tuple[int, int]]
     except ValueError as e:
         raise SlideError(str(e)) from None
     top = sorted(preds, key=lambda i: -preds[i][target])[:GALLERY_TILES]
-    ds = TileDataset(path, [coords[i] for i in top], level, tile, indices=top)
+    ds = TileDataset(path, grid.subset(top), indices=top)
+    coords = grid.coords
     x = torch.stack([ds[j][0] for j in range(len(top))])
     dev = next(model.parameters()).device
     r = guided_gradcam(model, x.to(dev), target=target)
@@ -128,7 +135,8 @@ def write_gallery(model: nn.Module, path: str, coords: Sequence[Tuple[int, int]]
             sheet.paste(_panel(img), (c * GALLERY_PX, y + head))
         tiles.append(dict(index=int(i), x=int(coords[i][0]), y=int(coords[i][1]), score=float(preds[i][target])))
     sheet.save(os.path.join(out_dir, "gallery.png"))
-    return dict(file="gallery.png", target_class=target, tiles=tiles, seconds=time.perf_counter() - t0)
+    return dict(file="gallery.png", target_class=target, level=grid.level, tiles=tiles,
+                seconds=time.perf_counter() - t0)
 
 
 def markdown_lines(report: Dict) -> List[str]:

@@ -3,17 +3,31 @@
 builds it), with ``torch.compile`` of it ("compile") and of the converted model
 ("fused-compile"); reading and compute time apart; and a heatmap of where the model looks.
 
-Outputs in ``--out``: ``report.json`` (every figure, the machine, versions, arguments; marked
-``partial`` if the run was interrupted), ``report.md`` (the side-by-side table),
-``heatmap.png`` (the last stage's CBAM spatial gates stitched over the thumbnail; for a ViT
-the CLS token's attention over the patches of the last block; for other models the tiles'
-predicted probability of class 1) and ``mask.png`` (the tissue).
+Tiles are chosen by pyramid level (``--level``) or by resolution (``--mpp``,
+``--magnification``: read at the nearest finer level and resized). The job runs in three
+steps, each a function: :func:`choose_tiles` (tissue mask and the tile grid),
+:func:`run_variant` for each timed pass, :func:`score_tiles` (one pass of the fused model over
+the heatmap's tiles: a map and class probabilities per tile) and :func:`write_outputs`.
+
+Outputs in ``--out`` (:data:`OUTPUT_FILES`): ``report.json`` (every figure, the machine,
+versions, arguments, the files written; marked ``partial`` if the run was interrupted),
+``report.md`` (the side-by-side table), ``heatmap.png`` (the per-tile maps stitched over the
+thumbnail, with a colour bar and a title), ``heatmap.npy`` (the stitched map itself),
+``tiles.csv`` and ``tiles.geojson`` (every scored tile: level-0 position and size, score,
+class probabilities; the GeoJSON imports into QuPath), ``mask.png`` (the tissue), and with
+``--explain guided-gradcam`` ``gallery.png`` (:func:`~attnkern.slides.explain_tiles.write_gallery`).
+
+``--explain cam`` computes the class activation map of every profiled tile inside the timed
+forward (:class:`~attnkern.slides.explain_tiles.CamPass`) and stitches those instead of
+running a heatmap pass; ``--sample K`` adds a hard-attention run beside the exhaustive one
+(:mod:`attnkern.slides.sampled`).
 """
 from __future__ import annotations
 
 import contextlib
 import copy
 import datetime as _dt
+import functools
 import json
 import os
 import platform
@@ -25,23 +39,13 @@ import numpy as np
 import torch
 
 from . import dist as D
-from .explain_tiles import EXPLAIN, CamPass, cam_info, markdown_lines, positive_class, write_gallery
+from .explain_tiles import CamPass, cam_info, markdown_lines, positive_class, write_gallery
 from .reader import SlideError, open_slide
 from .sample import sample_slide_path
-from .tiling import TileDataset, tile_grid
+from .models import EXPLAIN, MODELS, VARIANTS
+from .tiling import TileDataset, TileGrid, resolution_grid, tile_grid
 from .tissue import tissue_mask
 
-MODELS = {
-    "cbam_resnet50": ("resnet50", dict(block_args=dict(attn_layer="cbam"))),
-    "cbam_resnet18": ("resnet18", dict(block_args=dict(attn_layer="cbam"))),
-    "seresnet50": ("seresnet50", {}),
-    "resnet50": ("resnet50", {}),
-    # ViTs take any tile size (position embeddings interpolated); the heatmap is the CLS token's
-    # attention over the patches in the last block, from attnkern.explain.attention_rows.
-    "vit_small": ("vit_small_patch16_224", dict(dynamic_img_size=True)),
-    "vit_tiny": ("vit_tiny_patch16_224", dict(dynamic_img_size=True)),
-}
-VARIANTS = ("naive", "compile", "fused", "fused-compile")
 THUMB = 1024
 
 
@@ -52,6 +56,8 @@ class ProfileArgs:
     checkpoint: Optional[str] = None
     tile: int = 256
     level: int = 0
+    mpp: Optional[float] = None           # tiles at this many microns per pixel (instead of level)
+    magnification: Optional[float] = None  # or at this magnification (20 = 20x)
     batch: int = 16
     workers: int = 1
     compare: List[str] = field(default_factory=lambda: ["naive", "compile", "fused", "fused-compile"])
@@ -228,6 +234,10 @@ def profile(args: ProfileArgs) -> Dict:
         raise SlideError(f"unknown --amp {args.amp!r}; known: auto, {', '.join(AMP_DTYPES)}")
     if args.explain not in EXPLAIN:
         raise SlideError(f"unknown --explain {args.explain!r}; known: {', '.join(EXPLAIN)}")
+    if args.mpp is not None and args.magnification is not None:
+        raise SlideError("give --mpp or --magnification, not both")
+    if args.sample < 0:
+        raise SlideError(f"--sample must be >= 0 (0: off), got {args.sample}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SlideError("--device cuda asked for, but no CUDA device is available")
     rank, world, device, started = D.setup(args.device)
@@ -238,38 +248,52 @@ def profile(args: ProfileArgs) -> Dict:
             torch.distributed.destroy_process_group()
 
 
+def choose_tiles(slide, path: str, args: ProfileArgs):
+    """The thumbnail, its tissue mask and the grid of tissue tiles the timed passes read:
+    at ``args.level``, or at ``args.mpp`` / ``args.magnification`` (nearest finer level,
+    resized). Raises :class:`SlideError` when there is no tissue or no tissue tile."""
+    thumb = np.asarray(slide.get_thumbnail((THUMB, THUMB)).convert("RGB"))
+    mask = tissue_mask(thumb)
+    if not mask.any():
+        raise SlideError(f"no tissue found in {path}")
+    if args.mpp is not None or args.magnification is not None:
+        grid = resolution_grid(slide, mask, args.tile, mpp=args.mpp, magnification=args.magnification)
+        where = f"{grid.mpp:.3g} um/px (level {grid.level}, {grid.read_size} px read)"
+    else:
+        grid = tile_grid(slide, mask, args.level, args.tile)
+        where = f"level {args.level}"
+    if not len(grid):
+        raise SlideError(f"no {args.tile} px tile at {where} is mostly tissue in {path}")
+    return thumb, mask, grid
+
+
+def _spread(grid: TileGrid, n: int) -> TileGrid:
+    """At most ``n`` tiles spread evenly over the grid (deterministic)."""
+    if len(grid) <= n:
+        return grid
+    return grid.subset(np.linspace(0, len(grid) - 1, n).round().astype(int).tolist())
+
+
 def _profile(args: ProfileArgs, rank: int, world: int, device: str) -> Dict:
-    from PIL import Image
-
-    from ..explain.heatmap import overlay, stitch
-
     lead = rank == 0
     path = args.slide or (sample_slide_path() if lead else None)
     if world > 1:
         path = D.gather(path, world)[0]  # rank 0 creates the sample once
     slide = open_slide(path)
-    thumb = np.asarray(slide.get_thumbnail((THUMB, THUMB)).convert("RGB"))
-    mask = tissue_mask(thumb)
-    if not mask.any():
-        raise SlideError(f"no tissue found in {path}")
-    coords = tile_grid(slide, mask, args.level, args.tile)
-    if not coords:
-        raise SlideError(f"no {args.tile} px tile at level {args.level} is mostly tissue in {path}")
-    total_tiles = len(coords)
-    if len(coords) > args.max_tiles:  # spread the sample over the whole tissue, deterministically
-        keep = np.linspace(0, len(coords) - 1, args.max_tiles).round().astype(int)
-        coords = [coords[i] for i in keep]
+    thumb, mask, all_tiles = choose_tiles(slide, path, args)
+    grid = _spread(all_tiles, args.max_tiles)
+    files: List[Dict[str, str]] = []
     if lead:
         os.makedirs(args.out, exist_ok=True)
-        Image.fromarray((mask * 255).astype(np.uint8)).save(os.path.join(args.out, "mask.png"))
+        _save_mask(args.out, mask, files)
 
     report = dict(partial=True, started=_dt.datetime.now().isoformat(timespec="seconds"),
                   slide=dict(path=os.path.abspath(path), dimensions=slide.dimensions,
                              levels=slide.level_count, mpp=slide.properties.get("openslide.mpp-x"),
-                             tissue_fraction=float(mask.mean()), tissue_tiles=total_tiles,
-                             profiled_tiles=len(coords)),
-                  args=asdict(args), machine=_machine(), world_size=world, variants={})
-    tile0 = args.tile * slide.level_downsamples[args.level]
+                             tissue_fraction=float(mask.mean()), tissue_tiles=len(all_tiles),
+                             profiled_tiles=len(grid)),
+                  tiles=dict(grid.describe(), effective_mpp=grid.mpp),
+                  args=asdict(args), machine=_machine(), world_size=world, variants={}, files=files)
     mpix = args.tile * args.tile / 1e6
     base = build_model(args.model, args.num_classes, args.checkpoint).to(device)
     cl, amp = use_channels_last(args, device), amp_dtype(args, device)
@@ -277,18 +301,22 @@ def _profile(args: ProfileArgs, rank: int, world: int, device: str) -> Dict:
         base = base.to(memory_format=torch.channels_last)
 
     def trace_path(v):
-        return os.path.join(args.out, f"trace-{v.replace(' ', '-')}.json") if args.trace and lead else None
+        if not (args.trace and lead):
+            return None
+        name = f"trace-{v.replace(' ', '-')}.json"
+        files.append(dict(file=name, what=f"torch.profiler trace of the {v} pass"))
+        return os.path.join(args.out, name)
 
-    mine = D.shard(len(coords), rank, world)
+    mine = D.shard(len(grid), rank, world)
     loader = torch.utils.data.DataLoader(
-        TileDataset(path, [coords[i] for i in mine], args.level, args.tile, indices=mine),
+        TileDataset(path, grid.subset(mine), indices=mine),
         batch_size=args.batch, shuffle=False,
         num_workers=args.workers, pin_memory=device.startswith("cuda"),
         persistent_workers=False, prefetch_factor=4 if args.workers else None)
-    results, heat_maps = {}, None
+    results = {}
     try:
         progress = args.progress and lead
-        cam_maps = None
+        cam_maps, cam_variant = None, None
         for v in args.compare:
             model = _variant(base, v)
             cam_pass = CamPass(model, positive_class(args.num_classes)) if args.explain == "cam" else None
@@ -296,7 +324,8 @@ def _profile(args: ProfileArgs, rank: int, world: int, device: str) -> Dict:
                                      trace=trace_path(v))
             if cam_pass is not None:  # CAM of every profiled tile, computed in the timed forward
                 maps_v = cam_pass.finish(mine, fig)
-                cam_maps = cam_maps or {i: m for part in D.gather(maps_v, world) for i, m in part.items()}
+                if cam_maps is None:  # the heatmap's maps: the first variant's
+                    cam_maps, cam_variant = {i: m for part in D.gather(maps_v, world) for i, m in part.items()}, v
             fig = D.merge_figures(D.gather(fig, world))
             preds = {i: p for part in D.gather(preds, world) for i, p in part.items()}
             fig["megapixels_per_s"] = fig["tiles_per_s"] * mpix
@@ -315,40 +344,36 @@ def _profile(args: ProfileArgs, rank: int, world: int, device: str) -> Dict:
         ref_pred = {i: int(np.argmax(p)) for i, p in results[ref][1].items()}
         for v, (fig, preds) in results.items():
             fig["same_predictions_as_" + ref] = float(np.mean([int(np.argmax(p)) == ref_pred[i] for i, p in preds.items()]))
-        # The heatmap covers all the tissue: one more pass of the fused model at the finest level
-        # whose tissue tiles number at most HEATMAP_TILES (the timed passes took a sample).
         if args.sample and lead:  # hard attention: K tiles drawn from a coarse attention map
             from .sampled import sampled_eager_variant, sampled_run
 
             sv, smodel = sampled_eager_variant(base, results)
-            report["sampled"] = sampled_run(smodel, slide, path, mask, coords, args.level, args.tile, args.sample,
-                                            results[sv][0], results[sv][1], total_tiles, args.batch, device,
-                                            args.num_classes, args.sample_seed, amp, cl, sv)
-        if cam_maps is not None:
-            report["cam"] = cam_info(base, positive_class(args.num_classes))
-        hm = ((f"cam_class_{report['cam']['target_class']}", cam_maps), coords, tile0) if cam_maps is not None \
-            else _heatmap_pass(base, slide, path, mask, args, device, rank, world)
-        if hm is not None:
-            heat_maps, hm_coords, hm_tile0 = hm
+            report["sampled"] = sampled_run(smodel, slide, path, mask, grid, args.sample, results[sv][0],
+                                            results[sv][1], len(all_tiles), args.batch, device, args.num_classes,
+                                            args.sample_seed, amp, cl, sv)
+        if cam_maps is not None:  # the heatmap stitches the CAMs of the timed pass: no other pass
+            target = positive_class(args.num_classes)
+            report["cam"] = cam_info(base, target)
+            hgrid = grid
+            scores = TileScores(f"cam_class_{target}", cam_maps, results[cam_variant][1])
         else:
-            hm_coords, hm_tile0 = coords, tile0
-        if heat_maps is None:  # no CBAM in the model: show the predicted probability of class 1
-            any_preds = next(iter(results.values()))[1]
-            heat_maps = ("probability_class_1", {i: np.full((1, 1), p[min(1, len(p) - 1)]) for i, p in any_preds.items()})
-        kind, maps = heat_maps
-        order = sorted(maps)
+            # The heatmap covers all the tissue: one more pass of the fused model over the tissue
+            # tiles of the job's resolution, or of a coarser level when those are too many.
+            hgrid = heatmap_grid(slide, mask, grid)
+            scores = score_tiles(base, path, hgrid, args, device, rank, world)
+        report["heatmap"] = dict(kind=scores.kind, file="heatmap.png", shape=list(mask.shape), **hgrid.describe())
         if lead:
-            heat = stitch([maps[i] for i in order], [hm_coords[i] for i in order], hm_tile0, slide.dimensions,
-                          mask.shape)
-            Image.fromarray(overlay(thumb, heat, mask)).save(os.path.join(args.out, "heatmap.png"))
+            report["heatmap"]["range"] = write_outputs(args.out, args.model, slide, thumb, mask, hgrid, scores, files)
             if args.explain == "guided-gradcam":  # pixel-level maps of the top-scoring tiles
-                report["gallery"] = write_gallery(base, path, coords, args.level, args.tile, results[ref][1],
-                                                  args.out, device, args.num_classes)
-        report["heatmap"] = dict(kind=kind, file="heatmap.png", shape=list(mask.shape))
+                report["gallery"] = write_gallery(base, path, grid, results[ref][1], args.out, device,
+                                                  args.num_classes)
+                files.append(dict(file="gallery.png", what=OUTPUT_FILES["gallery.png"]))
         report["partial"] = False
     finally:
         report["finished"] = _dt.datetime.now().isoformat(timespec="seconds")
         if lead:
+            files.append(dict(file="report.json", what="every figure, the machine, versions, arguments"))
+            files.append(dict(file="report.md", what="the side-by-side table and the list of files"))
             with open(os.path.join(args.out, "report.json"), "w") as f:
                 json.dump(report, f, indent=2, default=str)
             with open(os.path.join(args.out, "report.md"), "w") as f:
@@ -359,96 +384,257 @@ def _profile(args: ProfileArgs, rank: int, world: int, device: str) -> Dict:
 HEATMAP_TILES = 256
 
 
-def _heatmap_level(slide, mask, args):
-    """The finest level whose tissue tiles number at most HEATMAP_TILES, and those tiles."""
-    coords, level = [], args.level
-    for level in range(args.level, slide.level_count):
+def heatmap_grid(slide, mask: np.ndarray, grid: TileGrid, limit: int = HEATMAP_TILES,
+                 min_tissue: float = 0.1) -> TileGrid:
+    """The tiles the heatmap pass scores: the tissue tiles (at least ``min_tissue``) at the
+    job's resolution (``grid``'s level, read and model sizes), else at the first coarser level
+    that has at most ``limit`` of them; levels too small to hold a tile are skipped. When no
+    candidate has at most ``limit``, the coarsest one that has tiles."""
+    candidates = [lambda: tile_grid(slide, mask, grid.level, grid.tile, min_tissue, read_size=grid.read_size)]
+    for level in range(grid.level + 1, slide.level_count):
         W, H = slide.level_dimensions[level]
-        if args.tile > min(W, H):
-            break
-        coords = tile_grid(slide, mask, level, args.tile, min_tissue=0.1)
-        if coords and len(coords) <= HEATMAP_TILES:
-            break
-    return level, coords
+        if grid.tile > min(W, H):
+            continue  # this level cannot hold a tile
+        if slide.level_downsamples[level] * grid.tile <= grid.size0:
+            continue  # not coarser than the job's own tiles
+        candidates.append(lambda level=level: tile_grid(slide, mask, level, grid.tile, min_tissue))
+    best = None
+    for make in candidates:
+        g = make()
+        if len(g):
+            best = g
+            if len(g) <= limit:
+                break
+    return best if best is not None else grid
 
 
-def _gradcam_target(model: torch.nn.Module) -> torch.nn.Module:
-    """The last stage of a timm CNN (``layer4[-1]`` / ``stages[-1]``), else its last conv."""
+@dataclass
+class TileScores:
+    """What the heatmap pass found per tile (keys: indices into its grid): ``maps`` (a 2-D
+    array each: the map stitched into the heatmap), ``probs`` (the class probabilities), and
+    the ``kind`` of map (``cbam_spatial_gate``, ``vit_cls_attention``, ``gradcam``,
+    ``cam_class_K``, ``probability_class_1``)."""
+    kind: str
+    maps: Dict[int, np.ndarray]
+    probs: Dict[int, List[float]]
+
+    def score(self, i: int) -> float:
+        """One number per tile: the mean of its map."""
+        return float(np.mean(self.maps[i]))
+
+
+def score_tiles(base: torch.nn.Module, path: str, grid: TileGrid, args: ProfileArgs, device: str,
+                rank: int = 0, world: int = 1) -> TileScores:
+    """One pass of the fused model (``attnkern.convert`` of ``base``) over ``grid``'s tiles
+    (this rank's share; gathered), with the map that ``args.explain`` asks for: ``attention``
+    is the last CBAM's spatial gates (which the fused model keeps at no cost), or for a ViT the
+    CLS token's attention over the patches in the last block (O(N) memory by
+    :func:`attnkern.explain.attention_rows`), or for a model with neither the probability of
+    class 1; ``gradcam`` (and ``guided-gradcam``, whose gallery is written apart) is Grad-CAM
+    of the predicted class on the last stage (the grad-cam package). ``cam`` has no pass of its
+    own: its maps come from the timed forward (:class:`CamPass`)."""
+    import attnkern
+
+    model = attnkern.convert(copy.deepcopy(base)).eval()
+    mine = D.shard(len(grid), rank, world)
+    loader = torch.utils.data.DataLoader(TileDataset(path, grid.subset(mine), indices=mine),
+                                         batch_size=args.batch, num_workers=args.workers)
+    if args.explain in ("gradcam", "guided-gradcam"):
+        explainer = functools.partial(_gradcam_maps, option=f"--explain {args.explain}")
+    elif any(isinstance(m, attnkern.Attention) for m in model.modules()):
+        explainer = _vit_attention_maps
+    elif any(isinstance(m, attnkern.CBAM) for m in model.modules()):
+        explainer = _cbam_gate_maps
+    else:
+        explainer = _probability_maps
+    kind, maps, probs = explainer(model, loader, device)
+    maps = {i: m for part in D.gather(maps, world) for i, m in part.items()}
+    probs = {i: p for part in D.gather(probs, world) for i, p in part.items()}
+    return TileScores(kind, maps, probs)
+
+
+def _collect(maps, probs, idx, g, logits):
+    p = logits.float().softmax(dim=1).cpu()
+    for j, i in enumerate(idx.tolist()):
+        maps[i] = g[j]
+        probs[i] = p[j].tolist()
+
+
+def _cbam_gate_maps(model, loader, device):
+    import attnkern
+
+    cbam = [m for m in model.modules() if isinstance(m, attnkern.CBAM)][-1]
+    cbam.keep_gates = True
+    maps, probs = {}, {}
+    with torch.inference_mode():
+        for x, idx in loader:
+            logits = model(x.to(device))
+            _collect(maps, probs, idx, cbam.last_gates[1][:, 0].float().cpu().numpy(), logits)
+    return "cbam_spatial_gate", maps, probs
+
+
+def _vit_attention_maps(model, loader, device):
+    """The CLS token's attention over the patch tokens, averaged over heads, per tile
+    normalised to a maximum of 1."""
+    import attnkern
+
+    attn = [m for m in model.modules() if isinstance(m, attnkern.Attention)][-1]
+    attn.keep_qk = True
+    prefix = getattr(model, "num_prefix_tokens", 1)
+    maps, probs = {}, {}
+    with torch.inference_mode():
+        for x, idx in loader:
+            logits = model(x.to(device))
+            q, k = attn.last_qk
+            rows = attnkern.explain.attention_rows(q, k, 0)[:, :, 0, prefix:].mean(1)  # [B, patches]
+            side = int(round(rows.shape[-1] ** 0.5))
+            g = rows.reshape(-1, side, rows.shape[-1] // side).float().cpu().numpy()
+            g = g / np.maximum(g.reshape(len(g), -1).max(axis=1), 1e-12)[:, None, None]
+            _collect(maps, probs, idx, g, logits)
+    return "vit_cls_attention", maps, probs
+
+
+def _probability_maps(model, loader, device):
+    maps, probs = {}, {}
+    with torch.inference_mode():
+        for x, idx in loader:
+            logits = model(x.to(device))
+            p = logits.float().softmax(dim=1)
+            g = p[:, min(1, p.shape[1] - 1)].cpu().numpy()[:, None, None]
+            _collect(maps, probs, idx, g, logits)
+    return "probability_class_1", maps, probs
+
+
+def _gradcam_target(model: torch.nn.Module, option: str = "--explain gradcam") -> torch.nn.Module:
+    """The last stage of a timm CNN (``layer4[-1]`` / ``stages[-1]``), else its last conv;
+    errors name ``option``."""
     if hasattr(model, "blocks") and hasattr(model, "patch_embed"):
-        raise SlideError("--explain gradcam needs a convolutional model; for a ViT use --explain attention")
+        raise SlideError(f"{option} needs a convolutional model; for a ViT use --explain attention")
     for name in ("layer4", "stages", "features"):
         stage = getattr(model, name, None)
         if stage is not None and len(stage):
             return stage[-1]
     convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
     if not convs:
-        raise SlideError("--explain gradcam needs a convolutional model")
+        raise SlideError(f"{option} needs a convolutional model")
     return convs[-1]
 
 
-def _heatmap_pass(base, slide, path, mask, args, device, rank=0, world=1):
-    """Per-tile maps over every tissue tile of the finest level with at most HEATMAP_TILES of
-    them, from the fused model: its last CBAM's spatial gates (``attention``), or Grad-CAM of
-    the predicted class on the last stage (``gradcam``, the grad-cam package); for a ViT the
-    CLS token's attention over the patches in the last block (``attention``, computed in O(N)
-    memory by :func:`attnkern.explain.attention_rows`). None when ``attention`` is asked of a
-    model with neither."""
-    import attnkern
+def _gradcam_maps(model, loader, device, option: str = "--explain gradcam"):
+    from pytorch_grad_cam import GradCAM
 
-    model = attnkern.convert(copy.deepcopy(base)).eval()
-    cbams = [m for m in model.modules() if isinstance(m, attnkern.CBAM)]
-    attns = [m for m in model.modules() if isinstance(m, attnkern.Attention)]
-    if args.explain == "attention" and not cbams and not attns:
-        return None
-    level, coords = _heatmap_level(slide, mask, args)
-    if not coords:
-        return None
-    mine = D.shard(len(coords), rank, world)
-    loader = torch.utils.data.DataLoader(TileDataset(path, [coords[i] for i in mine], level, args.tile, indices=mine),
-                                         batch_size=args.batch, num_workers=args.workers)
-    maps = {}
-    if args.explain in ("gradcam", "guided-gradcam"):
-        from pytorch_grad_cam import GradCAM
+    maps, probs = {}, {}
+    with GradCAM(model=model, target_layers=[_gradcam_target(model, option)]) as cam:
+        for x, idx in loader:
+            g = cam(input_tensor=x.to(device), targets=None)  # [B, tile, tile], predicted class
+            _collect(maps, probs, idx, g, cam.outputs.detach())
+    return "gradcam", maps, probs
 
-        with GradCAM(model=model, target_layers=[_gradcam_target(model)]) as cam:
-            for x, idx in loader:
-                g = cam(input_tensor=x.to(device), targets=None)  # [B, tile, tile], predicted class
-                for j, i in enumerate(idx.tolist()):
-                    maps[i] = g[j]
-        kind = "gradcam"
-    elif attns:  # a ViT: the CLS token's attention over the patch tokens, averaged over heads
-        attn = attns[-1]
-        attn.keep_qk = True
-        prefix = getattr(model, "num_prefix_tokens", 1)
-        with torch.inference_mode():
-            for x, idx in loader:
-                model(x.to(device))
-                q, k = attn.last_qk
-                rows = attnkern.explain.attention_rows(q, k, 0)[:, :, 0, prefix:].mean(1)  # [B, patches]
-                side = int(round(rows.shape[-1] ** 0.5))
-                g = rows.reshape(-1, side, rows.shape[-1] // side).float().cpu().numpy()
-                for j, i in enumerate(idx.tolist()):
-                    maps[i] = g[j] / max(float(g[j].max()), 1e-12)
-        kind = "vit_cls_attention"
-    else:
-        cbams[-1].keep_gates = True
-        with torch.inference_mode():
-            for x, idx in loader:
-                model(x.to(device))
-                g = cbams[-1].last_gates[1][:, 0].float().cpu().numpy()
-                for j, i in enumerate(idx.tolist()):
-                    maps[i] = g[j]
-        kind = "cbam_spatial_gate"
-    maps = {i: m for part in D.gather(maps, world) for i, m in part.items()}
-    return (kind, maps), coords, args.tile * slide.level_downsamples[level]
+
+KIND_LABELS = {
+    "cbam_spatial_gate": "CBAM spatial gate of the last block",
+    "vit_cls_attention": "CLS attention of the last block (per tile, max 1)",
+    "gradcam": "Grad-CAM of the predicted class",
+    "cam_class_0": "CAM of class 0 (classifier weights over the last feature maps)",
+    "cam_class_1": "CAM of class 1 (classifier weights over the last feature maps)",
+    "probability_class_1": "predicted probability of class 1",
+}
+
+OUTPUT_FILES = {
+    "mask.png": "the tissue mask at thumbnail scale",
+    "heatmap.png": "the per-tile maps over the thumbnail, with a colour bar and a title",
+    "heatmap.npy": "the stitched map, float32 at thumbnail scale, NaN where no tile was scored",
+    "tiles.csv": "one row per scored tile: level-0 x, y, size, level, score, class probabilities",
+    "tiles.geojson": "one polygon per scored tile (level-0 pixels) with its measurements, for QuPath",
+    "gallery.png": "guided Grad-CAM of the top-scoring tiles: tile, Grad-CAM, guided backprop, guided Grad-CAM",
+    "report.json": "every figure, the machine, versions, arguments",
+    "report.md": "the side-by-side table and the list of files",
+}
+
+
+def _save_mask(out: str, mask: np.ndarray, files: List[Dict[str, str]]) -> None:
+    from PIL import Image
+
+    Image.fromarray((mask * 255).astype(np.uint8)).save(os.path.join(out, "mask.png"))
+    files.append(dict(file="mask.png", what=OUTPUT_FILES["mask.png"]))
+
+
+def write_outputs(out: str, model: str, slide, thumb: np.ndarray, mask: np.ndarray, grid: TileGrid,
+                  scores: TileScores, files: List[Dict[str, str]]) -> List[float]:
+    """Write heatmap.png, heatmap.npy, tiles.csv and tiles.geojson into ``out``, appending
+    each to ``files``; returns the heatmap's colour range [low, high]."""
+    from ..explain.heatmap import colour_range, save_heatmap, stitch
+
+    order = sorted(scores.maps)
+    heat = stitch([scores.maps[i] for i in order], [grid.coords[i] for i in order], grid.size0, slide.dimensions,
+                  mask.shape)
+    np.save(os.path.join(out, "heatmap.npy"), heat)
+    lo, hi = colour_range(heat, mask)
+    label = KIND_LABELS.get(scores.kind, scores.kind)
+    res = f", {grid.mpp:.3g} um/px" if grid.mpp else ""
+    title = f"{model}: {label}\n{len(order)} tiles of {grid.tile} px (level {grid.level}{res}), colour range {lo:.3g} to {hi:.3g}"
+    save_heatmap(os.path.join(out, "heatmap.png"), thumb, heat, mask, title=title, label=label)
+    rows = tile_table(grid, scores)
+    write_csv(os.path.join(out, "tiles.csv"), rows)
+    write_geojson(os.path.join(out, "tiles.geojson"), rows, scores.kind)
+    for name in ("heatmap.png", "heatmap.npy", "tiles.csv", "tiles.geojson"):
+        files.append(dict(file=name, what=OUTPUT_FILES[name]))
+    return [lo, hi]
+
+
+def tile_table(grid: TileGrid, scores: TileScores) -> List[Dict]:
+    """One dict per scored tile: level-0 ``x``, ``y``, ``size`` (px), ``level`` read,
+    ``score`` (the mean of its map), ``predicted_class`` and ``prob_class_K``."""
+    rows = []
+    for i in sorted(scores.maps):
+        x, y = grid.coords[i]
+        p = scores.probs[i]
+        row = dict(x=x, y=y, size=round(grid.size0, 3), level=grid.level, score=scores.score(i),
+                   predicted_class=int(np.argmax(p)))
+        row.update({f"prob_class_{k}": float(v) for k, v in enumerate(p)})
+        rows.append(row)
+    return rows
+
+
+def write_csv(path: str, rows: List[Dict]) -> None:
+    import csv
+
+    fields = list(rows[0]) if rows else ["x", "y", "size", "level", "score", "predicted_class"]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        w.writerows(rows)
+
+
+def write_geojson(path: str, rows: List[Dict], kind: str) -> None:
+    """A GeoJSON FeatureCollection as QuPath reads it (File > Import objects): one ``tile``
+    object per row, its square in level-0 pixels, its numbers as ``measurements`` and its
+    predicted class as ``classification``."""
+    feats = []
+    for r in rows:
+        x, y, s = r["x"], r["y"], r["size"]
+        ring = [[x, y], [x + s, y], [x + s, y + s], [x, y + s], [x, y]]
+        meas = {k: v for k, v in r.items() if k not in ("x", "y", "size", "predicted_class")}
+        feats.append(dict(type="Feature", geometry=dict(type="Polygon", coordinates=[ring]),
+                          properties=dict(objectType="tile", name=f"tile {x},{y}",
+                                          classification=dict(name=f"class {r['predicted_class']}"),
+                                          measurements=dict(meas, **{kind: r["score"]}))))
+    with open(path, "w") as f:
+        json.dump(dict(type="FeatureCollection", features=feats), f)
 
 
 def markdown(report: Dict) -> str:
     s = report["slide"]
+    t = report.get("tiles", {})
+    a = report["args"]
+    where = f"level {t.get('level', a['level'])}"
+    if t.get("mpp"):
+        where += f", {t['mpp']:.3g} um/px"
+    if t.get("read_size") and t.get("read_size") != t.get("tile"):
+        where += f", read {t['read_size']} px and resized"
     lines = [f"Slide `{os.path.basename(s['path'])}` {s['dimensions'][0]} x {s['dimensions'][1]} px, "
              f"{s['tissue_tiles']} tissue tiles, {s['profiled_tiles']} profiled; model "
-             f"`{report['args']['model']}`, tile {report['args']['tile']} px at level "
-             f"{report['args']['level']}, batch {report['args']['batch']}, "
+             f"`{a['model']}`, tile {a['tile']} px ({where}), batch {a['batch']}, "
              f"{report['machine']['threads']} threads" + (" (partial run)" if report["partial"] else ""), "",
              "| variant | tiles/s | megapixels/s | read s | compute s | bound by | peak RSS MB | same predictions |",
              "|---|---|---|---|---|---|---|---|"]
@@ -458,4 +644,7 @@ def markdown(report: Dict) -> str:
                      f"{f['compute_seconds']:.2f} | {f['bound']} | {f['peak_rss_mb']:.0f} | "
                      f"{'' if same is None else f'{same:.0%}'} |")
     lines += markdown_lines(report)
+    files = report.get("files") or []
+    if files:
+        lines += ["", "Files written:", ""] + [f"- `{f['file']}`: {f['what']}" for f in files]
     return "\n".join(lines)

@@ -8,7 +8,10 @@ centimetres so the microns-per-pixel reach OpenSlide.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
+from typing import Optional
 
 import numpy as np
 
@@ -64,12 +67,31 @@ def render(size: int = SIZE, seed: int = 0) -> np.ndarray:
     return img
 
 
-def write_pyramid(path: str, img: np.ndarray, downsamples=DOWNSAMPLES, tile: int = TILE, mpp: float = MPP) -> None:
-    """Write ``img`` as a tiled pyramidal TIFF (see the module docstring) to ``path``."""
+def write_pyramid(path: str, img: np.ndarray, downsamples=DOWNSAMPLES, tile: int = TILE,
+                  mpp: Optional[float] = MPP) -> None:
+    """Write ``img`` as a tiled pyramidal TIFF (see the module docstring) to ``path``, at
+    ``mpp`` microns per pixel at level 0 (None: no resolution recorded, as some scanners and
+    converters leave it)."""
+    res = 1e4 / mpp if mpp else None  # pixels per centimetre
+    # A temporary file of its own in the same folder, renamed into place when complete: two
+    # processes writing the same slide at once never share a file, and a reader never sees a
+    # half-written one (os.replace is atomic within a file system).
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".part")
+    os.close(fd)
+    try:
+        os.chmod(tmp, 0o644)  # mkstemp's file is private to its owner; a slide is not
+        _write_levels(tmp, img, downsamples, tile, res)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def _write_levels(tmp: str, img: np.ndarray, downsamples, tile: int, res: Optional[float]) -> None:
     import tifffile
 
-    res = 1e4 / mpp  # pixels per centimetre
-    tmp = path + ".part"
     with tifffile.TiffWriter(tmp, bigtiff=img.nbytes > 2 ** 31) as tif:
         level = img
         for i, d in enumerate(downsamples):
@@ -78,9 +100,10 @@ def write_pyramid(path: str, img: np.ndarray, downsamples=DOWNSAMPLES, tile: int
                 h, w = level.shape[0] // f * f, level.shape[1] // f * f
                 level = level[:h, :w].reshape(h // f, f, w // f, f, 3).mean(axis=(1, 3)).astype(np.uint8)
             tif.write(level, tile=(tile, tile), compression="zlib", photometric="rgb",
-                      subfiletype=1 if i else 0, resolution=(res / d, res / d), resolutionunit="CENTIMETER",
+                      subfiletype=1 if i else 0,
+                      resolution=(res / d, res / d) if res else (1, 1),
+                      resolutionunit="CENTIMETER" if res else "NONE",
                       description=f"attnkern sample slide level {i}" if i else "attnkern sample slide")
-    os.replace(tmp, path)
 
 
 def sample_slide_path(size: int = SIZE) -> str:

@@ -2,7 +2,7 @@
 (Katharopoulos and Fleuret, ICML 2019).
 
 1. Attention from a coarse view: the model runs on tiles of a coarse level (the finest level
-   at least ``COARSE_FACTOR`` times coarser than the working level that holds a tile), its
+   at least ``COARSE_FACTOR`` times coarser than the working resolution that holds a tile), its
    class activation maps of the positive class (:mod:`attnkern.explain.cam`, computed in that
    forward) are stitched over the slide, and each working-level tile gets the mean of the map
    over its footprint; the attention over the tiles is the softmax of those scores.
@@ -26,15 +26,18 @@ import numpy as np
 import torch
 
 from .reader import SlideError
-from .tiling import TileDataset, tile_grid
+from .tiling import TileDataset, TileGrid, tile_grid
 
 COARSE_FACTOR = 8
 
 
-def coarse_level(slide, level: int, tile: int) -> int:
-    """The finest level at least COARSE_FACTOR times coarser than ``level`` that holds a
-    ``tile`` px tile; else the coarsest level coarser than ``level`` that holds one."""
-    d0 = slide.level_downsamples[level]
+def coarse_level(slide, grid: TileGrid) -> int:
+    """The finest level at least COARSE_FACTOR times coarser than ``grid``'s working resolution
+    (its level's downsample times read size / model tile size, so a resized ``--mpp`` grid
+    counts at the resolution the model sees) that holds a ``grid.tile`` px tile; else the
+    coarsest level coarser than ``grid.level`` that holds one."""
+    level, tile = grid.level, grid.tile
+    d0 = grid.downsample * grid.read_size / grid.tile
     fits = [L for L in range(level + 1, slide.level_count) if min(slide.level_dimensions[L]) >= tile]
     if not fits:
         raise SlideError(f"--sample needs a level coarser than level {level} that holds a {tile} px tile; "
@@ -43,7 +46,7 @@ def coarse_level(slide, level: int, tile: int) -> int:
     return far[0] if far else fits[-1]
 
 
-def tile_attention(heat: np.ndarray, coords: Sequence[Tuple[int, int]], tile0: float,
+def tile_attention(heat: np.ndarray, coords: Sequence[Tuple[int, int]], size0: float,
                    slide_size: Tuple[int, int]) -> np.ndarray:
     """Softmax over the tiles of the mean of ``heat`` (a thumbnail-scale map, NaN where the
     coarse view has no tile) over each tile's footprint; a tile with no covered pixel takes
@@ -53,7 +56,7 @@ def tile_attention(heat: np.ndarray, coords: Sequence[Tuple[int, int]], tile0: f
     scores = np.full(len(coords), np.nan)
     for n, (x, y) in enumerate(coords):
         x0, y0 = int(x * w / W0), int(y * h / H0)
-        x1, y1 = max(x0 + 1, int((x + tile0) * w / W0)), max(y0 + 1, int((y + tile0) * h / H0))
+        x1, y1 = max(x0 + 1, int((x + size0) * w / W0)), max(y0 + 1, int((y + size0) * h / H0))
         v = heat[y0:min(y1, h), x0:min(x1, w)]
         if v.size and not np.isnan(v).all():
             scores[n] = np.nanmean(v)
@@ -78,13 +81,13 @@ def _probabilities(model, loader, device, amp, channels_last) -> Dict[int, np.nd
     return out
 
 
-def sampled_run(model, slide, path: str, mask: np.ndarray, coords: Sequence[Tuple[int, int]], level: int,
-                tile: int, k: int, exhaustive: Dict, exhaustive_preds: Dict[int, List[float]], tissue_tiles: int,
-                batch: int, device: str, num_classes: int, seed: int = 0, amp=None, channels_last: bool = False,
-                variant: str = "") -> Dict:
-    """The sampled run (see the module docstring) with ``model`` (eager, eval) over the
-    ``coords`` (level-0 (x, y) of ``tile`` px tiles at ``level``) the exhaustive run profiled,
-    whose figures and per-tile probabilities are ``exhaustive`` / ``exhaustive_preds``.
+def sampled_run(model, slide, path: str, mask: np.ndarray, grid: TileGrid, k: int, exhaustive: Dict,
+                exhaustive_preds: Dict[int, List[float]], tissue_tiles: int, batch: int, device: str,
+                num_classes: int, seed: int = 0, amp=None, channels_last: bool = False, variant: str = "") -> Dict:
+    """The sampled run (see the module docstring) with ``model`` (eager, eval) over the tiles
+    of ``grid`` (a :class:`TileGrid`: level-0 coordinates with the level they are read at and
+    the read and model sizes) that the exhaustive run profiled, whose figures and per-tile
+    probabilities (keyed by index into ``grid``) are ``exhaustive`` / ``exhaustive_preds``.
     Returns the figures for the report: tiles read, tiles/s, seconds per slide for both runs,
     the two slide-level predictions and their distance (L1 and largest absolute difference
     of the class probabilities)."""
@@ -93,7 +96,9 @@ def sampled_run(model, slide, path: str, mask: np.ndarray, coords: Sequence[Tupl
     from ..explain.sampling import attention_sample
     from .explain_tiles import positive_class
 
-    n = len(coords)
+    if not isinstance(grid, TileGrid):
+        raise TypeError(f"grid must be a TileGrid, got {type(grid).__name__}")
+    n, tile = len(grid), grid.tile
     if not 1 <= k <= n:
         raise SlideError(f"--sample {k}: must be between 1 and the {n} profiled tiles (raise --max-tiles)")
     target = positive_class(num_classes)
@@ -102,7 +107,7 @@ def sampled_run(model, slide, path: str, mask: np.ndarray, coords: Sequence[Tupl
     except ValueError as e:
         raise SlideError(f"--sample needs a CNN whose head is global average pooling + linear (its CAM is the "
                          f"coarse attention): {e}") from None
-    Lc = coarse_level(slide, level, tile)
+    Lc = coarse_level(slide, grid)
     dl = lambda ds: torch.utils.data.DataLoader(ds, batch_size=batch, num_workers=0)  # noqa: E731
     with torch.inference_mode():  # warm-up outside the timing, as the exhaustive run's
         model(torch.zeros(1, 3, tile, tile, device=device))
@@ -114,7 +119,7 @@ def sampled_run(model, slide, path: str, mask: np.ndarray, coords: Sequence[Tupl
     maps = {}
     ctx = torch.autocast(device.split(":")[0], dtype=amp) if amp is not None else contextlib.nullcontext()
     with rec, torch.inference_mode(), ctx:
-        for x, idx in dl(TileDataset(path, coarse, Lc, tile)):
+        for x, idx in dl(TileDataset(path, coarse)):
             x = x.to(device)
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
@@ -122,16 +127,14 @@ def sampled_run(model, slide, path: str, mask: np.ndarray, coords: Sequence[Tupl
             for j, i in enumerate(idx.tolist()):
                 maps[i] = m[j].float().cpu().numpy()
     rec.close()
-    heat = stitch([maps[i] for i in range(len(coarse))], coarse, tile * slide.level_downsamples[Lc],
-                  slide.dimensions, mask.shape)
-    tile0 = tile * slide.level_downsamples[level]
-    a = tile_attention(heat, coords, tile0, slide.dimensions)
+    heat = stitch([maps[i] for i in range(len(coarse))], coarse.coords, coarse.size0, slide.dimensions, mask.shape)
+    a = tile_attention(heat, grid.coords, grid.size0, slide.dimensions)
     t_coarse = time.perf_counter() - t_start
     # 2. K tiles drawn without replacement; 3. the model on those only, the estimator
     draw = attention_sample(torch.from_numpy(a), k, seed=seed)
     picked = draw.indices.tolist()
-    probs = _probabilities(model, dl(TileDataset(path, [coords[i] for i in picked], level, tile, indices=picked)),
-                           device, amp, channels_last)
+    probs = _probabilities(model, dl(TileDataset(path, grid.subset(picked), indices=picked)), device, amp,
+                           channels_last)
     estimate = (draw.weights.numpy()[:, None] * np.stack([probs[i] for i in picked])).sum(0)
     seconds = time.perf_counter() - t_start
     full = (a[:, None] * np.stack([np.asarray(exhaustive_preds[i], np.float64) for i in range(n)])).sum(0)

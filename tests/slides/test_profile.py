@@ -25,11 +25,26 @@ def test_profile_writes_every_output(small_slide, tmp_path, capsys):
     # the fused model makes the same predictions as timm's on the same tiles
     assert report["variants"]["fused"]["same_predictions_as_naive"] == 1.0
     assert report["heatmap"]["kind"] == "cbam_spatial_gate"
-    heat = Image.open(os.path.join(out, "heatmap.png"))
-    mask = Image.open(os.path.join(out, "mask.png"))
-    assert heat.size == mask.size and max(heat.size) == 1024
-    assert "| fused |" in open(os.path.join(out, "report.md")).read()
-    assert "tiles/s" in capsys.readouterr().out
+    mask = np.asarray(Image.open(os.path.join(out, "mask.png"))) > 0
+    heat = np.load(os.path.join(out, "heatmap.npy"))
+    assert heat.shape == mask.shape and max(mask.shape) == 1024 and heat.dtype == np.float32
+    assert (~np.isnan(heat) & mask).any()
+    # the figure: the thumbnail-sized overlay plus a title and a colour bar
+    png = Image.open(os.path.join(out, "heatmap.png"))
+    assert png.size[0] > mask.shape[1] and png.size[1] > mask.shape[0]
+    lo, hi = report["heatmap"]["range"]
+    assert lo <= hi
+    md = open(os.path.join(out, "report.md")).read()
+    assert "| fused |" in md
+    written = [f["file"] for f in report["files"]]
+    assert set(written) == {"mask.png", "heatmap.png", "heatmap.npy", "tiles.csv", "tiles.geojson",
+                            "report.json", "report.md"}
+    for name in written:  # every file the report lists exists, and is listed in report.md too
+        assert os.path.getsize(os.path.join(out, name)) > 0, name
+        assert f"`{name}`" in md
+    assert set(os.listdir(out)) == set(written)
+    stdout = capsys.readouterr().out
+    assert "tiles/s" in stdout and "tiles.geojson" in stdout
 
 
 def test_vit_heatmap_is_the_cls_attention(small_slide, tmp_path):
@@ -42,9 +57,10 @@ def test_vit_heatmap_is_the_cls_attention(small_slide, tmp_path):
     report = json.load(open(os.path.join(out, "report.json")))
     assert report["variants"]["fused"]["same_predictions_as_naive"] == 1.0
     assert report["heatmap"]["kind"] == "vit_cls_attention"
-    heat = np.asarray(Image.open(os.path.join(out, "heatmap.png")).convert("RGB")).astype(int)
+    heat = np.load(os.path.join(out, "heatmap.npy"))
     mask = np.asarray(Image.open(os.path.join(out, "mask.png"))) > 0
-    assert heat.shape[:2] == mask.shape
+    assert heat.shape == mask.shape
+    assert np.nanmax(heat) == pytest.approx(1.0, abs=0.05)  # per tile normalised to a maximum of 1
     rc = main(["profile", small_slide, "--model", "vit_tiny", "--tile", "64", "--max-tiles", "2", "--workers", "0",
                "--compare", "fused", "--explain", "gradcam", "--out", out, "--no-progress"])
     assert rc == 2
@@ -118,6 +134,45 @@ def test_sample_slide_is_cached_and_readable(monkeypatch, tmp_path):
     assert thumb.std() > 10  # tissue on glass
 
 
+def test_sample_slide_written_by_two_at_once(monkeypatch, tmp_path):
+    """Two writers of the sample slide at once (both found no cached file) each write a
+    temporary file of their own and rename it into place: both succeed, the slide is whole,
+    no temporary file is left."""
+    import threading
+
+    from attnkern.slides import open_slide, sample
+    from attnkern.slides.sample import sample_slide_path
+
+    monkeypatch.setenv("ATTNKERN_CACHE", str(tmp_path))
+    both_rendering = threading.Barrier(2, timeout=60)
+    render = sample.render
+
+    def render_together(size):
+        img = render(size)
+        both_rendering.wait()  # neither writes before both have passed the cache check
+        return img
+
+    monkeypatch.setattr(sample, "render", render_together)
+    paths, errors = [], []
+
+    def run():
+        try:
+            paths.append(sample_slide_path(size=1024))
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert len(set(paths)) == 1 and os.listdir(tmp_path) == [os.path.basename(paths[0])]
+    slide = open_slide(paths[0])
+    assert slide.dimensions == (1024, 1024) and slide.level_count == 2
+    assert np.asarray(slide.read_region((0, 0), 1, (256, 256)).convert("RGB")).std() > 10
+
+
 def test_train_steps_are_timed_for_every_variant(small_slide, tmp_path):
     out = str(tmp_path / "out")
     rc = main(["profile", small_slide, "--model", "cbam_resnet18", "--tile", "64", "--batch", "4",
@@ -182,9 +237,9 @@ def test_gradcam_heatmap(model, small_slide, tmp_path):
     assert rc == 0
     report = json.load(open(os.path.join(out, "report.json")))
     assert report["heatmap"]["kind"] == "gradcam"
-    heat = np.asarray(Image.open(os.path.join(out, "heatmap.png")))
+    heat = np.load(os.path.join(out, "heatmap.npy"))
     thumb_like = np.asarray(Image.open(os.path.join(out, "mask.png")))
-    assert heat.shape[:2] == thumb_like.shape[:2]
+    assert heat.shape == thumb_like.shape[:2] and np.isfinite(heat).any()
 
 
 def test_attention_heatmap_without_cbam_falls_back_to_probabilities(small_slide, tmp_path):

@@ -14,7 +14,7 @@ def _mask(path, size=512):
 def test_blank_slide_has_no_tissue_and_no_tiles(blank_slide):
     slide, _, mask = _mask(blank_slide)
     assert not mask.any()
-    assert tile_grid(slide, mask, 0, 128) == []
+    assert len(tile_grid(slide, mask, 0, 128)) == 0
 
 
 def test_islands_give_tiles_over_them_only(small_slide):
@@ -22,7 +22,7 @@ def test_islands_give_tiles_over_them_only(small_slide):
     assert 0.05 < mask.mean() < 0.6
     coords = tile_grid(slide, mask, 0, 128)
     assert coords
-    for x, y in coords[:: max(1, len(coords) // 12)]:  # the tiles really hold tissue pixels
+    for x, y in coords.coords[:: max(1, len(coords) // 12)]:  # the tiles really hold tissue pixels
         tile = np.asarray(slide.read_region((x, y), 0, (128, 128)).convert("RGB")).astype(int)
         non_glass = (np.abs(tile - np.array([242, 242, 246])).max(axis=2) > 20).mean()
         assert non_glass > 0.15, (x, y, non_glass)
@@ -48,11 +48,15 @@ def test_single_island_gives_its_tiles(tmp_path):
 
 def test_tile_dataset_reads_normalised_tiles(small_slide):
     slide, _, mask = _mask(small_slide)
-    coords = tile_grid(slide, mask, 1, 64)
-    ds = TileDataset(small_slide, coords, 1, 64)
+    grid = tile_grid(slide, mask, 1, 64)
+    assert grid.level == 1 and grid.read_size == 64 and grid.size0 == 64 * slide.level_downsamples[1]
+    ds = TileDataset(small_slide, grid)
     x, i = ds[0]
     assert x.shape == (3, 64, 64) and i == 0
     assert -3 < float(x.mean()) < 3
+    # the tile is the level-1 region at the grid's level-0 coordinates
+    want = np.asarray(slide.read_region(grid.coords[0], 1, (64, 64)).convert("RGB"))
+    assert np.array_equal(ds.read(0), want)
 
 
 def test_bad_tile_and_level(small_slide):
