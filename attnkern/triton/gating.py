@@ -3,17 +3,18 @@
 Same functions, argument orders and results as :mod:`attnkern.reference.gating` (the ground
 truth) and the C++ backend:
 
-=====================  =====================================================================
+=========================  =================================================================
 ``channel_stats``      mean, max and tie count of x over H*W (one read of x)
 ``spatial_stats``      mean, max and tie count over C of x*gc (one read)
 ``gate_apply``         x*gc*gs (one read, one write)
-``gate_bwd_a``         gate gradients: sums of dout*x over both axes (one read of dout and x)
-``cbam_bwd_b``         channel-gate gradient through the spatial statistics (one read of x)
-``gate_bwd_c``         the input gradient of a gating block, every term optional (one write)
-``bam_combine``        x*(1 + sigmoid(z)), z = mc + ms or mc * ms
-``bam_combine_bwd``    the logit gradients of the combine (one read of dout and x)
-``bam_dx``             the input gradient of the combine plus a channel-mean term
-=====================  =====================================================================
+``gate_apply_backward``     gate gradients: sums of grad_out*x over both axes (one read of
+                          grad_out and x)
+``spatial_stats_backward``  channel-gate gradient through the spatial statistics (one read of x)
+``gating_input_grad``     the input gradient of a gating block, every term optional (one write)
+``bam_combine``           x*(1 + sigmoid(z)), z = mc + ms or mc * ms
+``bam_combine_backward``  the logit gradients of the combine (one read of grad_out and x)
+``bam_input_grad``        the input gradient of the combine plus a channel-mean term
+=========================  =================================================================
 
 Design (for bandwidth on H100/H200-class GPUs; checked on CPU under ``TRITON_INTERPRET=1``):
 
@@ -31,7 +32,7 @@ Design (for bandwidth on H100/H200-class GPUs; checked on CPU under ``TRITON_INT
   combines the partials in a fixed order. Tile sizes and split counts depend on the shapes only
   (not on timing: no autotuning, whose choice of tiles would change the summation order from one
   process to the next), so two runs give bitwise-equal results.
-- **Both axes from one read.** ``gate_bwd_a`` and ``bam_combine_bwd`` reduce ``dout*x`` over C
+- **Both axes from one read.** ``gate_apply_backward`` and ``bam_combine_backward`` reduce ``grad_out*x`` over C
   and over H*W in the same pass: the sum along the axis a program loops over is kept in
   registers, the other is written as one partial per tile and combined afterwards.
 - **Max with tie count** follows ``torch.amax``'s gradient: per row the max and the number of
@@ -55,8 +56,8 @@ from ._launch import device_guard as _device_guard
 from ._launch import interpret as _interpret
 
 __all__ = [
-    "SUPPORTED_DTYPES", "channel_stats", "spatial_stats", "gate_apply", "gate_bwd_a",
-    "cbam_bwd_b", "gate_bwd_c", "bam_combine", "bam_combine_bwd", "bam_dx",
+    "SUPPORTED_DTYPES", "channel_stats", "spatial_stats", "spatial_stats_backward", "gate_apply",
+    "gate_apply_backward", "gating_input_grad", "bam_combine", "bam_combine_backward", "bam_input_grad",
 ]
 
 #: Input dtypes the kernels take (x and dout); the ops layer sends any other to the reference.
@@ -494,7 +495,7 @@ def _two_axis_kernel(d_ptr, x_ptr, wc_ptr, whw_ptr, pc_ptr, phw_ptr, C, HW, sB, 
 
 
 @triton.jit
-def _cbam_bwd_b_kernel(x_ptr, gc_ptr, smax_ptr, scnt_ptr, dsmean_ptr, dsmax_ptr, part_ptr,
+def _spatial_stats_backward_kernel(x_ptr, gc_ptr, smax_ptr, scnt_ptr, dsmean_ptr, dsmax_ptr, part_ptr,
                        C, HW, sB, sC, sHW, NCB, NSPLIT, TPS,
                        ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
     """Partial over one pixel range of sum_hw x * (dsmean / C + dsmax * [x*gc == smax] / scount)."""
@@ -547,7 +548,7 @@ def _gate_apply_kernel(x_ptr, out_ptr, gc_ptr, gs_ptr, C, HW, sB, sC, sHW, NCB, 
 
 
 @triton.jit
-def _gate_bwd_c_kernel(x_ptr, d_ptr, dx_ptr, gc_ptr, gs_ptr, smax_ptr, scnt_ptr, dsmean_ptr,
+def _gating_input_grad_kernel(x_ptr, d_ptr, dx_ptr, gc_ptr, gs_ptr, smax_ptr, scnt_ptr, dsmean_ptr,
                        dsmax_ptr, cmax_ptr, ccnt_ptr, dcmean_ptr, dcmax_ptr,
                        C, HW, sB, sC, sHW, NCB, NHB,
                        HAS_DOUT: tl.constexpr, HAS_GC: tl.constexpr, HAS_GS: tl.constexpr,
@@ -743,31 +744,34 @@ def gate_apply(x: Tensor, gc: Optional[Tensor], gs: Optional[Tensor]) -> Tensor:
     return out
 
 
-def gate_bwd_a(dout: Tensor, x: Tensor, gc: Optional[Tensor], gs: Optional[Tensor],
-               need_dgc: bool = True, need_dgs: bool = True) -> Tuple[Optional[Tensor], Optional[Tensor]]:
-    """Gate gradients of ``out = x * gc * gs`` from one read of dout and x:
-    dgc = sum_hw dout * x * gs, dgs = sum_c dout * x * gc (a missing gate counts as 1);
-    each returned only if asked for, else None."""
-    fn = "gate_bwd_a"
+def gate_apply_backward(grad_out: Tensor, x: Tensor, gc: Optional[Tensor], gs: Optional[Tensor],
+                        need_grad_gc: bool = True, need_grad_gs: bool = True) -> Tuple[Tensor, Tensor]:
+    """Gate gradients of ``out = x * gc * gs`` from one read of grad_out and x:
+    grad_gc = sum_hw grad_out * x * gs, grad_gs = sum_c grad_out * x * gc (a missing gate counts
+    as 1); a gradient not asked for is an empty tensor."""
+    fn = "gate_apply_backward"
     L = _check_x(x, fn)
-    _check_big(dout, "dout", x, L, fn)
+    _check_big(grad_out, "grad_out", x, L, fn)
     _check_small(gc, "gc", L.B * L.C, x, fn, L.acc)
     _check_small(gs, "gs", L.B * L.HW, x, fn, L.acc)
-    need_dgs = bool(need_dgs)
-    need_dgc = bool(need_dgc)
-    return _two_axis(dout, x, L, wc=gc if need_dgs else None, whw=gs if need_dgc else None,
-                     bam=0, weight_c=gc is not None, weight_hw=gs is not None,
-                     need_c=need_dgc, need_hw=need_dgs)
+    need_grad_gs = bool(need_grad_gs)
+    need_grad_gc = bool(need_grad_gc)
+    grad_gc, grad_gs = _two_axis(grad_out, x, L, wc=gc if need_grad_gs else None,
+                                 whw=gs if need_grad_gc else None, bam=0, weight_c=gc is not None,
+                                 weight_hw=gs is not None, need_c=need_grad_gc, need_hw=need_grad_gs)
+    none = x.new_empty(0, dtype=L.acc)
+    return (grad_gc if grad_gc is not None else none, grad_gs if grad_gs is not None else none)
 
 
-def cbam_bwd_b(x: Tensor, gc: Tensor, smax: Tensor, scount: Tensor, dsmean: Tensor,
-               dsmax: Tensor) -> Tensor:
-    """dgc[b, c] = sum_hw x * (dsmean / C + dsmax * [x*gc == smax] / scount)."""
-    fn = "cbam_bwd_b"
+def spatial_stats_backward(x: Tensor, gc: Tensor, smax: Tensor, scount: Tensor, grad_smean: Tensor,
+                           grad_smax: Tensor) -> Tensor:
+    """The channel gate's gradient through the spatial statistics of x * gc:
+    grad_gc[b, c] = sum_hw x * (grad_smean / C + grad_smax * [x*gc == smax] / scount)."""
+    fn = "spatial_stats_backward"
     L = _check_x(x, fn)
     n_c, n_hw = L.B * L.C, L.B * L.HW
-    for t, name, n in ((gc, "gc", n_c), (smax, "smax", n_hw), (dsmean, "dsmean", n_hw),
-                       (dsmax, "dsmax", n_hw)):
+    for t, name, n in ((gc, "gc", n_c), (smax, "smax", n_hw), (grad_smean, "grad_smean", n_hw),
+                       (grad_smax, "grad_smax", n_hw)):
         if t is None:
             raise ValueError(_err(fn, f"{name} is required"))
         _check_small(t, name, n, x, fn, L.acc)
@@ -777,53 +781,53 @@ def cbam_bwd_b(x: Tensor, gc: Tensor, smax: Tensor, scount: Tensor, dsmean: Tens
     plan = _split_plan(L)
     part = torch.empty(L.B, plan.nsplit, L.C, dtype=L.acc, device=x.device)
     with _device_guard(x):
-        _cbam_bwd_b_kernel[(L.B * plan.grid,)](
-            x, gc, smax, scount, dsmean, dsmax, part, L.C, L.HW, L.sB, L.sC, L.sHW,
+        _spatial_stats_backward_kernel[(L.B * plan.grid,)](
+            x, gc, smax, scount, grad_smean, grad_smax, part, L.C, L.HW, L.sB, L.sC, L.sHW,
             plan.ncb, plan.nsplit, plan.tps, ACC=_tl_acc(L), BLOCK_C=plan.block_c,
             BLOCK_HW=plan.block_hw, num_warps=_num_warps(plan.block_c, plan.block_hw))
         return _combine_sums(part, L.B, L.C)
 
 
-def gate_bwd_c(x: Tensor, dout: Optional[Tensor], gc: Optional[Tensor], gs: Optional[Tensor],
-               smax: Optional[Tensor] = None, scount: Optional[Tensor] = None,
-               dsmean: Optional[Tensor] = None, dsmax: Optional[Tensor] = None,
-               cmax: Optional[Tensor] = None, ccount: Optional[Tensor] = None,
-               dcmean: Optional[Tensor] = None, dcmax: Optional[Tensor] = None) -> Tensor:
+def gating_input_grad(x: Tensor, grad_out: Optional[Tensor], gc: Optional[Tensor], gs: Optional[Tensor],
+                      smax: Optional[Tensor] = None, scount: Optional[Tensor] = None,
+                      grad_smean: Optional[Tensor] = None, grad_smax: Optional[Tensor] = None,
+                      cmax: Optional[Tensor] = None, ccount: Optional[Tensor] = None,
+                      grad_cmean: Optional[Tensor] = None, grad_cmax: Optional[Tensor] = None) -> Tensor:
     """The input gradient of a gating block, every term optional, written once:
 
-    dx = dout * gc * gs + gc * (dsmean / C + dsmax * [x*gc == smax] / scount)
-       + dcmean / HW + dcmax * [x == cmax] / ccount
+    dx = grad_out * gc * gs + gc * (grad_smean / C + grad_smax * [x*gc == smax] / scount)
+       + grad_cmean / HW + grad_cmax * [x == cmax] / ccount
 
-    Spatial terms need gc; dsmax needs smax and scount; dcmax needs cmax and ccount.
+    Spatial terms need gc; grad_smax needs smax and scount; grad_cmax needs cmax and ccount.
     """
-    fn = "gate_bwd_c"
+    fn = "gating_input_grad"
     L = _check_x(x, fn)
-    if dout is not None:
-        _check_big(dout, "dout", x, L, fn)
+    if grad_out is not None:
+        _check_big(grad_out, "grad_out", x, L, fn)
     n_c, n_hw = L.B * L.C, L.B * L.HW
     for t, name, n in ((gc, "gc", n_c), (gs, "gs", n_hw), (smax, "smax", n_hw),
-                       (dsmean, "dsmean", n_hw), (dsmax, "dsmax", n_hw), (cmax, "cmax", n_c),
-                       (dcmean, "dcmean", n_c), (dcmax, "dcmax", n_c)):
+                       (grad_smean, "grad_smean", n_hw), (grad_smax, "grad_smax", n_hw), (cmax, "cmax", n_c),
+                       (grad_cmean, "grad_cmean", n_c), (grad_cmax, "grad_cmax", n_c)):
         _check_small(t, name, n, x, fn, L.acc)
     _check_small(scount, "scount", n_hw, x, fn, torch.int32)
     _check_small(ccount, "ccount", n_c, x, fn, torch.int32)
-    if dsmax is not None and (smax is None or scount is None):
-        raise ValueError(_err(fn, "dsmax needs smax and scount"))
-    if dcmax is not None and (cmax is None or ccount is None):
-        raise ValueError(_err(fn, "dcmax needs cmax and ccount"))
-    if (dsmean is not None or dsmax is not None) and gc is None:
-        raise ValueError(_err(fn, "the spatial-statistics terms (dsmean, dsmax) need gc"))
+    if grad_smax is not None and (smax is None or scount is None):
+        raise ValueError(_err(fn, "grad_smax needs smax and scount"))
+    if grad_cmax is not None and (cmax is None or ccount is None):
+        raise ValueError(_err(fn, "grad_cmax needs cmax and ccount"))
+    if (grad_smean is not None or grad_smax is not None) and gc is None:
+        raise ValueError(_err(fn, "the spatial-statistics terms (grad_smean, grad_smax) need gc"))
     ph = _placeholder(x, L.acc)
     phi = _placeholder(x, torch.int32)
     opt = lambda t, p=ph: t if t is not None else p  # noqa: E731
     dx = torch.empty_like(x)
     with _device_guard(x):
         _launch_elementwise(
-            _gate_bwd_c_kernel, L, x, opt(dout, x), dx, opt(gc), opt(gs), opt(smax), opt(scount, phi),
-            opt(dsmean), opt(dsmax), opt(cmax), opt(ccount, phi), opt(dcmean), opt(dcmax),
-            HAS_DOUT=dout is not None, HAS_GC=gc is not None, HAS_GS=gs is not None,
-            HAS_SMEAN=dsmean is not None, HAS_SMAX=dsmax is not None,
-            HAS_CMEAN=dcmean is not None, HAS_CMAX=dcmax is not None)
+            _gating_input_grad_kernel, L, x, opt(grad_out, x), dx, opt(gc), opt(gs), opt(smax), opt(scount, phi),
+            opt(grad_smean), opt(grad_smax), opt(cmax), opt(ccount, phi), opt(grad_cmean), opt(grad_cmax),
+            HAS_DOUT=grad_out is not None, HAS_GC=gc is not None, HAS_GS=gs is not None,
+            HAS_SMEAN=grad_smean is not None, HAS_SMAX=grad_smax is not None,
+            HAS_CMEAN=grad_cmean is not None, HAS_CMAX=grad_cmax is not None)
     return dx
 
 
@@ -847,28 +851,32 @@ def bam_combine(x: Tensor, mc: Tensor, ms: Tensor, product: bool) -> Tensor:
     return out
 
 
-def bam_combine_bwd(dout: Tensor, x: Tensor, mc: Tensor, ms: Tensor, product: bool) -> Tuple[Tensor, Tensor]:
-    """Logit gradients of the combine from one read of dout and x: with
-    dz = dout * x * s * (1 - s), dmc = sum_hw dz (* ms if product), dms = sum_c dz (* mc if product)."""
-    fn = "bam_combine_bwd"
+def bam_combine_backward(grad_out: Tensor, x: Tensor, mc: Tensor, ms: Tensor,
+                         product: bool) -> Tuple[Tensor, Tensor]:
+    """The logits' gradients of the combine from one read of grad_out and x: with
+    dz = grad_out * x * s * (1 - s), grad_mc = sum_hw dz (* ms if product), grad_ms = sum_c dz
+    (* mc if product)."""
+    fn = "bam_combine_backward"
     L = _check_bam(x, mc, ms, fn)
-    _check_big(dout, "dout", x, L, fn)
+    _check_big(grad_out, "grad_out", x, L, fn)
     product = bool(product)
-    return _two_axis(dout, x, L, wc=mc, whw=ms, bam=2 if product else 1, weight_c=product,
+    return _two_axis(grad_out, x, L, wc=mc, whw=ms, bam=2 if product else 1, weight_c=product,
                      weight_hw=product, need_c=True, need_hw=True)
 
 
-def bam_dx(x: Tensor, dout: Optional[Tensor], mc: Tensor, ms: Tensor, product: bool,
-           dcmean: Optional[Tensor]) -> Tensor:
-    """``dout * (1 + sigmoid(z)) + dcmean / HW``, each term optional; x's dtype and memory format."""
-    fn = "bam_dx"
+def bam_input_grad(x: Tensor, grad_out: Optional[Tensor], mc: Tensor, ms: Tensor, product: bool,
+                   grad_cmean: Optional[Tensor]) -> Tensor:
+    """``grad_out * (1 + sigmoid(z)) + grad_cmean / HW``, each term optional; x's dtype and
+    memory format."""
+    fn = "bam_input_grad"
     L = _check_bam(x, mc, ms, fn)
-    if dout is not None:
-        _check_big(dout, "dout", x, L, fn)
-    _check_small(dcmean, "dcmean", L.B * L.C, x, fn, L.acc)
+    if grad_out is not None:
+        _check_big(grad_out, "grad_out", x, L, fn)
+    _check_small(grad_cmean, "grad_cmean", L.B * L.C, x, fn, L.acc)
     dx = torch.empty_like(x)
     with _device_guard(x):
-        _launch_elementwise(_bam_elementwise_kernel, L, dout if dout is not None else x, dx, mc, ms,
-                            dcmean if dcmean is not None else _placeholder(x, L.acc),
-                            PRODUCT=bool(product), HAS_SRC=dout is not None, HAS_CMEAN=dcmean is not None)
+        _launch_elementwise(_bam_elementwise_kernel, L, grad_out if grad_out is not None else x, dx, mc, ms,
+                            grad_cmean if grad_cmean is not None else _placeholder(x, L.acc),
+                            PRODUCT=bool(product), HAS_SRC=grad_out is not None,
+                            HAS_CMEAN=grad_cmean is not None)
     return dx
