@@ -9,6 +9,7 @@ another build instead (the sanitizer build of CMakeLists.txt: see scripts/saniti
 from __future__ import annotations
 
 import glob
+import importlib.util
 import os
 from typing import Optional
 
@@ -21,6 +22,9 @@ def _find() -> str:
     folder = os.environ.get("ATTNKERN_EXTENSION_DIR")
     where = folder or os.path.dirname(os.path.abspath(__file__))
     found = sorted(glob.glob(os.path.join(where, "_C*.so")))
+    if not found and not folder:  # an install that maps the module elsewhere (editable finders)
+        spec = importlib.util.find_spec("attnkern._C")
+        found = [spec.origin] if spec is not None and spec.origin else []
     if not found:
         origin = f"ATTNKERN_EXTENSION_DIR={folder}" if folder else where
         raise ImportError(f"no _C*.so in {origin}")
