@@ -29,10 +29,10 @@ bootstrap() {
     fi
     want=$(cat setup.py pyproject.toml csrc/* 2>/dev/null | sha256sum | cut -d' ' -f1)
     have=$(cat "$VENV/.build-stamp" 2>/dev/null || true)
-    if [ "$want" != "$have" ] || ! "$PY" -c "import attnkern._C" 2>/dev/null; then
+    if [ "$want" != "$have" ] || ! "$PY" -c "from attnkern import _cpu; _cpu.require()" 2>/dev/null; then
         echo "[attnkern] building the C++ extension" >&2
         MAX_JOBS=${MAX_JOBS:-2} "$PY" -m pip install -q --no-build-isolation --no-deps -e .
-        "$PY" -c "import attnkern._C"
+        "$PY" -c "from attnkern import _cpu; _cpu.require()"
         echo "$want" > "$VENV/.build-stamp"
     fi
 }

@@ -1,4 +1,5 @@
-"""Builds attnkern and its C++ CPU extension (``attnkern._C``) from csrc/.
+"""Builds attnkern and its C++ CPU kernels (``attnkern/_C*.so``, a library of ``attnkern::`` ops
+registered with PyTorch's dispatcher, loaded by attnkern/_cpu.py) from csrc/.
 
 Build with ``pip install --no-build-isolation -e .`` so the extension compiles against the
 torch that is already installed (build isolation would fetch another one).
@@ -46,6 +47,7 @@ ext_modules = [
         name="attnkern._C",
         sources=sorted(glob.glob("csrc/*.cpp")),
         include_dirs=[os.path.abspath("csrc")],
+        depends=sorted(glob.glob("csrc/*.h")),
         extra_compile_args={"cxx": cpu_flags()},
         extra_link_args=["-fopenmp"],
     )

@@ -1,44 +1,57 @@
-"""Loads the compiled C++ extension (``attnkern._C``). The one place that imports it.
+"""Loads the C++ CPU kernels (``attnkern/_C*.so``). The one place that loads them.
 
-``ATTNKERN_EXTENSION_DIR`` loads the module from another build instead (the sanitizer build of
-CMakeLists.txt: see scripts/sanitize.sh).
+The library registers the ``attnkern::`` gating ops with PyTorch's dispatcher (their schemas
+and their CPU kernels, csrc/*.cpp); it has no Python module of its own, so it is
+loaded with :func:`torch.ops.load_library`, and the kernels are called as
+``torch.ops.attnkern.<op>`` on CPU tensors. ``ATTNKERN_EXTENSION_DIR`` loads the library from
+another build instead (the sanitizer build of CMakeLists.txt: see scripts/sanitize.sh).
 """
 from __future__ import annotations
 
 import glob
 import importlib.util
 import os
-from types import ModuleType
 from typing import Optional
 
-_ext: Optional[ModuleType] = None
+_path: Optional[str] = None
 _error: Optional[BaseException] = None
 _tried = False
 
 
-def extension() -> Optional[ModuleType]:
-    """The extension module, or None when it is not built (see :func:`load_error`)."""
-    global _ext, _error, _tried
+def _find() -> str:
+    folder = os.environ.get("ATTNKERN_EXTENSION_DIR")
+    where = folder or os.path.dirname(os.path.abspath(__file__))
+    found = sorted(glob.glob(os.path.join(where, "_C*.so")))
+    if not found and not folder:  # an install that maps the module elsewhere (editable finders)
+        spec = importlib.util.find_spec("attnkern._C")
+        found = [spec.origin] if spec is not None and spec.origin else []
+    if not found:
+        origin = f"ATTNKERN_EXTENSION_DIR={folder}" if folder else where
+        raise ImportError(f"no _C*.so in {origin}")
+    return found[0]
+
+
+def extension():
+    """``torch.ops.attnkern`` once the C++ kernels are loaded, or None when they are not built
+    or fail to load (see :func:`load_error`)."""
+    global _path, _error, _tried
+    import torch
+
     if not _tried:
         _tried = True
         try:
-            import torch  # noqa: F401  (the extension links against torch's libraries)
-
-            folder = os.environ.get("ATTNKERN_EXTENSION_DIR")
-            if folder:
-                found = sorted(glob.glob(os.path.join(folder, "_C*.so")))
-                if not found:
-                    raise ImportError(f"no _C*.so in ATTNKERN_EXTENSION_DIR={folder}")
-                spec = importlib.util.spec_from_file_location("attnkern._C", found[0])
-                _ext = importlib.util.module_from_spec(spec)
-                spec.loader.exec_module(_ext)
-            else:
-                from attnkern import _C  # type: ignore[attr-defined]
-
-                _ext = _C
-        except ImportError as e:  # not built, or built against another torch
+            path = _find()
+            torch.ops.load_library(path)  # links against torch's libraries: import torch first
+            _path = path
+        except (ImportError, OSError, RuntimeError) as e:  # not built, or built for another torch
             _error = e
-    return _ext
+    return torch.ops.attnkern if _path is not None else None
+
+
+def library_path() -> Optional[str]:
+    """The file the C++ kernels were loaded from, or None."""
+    extension()
+    return _path
 
 
 def load_error() -> Optional[BaseException]:
@@ -46,12 +59,14 @@ def load_error() -> Optional[BaseException]:
     return _error
 
 
-def require() -> ModuleType:
+def require():
+    """``torch.ops.attnkern`` with the C++ kernels loaded; a RuntimeError saying how to build
+    them otherwise."""
     ext = extension()
     if ext is None:
         raise RuntimeError(
-            "attnkern's C++ extension is not built or failed to load "
-            f"({_error}); build it with `pip install --no-build-isolation -e .` "
+            "attnkern's C++ kernels are not built or failed to load "
+            f"({_error}); build them with `pip install --no-build-isolation -e .` "
             "from the project root, or set ATTNKERN_BACKEND=reference"
         )
     return ext

@@ -22,7 +22,8 @@ from .reference import se as ref_se
 OPS = ("cbam", "se", "bam")
 VARIANTS = {"cbam": ("fused", "naive", "timm", "compile"), "se": ("fused", "naive", "timm", "compile"),
             "bam": ("fused", "naive", "compile")}
-# reads + writes of x's size of the memory floor (DESIGN.md): forward, backward
+# reads + writes of x's size of the memory floor (the passes of the fused blocks, counted in
+# benchmarks/test_bench_blocks.py): forward, backward
 FLOOR_TRANSFERS = {"cbam": (4, 5), "se": (3, 5), "bam": (3, 5)}
 
 

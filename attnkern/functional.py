@@ -16,7 +16,7 @@ from .ops import attention as _attention_op
 from .ops import bam as _bam_op
 from .ops import cbam as _cbam_op
 from .ops import se as _se_op
-from .ops.gating import FLOAT_DTYPES, acc_dtype, dense, pick_backend
+from .ops.gating import FLOAT_DTYPES, acc_dtype, dense, pick_backend, primitives_for
 from .reference import bam as _bam_ref
 from .reference.attention import broadcast_mask
 from .reference import cbam as _cbam_ref
@@ -76,7 +76,8 @@ def cbam(
         out, gc, gs = _cbam_ref.cbam(x, mlp, spatial, pool_order=pool_order, gate=gate)
         acc = acc_dtype(x.dtype)
         return out, gc.to(acc), gs.to(acc)
-    return _cbam_op.cbam(dense(x), mlp, spatial, backend=backend, pool_order=pool_order, gate=gate)
+    return _cbam_op.cbam(dense(x), mlp, spatial, primitives=primitives_for(backend, x), pool_order=pool_order,
+                         gate=gate)
 
 
 def squeeze_excite(
@@ -103,7 +104,8 @@ def squeeze_excite(
     if backend == "reference":
         out, gc = _se_ref.squeeze_excite(x, mlp, gate=gate, add_maxpool=add_maxpool)
         return out, gc.to(acc_dtype(x.dtype))
-    return _se_op.squeeze_excite(dense(x), mlp, backend=backend, gate=gate, add_maxpool=add_maxpool)
+    return _se_op.squeeze_excite(dense(x), mlp, primitives=primitives_for(backend, x), gate=gate,
+                                 add_maxpool=add_maxpool)
 
 
 def bam(
@@ -134,7 +136,7 @@ def bam(
         out, mc, ms = _bam_ref.bam(x, mlp, spatial, combine=combine)
         acc = acc_dtype(x.dtype)
         return out, mc.to(acc), ms.to(acc)
-    return _bam_op.bam(dense(x), mlp, spatial, backend=backend, combine=combine)
+    return _bam_op.bam(dense(x), mlp, spatial, primitives=primitives_for(backend, x), combine=combine)
 
 
 ATTENTION_DTYPES = _attention_op.ATTENTION_DTYPES

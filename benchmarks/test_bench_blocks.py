@@ -3,8 +3,8 @@
 
 ``pytest --benchmark benchmarks/test_bench_blocks.py -k cbam``; ``python benchmarks/report.py``
 writes RESULTS.md. Memory floors (reads + writes of x's size, attnkern.compare.FLOOR_TRANSFERS):
-CBAM forward 3R+1W, backward DESIGN.md's 4R+1W (the fused backward does 5R+1W: pass B needs
-the spatial branch's gradient, which needs pass A's); SE and BAM forward 2R+1W, backward
+CBAM forward 3R+1W, backward 4R+1W (the fused backward does 5R+1W: spatial_stats_backward
+needs the spatial branch's gradient, which needs gate_apply_backward's); SE and BAM forward 2R+1W, backward
 2R (pass A) + 2R+1W (dx). BAM's spatial convs stay PyTorch's in every variant.
 """
 from __future__ import annotations

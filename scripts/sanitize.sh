@@ -25,7 +25,7 @@ export ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:symbolize=1
 export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 export ATTNKERN_EXTENSION_DIR=build/asan ATTNKERN_BACKEND=cpu
 # the sanitized module must be the one that loads
-"$PY" -c "from attnkern import _cpu; import os; e = _cpu.require(); assert os.path.realpath(e.__file__).startswith(os.path.realpath('build/asan')), e.__file__"
+"$PY" -c "from attnkern import _cpu; import os; _cpu.require(); p = _cpu.library_path(); assert os.path.realpath(p).startswith(os.path.realpath('build/asan')), p"
 echo "[sanitize] running the C++ backend's tests" >&2
 # -k: the block tests' triton cases and torch.compile cases do not run the C++ kernels
 # differently (inductor would also compile its own C++ under the preloaded sanitizers).

@@ -3,10 +3,11 @@ materialising the [B, C, H, W] attention.
 
 Forward: ``channel_stats`` (1 read) for the channel branch's mean pool; the spatial branch's
 convs run in PyTorch on x; ``bam_combine`` (1 read + 1 write). Backward (eager):
-``BamCombineNode`` computes dmc = sum_hw dz and dms = sum_c dz (dz = dout * x * s(1 - s)) in one
-pass and keeps dout; the branches' backward gives their parameters' gradients and dmean; then
-``ChannelStatsNode`` writes dx = dout * (1 + s) + dmean / HW once. Autograd adds the spatial
-convs' own input gradient. Under ``torch.compile``: custom ops with their own formulas.
+``BamCombineNode`` computes grad_mc = sum_hw dz and grad_ms = sum_c dz (dz = grad_out * x *
+s(1 - s)) in one pass (``bam_combine_backward``) and keeps grad_out; the branches' backward gives
+their parameters' gradients and grad_mean; then ``ChannelStatsNode`` writes dx = grad_out *
+(1 + s) + grad_mean / HW once (``bam_input_grad``). Autograd adds the spatial convs' own input
+gradient. Under ``torch.compile``: the ops with their own autograd formulas.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from typing import Callable, Tuple
 import torch
 from torch import Tensor
 
-from .gating import BamCombineNode, ChannelStatsNode, Tape, acc_dtype
+from .gating import BamCombineNode, ChannelStatsNode, Tape, acc_dtype, as_primitives
 
 
 def bam(
@@ -23,7 +24,7 @@ def bam(
     mlp: Callable[[Tensor], Tensor],
     spatial: Callable[[Tensor], Tensor],
     *,
-    backend: str,
+    primitives=None,
     combine: str = "sum",
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """The fused BAM block on a validated, dense x. Returns ``(out, mc, ms)``: channel logits
@@ -33,14 +34,14 @@ def bam(
     product = combine == "product"
     compiled = torch.compiler.is_compiling()
     if compiled:
-        mean, _, _ = torch.ops.attnkern.channel_stats(x, backend)
+        mean, _, _ = torch.ops.attnkern.channel_stats(x)
     else:
-        tape = Tape(backend)
+        tape = Tape(as_primitives(primitives))
         mean, _, _, token = ChannelStatsNode.apply(x, tape)
     mc = mlp(mean).to(acc)
     ms = spatial(x).to(acc).reshape(B, H * W)
     if compiled:
-        out = torch.ops.attnkern.bam_combine(x, mc, ms, product, backend)
+        out = torch.ops.attnkern.bam_combine(x, mc, ms, product)
     else:
         out = BamCombineNode.apply(x, mc, ms, token, tape, product)
     return out, mc, ms.view(B, 1, H, W)

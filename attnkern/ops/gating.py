@@ -1,34 +1,44 @@
-"""The pooled-gating primitives shared by CBAM, SE and BAM, as ``torch.library`` ops.
+"""The pooled-gating primitives shared by CBAM, SE and BAM, as ``attnkern::`` ops of PyTorch's
+dispatcher: one schema each, no backend argument.
 
-Nine primitives do every pass over the big tensor (see :mod:`attnkern.reference.gating` for
-their math): ``channel_stats``, ``spatial_stats``, ``gate_apply`` (forward), ``gate_bwd_a``,
-``cbam_bwd_b``, ``gate_bwd_c`` (backward), and BAM's ``bam_combine``, ``bam_combine_bwd``,
-``bam_dx``. Each runs on one of three backends with the same
-signature: the C++ extension (CPU), Triton (CUDA, or CPU under ``TRITON_INTERPRET=1``) and the
-PyTorch reference. The backend is chosen once per op call by :func:`attnkern._backend.pick`
-and passed down as a string, so the three can be compared on the same inputs.
+Nine primitives do every pass over the big tensor (their math: :mod:`attnkern.reference.gating`):
 
-Two ways to call them:
-- ``run.<name>(...)``: plain calls, used inside the fused autograd Functions of the blocks
-  (eager mode), where one backward pass writes the input gradient once.
-- ``torch.ops.attnkern.<name>``: the same functions registered as custom ops with fake
-  (meta) implementations, and autograd formulas for the three forward primitives, so that
-  ``torch.compile(fullgraph=True)`` traces a model that contains them without a graph break.
+==========================  ==============================================================
+forward                     ``channel_stats``, ``spatial_stats``, ``gate_apply``, ``bam_combine``
+gradients of small inputs   ``gate_apply_backward`` (the gates), ``spatial_stats_backward``
+                            (the channel gate through the spatial statistics),
+                            ``bam_combine_backward`` (BAM's logits)
+gradient of x               ``gating_input_grad`` (CBAM, SE), ``bam_input_grad`` (BAM)
+==========================  ==============================================================
 
-Three eager autograd nodes (``ChannelStatsNode``, ``SpatialStatsNode``, ``ApplyNode``) chain
-the forward primitives of a block so that its backward writes dx once: ``ApplyNode`` does pass
-A (gate gradients) and keeps dout, ``SpatialStatsNode`` pass B (the channel gate's gradient
-through the spatial statistics) and keeps its statistics' gradients, and ``ChannelStatsNode``,
-which autograd runs last, writes dx in pass C from everything the others kept. They share a
-``Tape``; a token output of ``ChannelStatsNode`` feeds the other two, so autograd always runs
-it after them, even when a gate is detached. CBAM uses all three, SE the first and the last.
+Where each runs is the dispatcher's choice, by the device of the tensors:
 
-Layouts: kernels take NCHW-contiguous or channels_last-contiguous tensors without a copy;
-any other strides (a sliced view) are first made dense in the layout they resemble — one copy,
-the only one. Big outputs keep that layout.
+- CPU: the C++ kernels, registered for the CPU key from C++ (csrc/statistics.cpp, gate.cpp,
+  bam.cpp, which also define the schemas; loaded by :mod:`attnkern._cpu`);
+- CUDA: the Triton kernels (:mod:`attnkern.triton.gating`), registered here for the CUDA key;
+- anything else, or CPU when the C++ kernels are not built: the reference, registered as the
+  ``CompositeExplicitAutograd`` kernel.
+
+Fake (meta) kernels make every op traceable, and the four forward primitives carry autograd
+formulas, so ``torch.compile(fullgraph=True)`` and ``torch.export`` take a model that calls
+them; an exported graph names the ops, not a backend, so it runs on either device.
+
+:class:`Primitives` is what the fused blocks call: the ops of one kernel set, with big tensors
+made dense (NCHW or channels_last, the layout they resemble) and small ones contiguous on the
+way in. :data:`DISPATCHER` goes through the dispatcher; tests hand the blocks
+``Primitives(attnkern.triton.gating)`` to run the Triton kernels on CPU tensors under Triton's
+interpreter, or ``Primitives(attnkern.reference.gating)`` (see :func:`primitives_for`).
+
+Eager blocks chain three autograd nodes (``ChannelStatsNode``, ``SpatialStatsNode``,
+``ApplyNode``, or ``BamCombineNode``) so that the backward pass writes the input gradient once:
+``ApplyNode`` computes the gates' gradients and keeps grad_out, ``SpatialStatsNode`` the
+channel gate's gradient through the spatial statistics, and ``ChannelStatsNode``, which
+autograd runs last, writes dx from everything the others kept (a shared ``Tape``; a token
+output of ``ChannelStatsNode`` feeds the others, so autograd always runs it after them).
 """
 from __future__ import annotations
 
+import importlib.util
 from types import ModuleType
 from typing import Optional, Sequence, Tuple
 
@@ -38,11 +48,33 @@ from torch import Tensor
 from .. import _backend, _cpu
 from ..reference import gating as _ref
 
-__all__ = ["acc_dtype", "dense", "memory_format_of", "pick_backend", "run", "FLOAT_DTYPES",
-           "Tape", "ChannelStatsNode", "SpatialStatsNode", "ApplyNode", "BamCombineNode"]
+__all__ = ["acc_dtype", "dense", "memory_format_of", "pick_backend", "primitives_for", "Primitives",
+           "DISPATCHER", "FLOAT_DTYPES", "OPS", "Tape", "ChannelStatsNode", "SpatialStatsNode",
+           "ApplyNode", "BamCombineNode"]
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 acc_dtype = _ref.acc_dtype
+
+#: The schemas of the ops. The C++ files define the same; these are used only where the C++
+#: kernels are not built (a test checks that the two agree).
+SCHEMAS = {
+    "channel_stats": "(Tensor x) -> (Tensor, Tensor, Tensor)",
+    "spatial_stats": "(Tensor x, Tensor gc) -> (Tensor, Tensor, Tensor)",
+    "spatial_stats_backward": "(Tensor x, Tensor gc, Tensor smax, Tensor scount, Tensor grad_smean, "
+                              "Tensor grad_smax) -> Tensor",
+    "gate_apply": "(Tensor x, Tensor? gc, Tensor? gs) -> Tensor",
+    "gate_apply_backward": "(Tensor grad_out, Tensor x, Tensor? gc, Tensor? gs, bool need_grad_gc, "
+                           "bool need_grad_gs) -> (Tensor, Tensor)",
+    "gating_input_grad": "(Tensor x, Tensor? grad_out, Tensor? gc, Tensor? gs, Tensor? smax, "
+                         "Tensor? scount, Tensor? grad_smean, Tensor? grad_smax, Tensor? cmax, "
+                         "Tensor? ccount, Tensor? grad_cmean, Tensor? grad_cmax) -> Tensor",
+    "bam_combine": "(Tensor x, Tensor mc, Tensor ms, bool product) -> Tensor",
+    "bam_combine_backward": "(Tensor grad_out, Tensor x, Tensor mc, Tensor ms, bool product) "
+                            "-> (Tensor, Tensor)",
+    "bam_input_grad": "(Tensor x, Tensor? grad_out, Tensor mc, Tensor ms, bool product, "
+                      "Tensor? grad_cmean) -> Tensor",
+}
+OPS = tuple(SCHEMAS)
 
 
 def memory_format_of(x: Tensor) -> torch.memory_format:
@@ -65,98 +97,36 @@ def dense(t: Tensor, fmt: Optional[torch.memory_format] = None) -> Tensor:
     return t if t.is_contiguous(memory_format=fmt) else t.contiguous(memory_format=fmt)
 
 
-def _triton_dtypes() -> Sequence[torch.dtype]:
-    from ..triton import gating as tg
-
-    return getattr(tg, "SUPPORTED_DTYPES", FLOAT_DTYPES)
-
-
-def pick_backend(op: str, x: Tensor) -> str:
-    """The backend the gating primitives of ``op`` run on for input ``x``."""
-
-    def supports(backend: str) -> Optional[str]:
-        if backend == "triton" and x.dtype not in _triton_dtypes():
-            return f"the triton gating kernels do not take {x.dtype}"
-        return None
-
-    return _backend.pick(op, x.device, supports)
-
-
-def _module(backend: str) -> ModuleType:
-    if backend == "cpu":
-        return _cpu.require()
-    if backend == "triton":
-        from ..triton import gating as tg
-
-        return tg
-    if backend == "reference":
-        return _ref
-    raise ValueError(f"unknown backend {backend!r}")
-
-
-class _Run:
-    """Plain (non-dispatcher) calls of the primitives on a named backend; big tensors are made
-    dense here, so every backend sees NCHW- or channels_last-contiguous inputs."""
-
-    @staticmethod
-    def channel_stats(x: Tensor, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
-        return _module(backend).channel_stats(dense(x))
-
-    @staticmethod
-    def spatial_stats(x: Tensor, gc: Tensor, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
-        return _module(backend).spatial_stats(dense(x), gc.contiguous())
-
-    @staticmethod
-    def gate_apply(x: Tensor, gc: Optional[Tensor], gs: Optional[Tensor], backend: str) -> Tensor:
-        return _module(backend).gate_apply(dense(x), _c(gc), _c(gs))
-
-    @staticmethod
-    def gate_bwd_a(dout, x, gc, gs, need_dgc: bool, need_dgs: bool, backend: str):
-        x = dense(x)
-        return _module(backend).gate_bwd_a(dense(dout, memory_format_of(x)), x, _c(gc), _c(gs),
-                                           need_dgc, need_dgs)
-
-    @staticmethod
-    def cbam_bwd_b(x, gc, smax, scount, dsmean, dsmax, backend: str) -> Tensor:
-        return _module(backend).cbam_bwd_b(dense(x), gc.contiguous(), smax.contiguous(),
-                                           scount.contiguous(), dsmean.contiguous(), dsmax.contiguous())
-
-    @staticmethod
-    def gate_bwd_c(x, dout, gc, gs, smax, scount, dsmean, dsmax, cmax, ccount, dcmean, dcmax,
-                   backend: str) -> Tensor:
-        x = dense(x)
-        dout = dense(dout, memory_format_of(x)) if dout is not None else None
-        return _module(backend).gate_bwd_c(x, dout, _c(gc), _c(gs), _c(smax), _c(scount), _c(dsmean),
-                                           _c(dsmax), _c(cmax), _c(ccount), _c(dcmean), _c(dcmax))
-
-
-    @staticmethod
-    def bam_combine(x, mc, ms, product: bool, backend: str) -> Tensor:
-        return _module(backend).bam_combine(dense(x), mc.contiguous(), ms.contiguous(), product)
-
-    @staticmethod
-    def bam_combine_bwd(dout, x, mc, ms, product: bool, backend: str):
-        x = dense(x)
-        return _module(backend).bam_combine_bwd(dense(dout, memory_format_of(x)), x, mc.contiguous(),
-                                                ms.contiguous(), product)
-
-    @staticmethod
-    def bam_dx(x, dout, mc, ms, product: bool, dcmean, backend: str) -> Tensor:
-        x = dense(x)
-        dout = dense(dout, memory_format_of(x)) if dout is not None else None
-        return _module(backend).bam_dx(x, dout, mc.contiguous(), ms.contiguous(), product, _c(dcmean))
-
-
-run = _Run()
-
-
 def _c(t: Optional[Tensor]) -> Optional[Tensor]:
     return None if t is None else t.contiguous()
 
 
 # ----------------------------------------------------------------------------------------
-# torch.library registration
+# the ops: schemas, kernels per device, fake kernels
 # ----------------------------------------------------------------------------------------
+
+_cpu.extension()  # defines the schemas and the CPU kernels when the C++ library is built
+_lib = torch.library.Library("attnkern", "FRAGMENT")
+for _name, _schema in SCHEMAS.items():
+    if not hasattr(torch.ops.attnkern, _name):
+        _lib.define(_name + _schema)
+    _lib.impl(_name, getattr(_ref, _name), "CompositeExplicitAutograd")
+
+
+def _triton_kernel(name: str):
+    def kernel(*args):
+        from ..triton import gating as tg
+
+        return getattr(tg, name)(*args)
+
+    kernel.__name__ = name
+    return kernel
+
+
+if importlib.util.find_spec("triton") is not None:
+    for _name in OPS:
+        _lib.impl(_name, _triton_kernel(_name), "CUDA")
+
 
 def _stats_like(x: Tensor, n: int) -> Tuple[Tensor, Tensor, Tensor]:
     B = x.shape[0]
@@ -169,198 +139,245 @@ def _big_like(x: Tensor) -> Tensor:
     return torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=memory_format_of(x))
 
 
-@torch.library.custom_op("attnkern::channel_stats", mutates_args=())
-def channel_stats(x: Tensor, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
-    """Mean, max and tie count over H*W per (b, c)."""
-    return run.channel_stats(x, backend)
+def _small_like(x: Tensor, n: int) -> Tensor:
+    return x.new_empty((x.shape[0], n), dtype=acc_dtype(x.dtype))
 
 
-@channel_stats.register_fake
-def _(x, backend):
+@torch.library.register_fake("attnkern::channel_stats", lib=_lib)
+def _(x):
     return _stats_like(x, x.shape[1])
 
 
-@torch.library.custom_op("attnkern::spatial_stats", mutates_args=())
-def spatial_stats(x: Tensor, gc: Tensor, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
-    """Mean, max and tie count over C of x * gc per (b, hw)."""
-    return run.spatial_stats(x, gc, backend)
-
-
-@spatial_stats.register_fake
-def _(x, gc, backend):
+@torch.library.register_fake("attnkern::spatial_stats", lib=_lib)
+def _(x, gc):
     return _stats_like(x, x.shape[2] * x.shape[3])
 
 
-@torch.library.custom_op("attnkern::gate_apply", mutates_args=())
-def gate_apply(x: Tensor, gc: Optional[Tensor], gs: Optional[Tensor], backend: str) -> Tensor:
-    """x * gc[b, c] * gs[b, hw]."""
-    return run.gate_apply(x, gc, gs, backend)
+@torch.library.register_fake("attnkern::spatial_stats_backward", lib=_lib)
+def _(x, gc, smax, scount, grad_smean, grad_smax):
+    return _small_like(x, x.shape[1])
 
 
-@gate_apply.register_fake
-def _(x, gc, gs, backend):
+@torch.library.register_fake("attnkern::gate_apply", lib=_lib)
+def _(x, gc, gs):
     return _big_like(x)
 
 
-@torch.library.custom_op("attnkern::gate_bwd_a", mutates_args=())
-def gate_bwd_a(dout: Tensor, x: Tensor, gc: Optional[Tensor], gs: Optional[Tensor],
-               backend: str) -> Tuple[Tensor, Tensor]:
-    """(dgc, dgs) of out = x * gc * gs; a gate that is None gets an empty gradient."""
-    dgc, dgs = run.gate_bwd_a(dout, x, gc, gs, gc is not None, gs is not None, backend)
-    return (dgc if dgc is not None else x.new_empty(0, dtype=acc_dtype(x.dtype)),
-            dgs if dgs is not None else x.new_empty(0, dtype=acc_dtype(x.dtype)))
-
-
-@gate_bwd_a.register_fake
-def _(dout, x, gc, gs, backend):
+@torch.library.register_fake("attnkern::gate_apply_backward", lib=_lib)
+def _(grad_out, x, gc, gs, need_grad_gc, need_grad_gs):
     B, C, H, W = x.shape
     a = acc_dtype(x.dtype)
-    return (x.new_empty((B, C) if gc is not None else (0,), dtype=a),
-            x.new_empty((B, H * W) if gs is not None else (0,), dtype=a))
+    return (x.new_empty((B, C) if need_grad_gc else (0,), dtype=a),
+            x.new_empty((B, H * W) if need_grad_gs else (0,), dtype=a))
 
 
-@torch.library.custom_op("attnkern::cbam_bwd_b", mutates_args=())
-def cbam_bwd_b(x: Tensor, gc: Tensor, smax: Tensor, scount: Tensor, dsmean: Tensor,
-               dsmax: Tensor, backend: str) -> Tensor:
-    """Channel-gate gradient through the spatial statistics of x * gc."""
-    return run.cbam_bwd_b(x, gc, smax, scount, dsmean, dsmax, backend)
-
-
-@cbam_bwd_b.register_fake
-def _(x, gc, smax, scount, dsmean, dsmax, backend):
-    return x.new_empty(x.shape[:2], dtype=acc_dtype(x.dtype))
-
-
-@torch.library.custom_op("attnkern::gate_bwd_c", mutates_args=())
-def gate_bwd_c(x: Tensor, dout: Optional[Tensor], gc: Optional[Tensor], gs: Optional[Tensor],
-               smax: Optional[Tensor], scount: Optional[Tensor], dsmean: Optional[Tensor],
-               dsmax: Optional[Tensor], cmax: Optional[Tensor], ccount: Optional[Tensor],
-               dcmean: Optional[Tensor], dcmax: Optional[Tensor], backend: str) -> Tensor:
-    """The input gradient of a gating block, every term optional (see the reference)."""
-    return run.gate_bwd_c(x, dout, gc, gs, smax, scount, dsmean, dsmax, cmax, ccount, dcmean,
-                          dcmax, backend)
-
-
-@gate_bwd_c.register_fake
-def _(x, dout, gc, gs, smax, scount, dsmean, dsmax, cmax, ccount, dcmean, dcmax, backend):
+@torch.library.register_fake("attnkern::gating_input_grad", lib=_lib)
+def _(x, grad_out, gc, gs, smax, scount, grad_smean, grad_smax, cmax, ccount, grad_cmean, grad_cmax):
     return _big_like(x)
 
 
-@torch.library.custom_op("attnkern::bam_combine", mutates_args=())
-def bam_combine(x: Tensor, mc: Tensor, ms: Tensor, product: bool, backend: str) -> Tensor:
-    """BAM's x * (1 + sigmoid(mc[b, c] + ms[b, hw])) (or mc * ms with ``product``)."""
-    return run.bam_combine(x, mc, ms, product, backend)
-
-
-@bam_combine.register_fake
-def _(x, mc, ms, product, backend):
+@torch.library.register_fake("attnkern::bam_combine", lib=_lib)
+def _(x, mc, ms, product):
     return _big_like(x)
 
 
-@torch.library.custom_op("attnkern::bam_combine_bwd", mutates_args=())
-def bam_combine_bwd(dout: Tensor, x: Tensor, mc: Tensor, ms: Tensor, product: bool,
-                    backend: str) -> Tuple[Tensor, Tensor]:
-    """(dmc, dms) of BAM's combine."""
-    return run.bam_combine_bwd(dout, x, mc, ms, product, backend)
-
-
-@bam_combine_bwd.register_fake
-def _(dout, x, mc, ms, product, backend):
+@torch.library.register_fake("attnkern::bam_combine_backward", lib=_lib)
+def _(grad_out, x, mc, ms, product):
     return torch.empty_like(mc), torch.empty_like(ms)
 
 
-@torch.library.custom_op("attnkern::bam_dx", mutates_args=())
-def bam_dx(x: Tensor, dout: Optional[Tensor], mc: Tensor, ms: Tensor, product: bool,
-           dcmean: Optional[Tensor], backend: str) -> Tensor:
-    """dx = dout * (1 + sigmoid(z)) + dcmean / HW."""
-    return run.bam_dx(x, dout, mc, ms, product, dcmean, backend)
-
-
-@bam_dx.register_fake
-def _(x, dout, mc, ms, product, dcmean, backend):
+@torch.library.register_fake("attnkern::bam_input_grad", lib=_lib)
+def _(x, grad_out, mc, ms, product, grad_cmean):
     return _big_like(x)
 
 
-# Autograd of the three forward primitives, each on its own (the compiled path). Every input
-# gradient is one gate_bwd_c term; autograd adds them up.
+# ----------------------------------------------------------------------------------------
+# Primitives: what the blocks call
+# ----------------------------------------------------------------------------------------
+
+class Primitives:
+    """The nine primitives of one kernel set (``torch.ops.attnkern``, or a module with the same
+    functions: :mod:`attnkern.triton.gating`, :mod:`attnkern.reference.gating`), with big
+    tensors made dense in x's layout and small ones contiguous first: every kernel sees NCHW-
+    or channels_last-contiguous inputs."""
+
+    def __init__(self, kernels):
+        self.kernels = kernels
+
+    def channel_stats(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        return self.kernels.channel_stats(dense(x))
+
+    def spatial_stats(self, x: Tensor, gc: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        return self.kernels.spatial_stats(dense(x), gc.contiguous())
+
+    def spatial_stats_backward(self, x, gc, smax, scount, grad_smean, grad_smax) -> Tensor:
+        return self.kernels.spatial_stats_backward(dense(x), gc.contiguous(), smax.contiguous(),
+                                                   scount.contiguous(), grad_smean.contiguous(),
+                                                   grad_smax.contiguous())
+
+    def gate_apply(self, x: Tensor, gc: Optional[Tensor], gs: Optional[Tensor]) -> Tensor:
+        return self.kernels.gate_apply(dense(x), _c(gc), _c(gs))
+
+    def gate_apply_backward(self, grad_out, x, gc, gs, need_grad_gc: bool, need_grad_gs: bool):
+        x = dense(x)
+        return self.kernels.gate_apply_backward(dense(grad_out, memory_format_of(x)), x, _c(gc), _c(gs),
+                                                need_grad_gc, need_grad_gs)
+
+    def gating_input_grad(self, x, grad_out, gc, gs, smax, scount, grad_smean, grad_smax, cmax, ccount,
+                          grad_cmean, grad_cmax) -> Tensor:
+        x = dense(x)
+        grad_out = dense(grad_out, memory_format_of(x)) if grad_out is not None else None
+        return self.kernels.gating_input_grad(x, grad_out, _c(gc), _c(gs), _c(smax), _c(scount),
+                                              _c(grad_smean), _c(grad_smax), _c(cmax), _c(ccount),
+                                              _c(grad_cmean), _c(grad_cmax))
+
+    def bam_combine(self, x, mc, ms, product: bool) -> Tensor:
+        return self.kernels.bam_combine(dense(x), mc.contiguous(), ms.contiguous(), product)
+
+    def bam_combine_backward(self, grad_out, x, mc, ms, product: bool):
+        x = dense(x)
+        return self.kernels.bam_combine_backward(dense(grad_out, memory_format_of(x)), x, mc.contiguous(),
+                                                 ms.contiguous(), product)
+
+    def bam_input_grad(self, x, grad_out, mc, ms, product: bool, grad_cmean) -> Tensor:
+        x = dense(x)
+        grad_out = dense(grad_out, memory_format_of(x)) if grad_out is not None else None
+        return self.kernels.bam_input_grad(x, grad_out, mc.contiguous(), ms.contiguous(), product,
+                                           _c(grad_cmean))
+
+
+#: The primitives through the dispatcher: C++ on CPU, Triton on CUDA, the reference elsewhere.
+DISPATCHER = Primitives(torch.ops.attnkern)
+_TRITON_ON_CPU: Optional[Primitives] = None
+
+
+def _triton_dtypes() -> Sequence[torch.dtype]:
+    from ..triton import gating as tg
+
+    return getattr(tg, "SUPPORTED_DTYPES", FLOAT_DTYPES)
+
+
+def pick_backend(op: str, x: Tensor) -> str:
+    """The backend the gating primitives of ``op`` run on for input ``x`` (see
+    :func:`attnkern._backend.pick`): ``'reference'`` runs the reference block instead."""
+
+    def supports(backend: str) -> Optional[str]:
+        if backend == "triton" and x.dtype not in _triton_dtypes():
+            return f"the triton gating kernels do not take {x.dtype}"
+        return None
+
+    return _backend.pick(op, x.device, supports)
+
+
+def primitives_for(backend: str, x: Tensor) -> Primitives:
+    """The primitives a fused block runs for ``backend`` (from :func:`pick_backend`, not
+    ``'reference'``) on ``x``: the dispatcher, except for the test-facing override
+    ``ATTNKERN_BACKEND=triton`` on CPU tensors under ``TRITON_INTERPRET=1``, which runs the
+    Triton kernels in Triton's interpreter."""
+    global _TRITON_ON_CPU
+    if backend == "triton" and x.device.type == "cpu":
+        if _TRITON_ON_CPU is None:
+            from ..triton import gating as tg
+
+            _TRITON_ON_CPU = Primitives(tg)
+        return _TRITON_ON_CPU
+    return DISPATCHER
+
+
+def as_primitives(kernels) -> Primitives:
+    """``kernels`` (None: :data:`DISPATCHER`; a module of primitive functions) as Primitives."""
+    if kernels is None:
+        return DISPATCHER
+    return kernels if isinstance(kernels, Primitives) else Primitives(kernels)
+
+
+# ----------------------------------------------------------------------------------------
+# autograd formulas of the forward primitives (used where the fused nodes are not: under
+# torch.compile and torch.export). Every input gradient is one gating_input_grad term;
+# autograd adds them up.
+# ----------------------------------------------------------------------------------------
+
+_ops = torch.ops.attnkern
+
 
 def _channel_stats_setup(ctx, inputs, output):
-    x, backend = inputs
+    (x,) = inputs
     _, mx, cnt = output
-    ctx.backend = backend
     ctx.save_for_backward(x, mx, cnt)
 
 
-def _channel_stats_backward(ctx, dmean, dmax, dcount):
+def _channel_stats_backward(ctx, grad_mean, grad_max, grad_count):
     x, mx, cnt = ctx.saved_tensors
-    dx = torch.ops.attnkern.gate_bwd_c(x, None, None, None, None, None, None, None, mx, cnt,
-                                       dmean, dmax, ctx.backend)
-    return dx, None
+    return _ops.gating_input_grad(x, None, None, None, None, None, None, None, mx, cnt,
+                                  _c(grad_mean), _c(grad_max))
 
 
-channel_stats.register_autograd(_channel_stats_backward, setup_context=_channel_stats_setup)
+torch.library.register_autograd("attnkern::channel_stats", _channel_stats_backward,
+                                setup_context=_channel_stats_setup, lib=_lib)
 
 
 def _spatial_stats_setup(ctx, inputs, output):
-    x, gc, backend = inputs
+    x, gc = inputs
     _, mx, cnt = output
-    ctx.backend = backend
     ctx.save_for_backward(x, gc, mx, cnt)
 
 
-def _spatial_stats_backward(ctx, dmean, dmax, dcount):
+def _spatial_stats_backward(ctx, grad_mean, grad_max, grad_count):
     x, gc, mx, cnt = ctx.saved_tensors
-    dx = dgc = None
+    grad_x = grad_gc = None
     if ctx.needs_input_grad[0]:
-        dx = torch.ops.attnkern.gate_bwd_c(x, None, gc, None, mx, cnt, dmean, dmax, None, None,
-                                           None, None, ctx.backend)
+        grad_x = _ops.gating_input_grad(x, None, gc, None, mx, cnt, _c(grad_mean), _c(grad_max), None, None,
+                                        None, None)
     if ctx.needs_input_grad[1]:
-        dgc = torch.ops.attnkern.cbam_bwd_b(x, gc, mx, cnt, dmean, dmax, ctx.backend)
-    return dx, dgc, None
+        grad_gc = _ops.spatial_stats_backward(x, gc, mx, cnt, grad_mean.contiguous(), grad_max.contiguous())
+    return grad_x, grad_gc
 
 
-spatial_stats.register_autograd(_spatial_stats_backward, setup_context=_spatial_stats_setup)
+torch.library.register_autograd("attnkern::spatial_stats", _spatial_stats_backward,
+                                setup_context=_spatial_stats_setup, lib=_lib)
 
 
 def _gate_apply_setup(ctx, inputs, output):
-    x, gc, gs, backend = inputs
-    ctx.backend = backend
+    x, gc, gs = inputs
     ctx.save_for_backward(x, gc, gs)
 
 
-def _gate_apply_backward(ctx, dout):
+def _gate_apply_backward(ctx, grad_out):
     x, gc, gs = ctx.saved_tensors
-    dx = dgc = dgs = None
+    grad_out = dense(grad_out, memory_format_of(x))
+    grad_x = grad_gc = grad_gs = None
     if ctx.needs_input_grad[0]:
-        dx = torch.ops.attnkern.gate_bwd_c(x, dout, gc, gs, None, None, None, None, None, None,
-                                           None, None, ctx.backend)
-    if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-        dgc, dgs = torch.ops.attnkern.gate_bwd_a(dout, x, gc, gs, ctx.backend)
-        dgc = dgc if gc is not None and ctx.needs_input_grad[1] else None
-        dgs = dgs if gs is not None and ctx.needs_input_grad[2] else None
-    return dx, dgc, dgs, None
+        grad_x = _ops.gating_input_grad(x, grad_out, gc, gs, None, None, None, None, None, None, None, None)
+    need_gc = gc is not None and ctx.needs_input_grad[1]
+    need_gs = gs is not None and ctx.needs_input_grad[2]
+    if need_gc or need_gs:
+        grad_gc, grad_gs = _ops.gate_apply_backward(grad_out, x, gc, gs, need_gc, need_gs)
+    return grad_x, grad_gc if need_gc else None, grad_gs if need_gs else None
 
 
-gate_apply.register_autograd(_gate_apply_backward, setup_context=_gate_apply_setup)
+torch.library.register_autograd("attnkern::gate_apply", _gate_apply_backward,
+                                setup_context=_gate_apply_setup, lib=_lib)
 
 
 def _bam_combine_setup(ctx, inputs, output):
-    x, mc, ms, product, backend = inputs
-    ctx.product, ctx.backend = product, backend
+    x, mc, ms, product = inputs
+    ctx.product = product
     ctx.save_for_backward(x, mc, ms)
 
 
-def _bam_combine_backward(ctx, dout):
+def _bam_combine_backward(ctx, grad_out):
     x, mc, ms = ctx.saved_tensors
-    dx = dmc = dms = None
+    grad_out = dense(grad_out, memory_format_of(x))
+    grad_x = grad_mc = grad_ms = None
     if ctx.needs_input_grad[0]:
-        dx = torch.ops.attnkern.bam_dx(x, dout, mc, ms, ctx.product, None, ctx.backend)
+        grad_x = _ops.bam_input_grad(x, grad_out, mc, ms, ctx.product, None)
     if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-        dmc, dms = torch.ops.attnkern.bam_combine_bwd(dout, x, mc, ms, ctx.product, ctx.backend)
-    return dx, dmc, dms, None, None
+        grad_mc, grad_ms = _ops.bam_combine_backward(grad_out, x, mc, ms, ctx.product)
+    return grad_x, grad_mc, grad_ms, None
 
 
-bam_combine.register_autograd(_bam_combine_backward, setup_context=_bam_combine_setup)
+torch.library.register_autograd("attnkern::bam_combine", _bam_combine_backward,
+                                setup_context=_bam_combine_setup, lib=_lib)
 
 
 # ----------------------------------------------------------------------------------------
@@ -368,25 +385,25 @@ bam_combine.register_autograd(_bam_combine_backward, setup_context=_bam_combine_
 # ----------------------------------------------------------------------------------------
 
 class Tape:
-    """What the three nodes of one CBAM call hand each other during backward."""
+    """What the nodes of one block call hand each other during backward."""
 
-    __slots__ = ("backend", "dout", "gc", "gs", "smax", "scount", "dsmean", "dsmax", "bam")
+    __slots__ = ("prims", "grad_out", "gc", "gs", "smax", "scount", "grad_smean", "grad_smax", "bam")
 
-    def __init__(self, backend: str):
-        self.backend = backend
+    def __init__(self, prims: Primitives):
+        self.prims = prims
         self.clear()
 
     def clear(self):
-        self.dout = self.gc = self.gs = None
-        self.smax = self.scount = self.dsmean = self.dsmax = None
+        self.grad_out = self.gc = self.gs = None
+        self.smax = self.scount = self.grad_smean = self.grad_smax = None
         self.bam = None  # (mc, ms, product) when the block is BAM
 
 
 class ChannelStatsNode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, tape: Tape):
-        ctx.set_materialize_grads(False)  # an unused statistic costs nothing in pass C
-        mean, mx, cnt = run.channel_stats(x, tape.backend)
+        ctx.set_materialize_grads(False)  # an unused statistic costs nothing in the dx pass
+        mean, mx, cnt = tape.prims.channel_stats(x)
         token = x.new_zeros((), dtype=acc_dtype(x.dtype))
         ctx.tape = tape
         ctx.save_for_backward(x, mx, cnt)
@@ -395,21 +412,21 @@ class ChannelStatsNode(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, dmean, dmax, _dcnt, _dtoken):
+    def backward(ctx, grad_mean, grad_max, _grad_count, _grad_token):
         x, mx, cnt = ctx.saved_tensors
         t: Tape = ctx.tape
         if t.bam is not None:
             mc, ms, product = t.bam
-            dx = run.bam_dx(x, t.dout, mc, ms, product, dmean, t.backend)
+            dx = t.prims.bam_input_grad(x, t.grad_out, mc, ms, product, grad_mean)
             t.clear()
             return dx, None
-        spatial = t.dsmean is not None
-        dx = run.gate_bwd_c(
-            x, t.dout, t.gc, t.gs,
+        spatial = t.grad_smean is not None
+        dx = t.prims.gating_input_grad(
+            x, t.grad_out, t.gc, t.gs,
             t.smax if spatial else None, t.scount if spatial else None,
-            t.dsmean, t.dsmax,
-            mx if dmax is not None else None, cnt if dmax is not None else None,
-            dmean, dmax, t.backend,
+            t.grad_smean, t.grad_smax,
+            mx if grad_max is not None else None, cnt if grad_max is not None else None,
+            grad_mean, grad_max,
         )
         t.clear()
         return dx, None
@@ -419,7 +436,7 @@ class SpatialStatsNode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, gc: Tensor, token: Tensor, tape: Tape):
         ctx.set_materialize_grads(False)
-        mean, mx, cnt = run.spatial_stats(x, gc, tape.backend)
+        mean, mx, cnt = tape.prims.spatial_stats(x, gc)
         ctx.tape = tape
         ctx.save_for_backward(x, gc, mx, cnt)
         ctx.mark_non_differentiable(cnt)
@@ -427,61 +444,61 @@ class SpatialStatsNode(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, dmean, dmax, _dcnt):
+    def backward(ctx, grad_mean, grad_max, _grad_count):
         x, gc, mx, cnt = ctx.saved_tensors
         t: Tape = ctx.tape
-        dmean = dmean if dmean is not None else torch.zeros_like(mx)
-        dmax = dmax if dmax is not None else torch.zeros_like(mx)
-        dgc = None
+        grad_mean = grad_mean if grad_mean is not None else torch.zeros_like(mx)
+        grad_max = grad_max if grad_max is not None else torch.zeros_like(mx)
+        grad_gc = None
         if ctx.needs_input_grad[1]:
-            dgc = run.cbam_bwd_b(x, gc, mx, cnt, dmean, dmax, t.backend)
+            grad_gc = t.prims.spatial_stats_backward(x, gc, mx, cnt, grad_mean, grad_max)
         if ctx.needs_input_grad[0]:  # dx is written once, by ChannelStatsNode
-            t.gc, t.smax, t.scount, t.dsmean, t.dsmax = gc, mx, cnt, dmean, dmax
-        return None, dgc, torch.zeros_like(gc[0, 0]), None
+            t.gc, t.smax, t.scount, t.grad_smean, t.grad_smax = gc, mx, cnt, grad_mean, grad_max
+        return None, grad_gc, torch.zeros_like(gc[0, 0]), None
 
 
 class ApplyNode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, gc: Tensor, gs: Tensor, token: Tensor, tape: Tape):
-        out = run.gate_apply(x, gc, gs, tape.backend)
+        out = tape.prims.gate_apply(x, gc, gs)
         ctx.tape = tape
         ctx.save_for_backward(x, gc, gs)
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, dout):
+    def backward(ctx, grad_out):
         x, gc, gs = ctx.saved_tensors
         t: Tape = ctx.tape
-        need_dgc, need_dgs = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
-        dgc = dgs = None
-        if need_dgc or need_dgs:
-            dgc, dgs = run.gate_bwd_a(dout, x, gc, gs, need_dgc, need_dgs, t.backend)
+        need_gc, need_gs = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        grad_gc = grad_gs = None
+        if need_gc or need_gs:
+            grad_gc, grad_gs = t.prims.gate_apply_backward(grad_out, x, gc, gs, need_gc, need_gs)
+            grad_gc, grad_gs = (grad_gc if need_gc else None), (grad_gs if need_gs else None)
         if ctx.needs_input_grad[0]:  # dx is written once, by ChannelStatsNode
-            t.dout, t.gc, t.gs = dense(dout, memory_format_of(x)), gc, gs
-        return None, dgc, dgs, torch.zeros_like(gc[0, 0]), None
-
+            t.grad_out, t.gc, t.gs = dense(grad_out, memory_format_of(x)), gc, gs
+        return None, grad_gc, grad_gs, torch.zeros_like(gc[0, 0]), None
 
 
 class BamCombineNode(torch.autograd.Function):
     """BAM's combine; its backward computes the logits' gradients and leaves dx to
-    ``ChannelStatsNode``, which writes dout * (1 + sigmoid(z)) + dmean / HW in one pass."""
+    ``ChannelStatsNode``, which writes grad_out * (1 + sigmoid(z)) + grad_mean / HW in one pass."""
 
     @staticmethod
     def forward(ctx, x: Tensor, mc: Tensor, ms: Tensor, token: Tensor, tape: Tape, product: bool):
-        out = run.bam_combine(x, mc, ms, product, tape.backend)
+        out = tape.prims.bam_combine(x, mc, ms, product)
         ctx.tape, ctx.product = tape, product
         ctx.save_for_backward(x, mc, ms)
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, dout):
+    def backward(ctx, grad_out):
         x, mc, ms = ctx.saved_tensors
         t: Tape = ctx.tape
-        dmc = dms = None
+        grad_mc = grad_ms = None
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            dmc, dms = run.bam_combine_bwd(dout, x, mc, ms, ctx.product, t.backend)
+            grad_mc, grad_ms = t.prims.bam_combine_backward(grad_out, x, mc, ms, ctx.product)
         if ctx.needs_input_grad[0]:
-            t.dout, t.bam = dense(dout, memory_format_of(x)), (mc, ms, ctx.product)
-        return None, dmc, dms, torch.zeros_like(mc[0, 0]), None, None
+            t.grad_out, t.bam = dense(grad_out, memory_format_of(x)), (mc, ms, ctx.product)
+        return None, grad_mc, grad_ms, torch.zeros_like(mc[0, 0]), None, None

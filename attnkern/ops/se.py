@@ -4,10 +4,10 @@
     gc = gate(mlp(mean))                  PyTorch, [B, C] (mean/2 + max/2 with add_maxpool)
     out = gate_apply(x, gc)               1 read + 1 write
 
-Backward (eager): ``ApplyNode`` computes dgc = sum_hw dout * x (pass A) and keeps dout; the
-MLP's backward gives dmean (and dmax); ``ChannelStatsNode`` writes dx = dout * gc +
-dmean / HW (+ the max term) once (pass C). Under ``torch.compile`` the primitives run as
-custom ops with their own autograd formulas (see :mod:`attnkern.ops.gating`).
+Backward (eager): ``ApplyNode`` computes grad_gc = sum_hw grad_out * x (``gate_apply_backward``)
+and keeps grad_out; the MLP's backward gives grad_mean (and grad_max); ``ChannelStatsNode``
+writes dx = grad_out * gc + grad_mean / HW (+ the max term) once (``gating_input_grad``). Under
+``torch.compile`` the ops run with their own autograd formulas (see :mod:`attnkern.ops.gating`).
 """
 from __future__ import annotations
 
@@ -16,14 +16,14 @@ from typing import Callable, Tuple
 import torch
 from torch import Tensor
 
-from .gating import ApplyNode, ChannelStatsNode, Tape, acc_dtype
+from .gating import ApplyNode, ChannelStatsNode, Tape, acc_dtype, as_primitives
 
 
 def squeeze_excite(
     x: Tensor,
     mlp: Callable[[Tensor], Tensor],
     *,
-    backend: str,
+    primitives=None,
     gate: Callable[[Tensor], Tensor] = torch.sigmoid,
     add_maxpool: bool = False,
 ) -> Tuple[Tensor, Tensor]:
@@ -32,14 +32,14 @@ def squeeze_excite(
     acc = acc_dtype(x.dtype)
     compiled = torch.compiler.is_compiling()
     if compiled:
-        mean, mx, _ = torch.ops.attnkern.channel_stats(x, backend)
+        mean, mx, _ = torch.ops.attnkern.channel_stats(x)
     else:
-        tape = Tape(backend)
+        tape = Tape(as_primitives(primitives))
         mean, mx, _, token = ChannelStatsNode.apply(x, tape)
     s = 0.5 * mean + 0.5 * mx if add_maxpool else mean
     gc = gate(mlp(s).to(acc))
     if compiled:
-        out = torch.ops.attnkern.gate_apply(x, gc, None, backend)
+        out = torch.ops.attnkern.gate_apply(x, gc, None)
     else:
         out = ApplyNode.apply(x, gc, None, token, tape)
     return out, gc

@@ -22,12 +22,12 @@ __all__ = [
     "channel_stats",
     "spatial_stats",
     "gate_apply",
-    "gate_bwd_a",
-    "cbam_bwd_b",
-    "gate_bwd_c",
+    "gate_apply_backward",
+    "spatial_stats_backward",
+    "gating_input_grad",
     "bam_combine",
-    "bam_combine_bwd",
-    "bam_dx",
+    "bam_combine_backward",
+    "bam_input_grad",
 ]
 
 
@@ -76,22 +76,24 @@ def gate_apply(x: Tensor, gc: Optional[Tensor], gs: Optional[Tensor]) -> Tensor:
     return _like_x(y, x)
 
 
-def gate_bwd_a(
-    dout: Tensor, x: Tensor, gc: Optional[Tensor], gs: Optional[Tensor],
-    need_dgc: bool = True, need_dgs: bool = True,
-) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+def gate_apply_backward(
+    grad_out: Tensor, x: Tensor, gc: Optional[Tensor], gs: Optional[Tensor],
+    need_grad_gc: bool = True, need_grad_gs: bool = True,
+) -> Tuple[Tensor, Tensor]:
     """Gate gradients of ``out = x * gc * gs``.
 
-    dgc[b, c] = sum_hw dout * x * gs   (gs taken as 1 when None)
-    dgs[b, hw] = sum_c dout * x * gc   (gc taken as 1 when None)
+    grad_gc[b, c] = sum_hw grad_out * x * gs   (gs taken as 1 when None)
+    grad_gs[b, hw] = sum_c grad_out * x * gc   (gc taken as 1 when None)
+
+    A gradient not asked for (``need_grad_* = False``) is an empty tensor.
     """
-    p = _flat(dout) * _flat(x)
-    dgc = dgs = None
-    if need_dgc:
-        dgc = (p * gs.unsqueeze(1)).sum(dim=2) if gs is not None else p.sum(dim=2)
-    if need_dgs:
-        dgs = (p * gc.unsqueeze(2)).sum(dim=1) if gc is not None else p.sum(dim=1)
-    return dgc, dgs
+    p = _flat(grad_out) * _flat(x)
+    grad_gc = grad_gs = p.new_empty(0)
+    if need_grad_gc:
+        grad_gc = (p * gs.unsqueeze(1)).sum(dim=2) if gs is not None else p.sum(dim=2)
+    if need_grad_gs:
+        grad_gs = (p * gc.unsqueeze(2)).sum(dim=1) if gc is not None else p.sum(dim=1)
+    return grad_gc, grad_gs
 
 
 def _spatial_max_mask(x: Tensor, gc: Tensor, smax: Tensor, scount: Tensor) -> Tensor:
@@ -99,37 +101,37 @@ def _spatial_max_mask(x: Tensor, gc: Tensor, smax: Tensor, scount: Tensor) -> Te
     return (y == smax.unsqueeze(1)).to(y.dtype) / scount.unsqueeze(1)
 
 
-def cbam_bwd_b(
-    x: Tensor, gc: Tensor, smax: Tensor, scount: Tensor, dsmean: Tensor, dsmax: Tensor
+def spatial_stats_backward(
+    x: Tensor, gc: Tensor, smax: Tensor, scount: Tensor, grad_smean: Tensor, grad_smax: Tensor
 ) -> Tensor:
-    """Channel-gate gradient through the spatial statistics of ``x * gc``.
+    """The channel gate's gradient through the spatial statistics of ``x * gc``:
 
-    dgc[b, c] = sum_hw x * (dsmean / C + dsmax * [x*gc == smax] / scount)
+    grad_gc[b, c] = sum_hw x * (grad_smean / C + grad_smax * [x*gc == smax] / scount)
     """
     C = x.shape[1]
-    w = dsmean.unsqueeze(1) / C + dsmax.unsqueeze(1) * _spatial_max_mask(x, gc, smax, scount)
+    w = grad_smean.unsqueeze(1) / C + grad_smax.unsqueeze(1) * _spatial_max_mask(x, gc, smax, scount)
     return (_flat(x) * w).sum(dim=2)
 
 
-def gate_bwd_c(
+def gating_input_grad(
     x: Tensor,
-    dout: Optional[Tensor],
+    grad_out: Optional[Tensor],
     gc: Optional[Tensor],
     gs: Optional[Tensor],
     smax: Optional[Tensor] = None,
     scount: Optional[Tensor] = None,
-    dsmean: Optional[Tensor] = None,
-    dsmax: Optional[Tensor] = None,
+    grad_smean: Optional[Tensor] = None,
+    grad_smax: Optional[Tensor] = None,
     cmax: Optional[Tensor] = None,
     ccount: Optional[Tensor] = None,
-    dcmean: Optional[Tensor] = None,
-    dcmax: Optional[Tensor] = None,
+    grad_cmean: Optional[Tensor] = None,
+    grad_cmax: Optional[Tensor] = None,
 ) -> Tensor:
     """The input gradient of a gating block, every term optional, in one expression:
 
-    dx = dout * gc * gs                                           (if dout is given)
-       + gc * (dsmean / C + dsmax * [x*gc == smax] / scount)      (spatial-stats terms)
-       + dcmean / HW + dcmax * [x == cmax] / ccount               (channel-stats terms)
+    dx = grad_out * gc * gs                                               (if grad_out is given)
+       + gc * (grad_smean / C + grad_smax * [x*gc == smax] / scount)      (spatial_stats terms)
+       + grad_cmean / HW + grad_cmax * [x == cmax] / ccount               (channel_stats terms)
 
     Returned in x's dtype and memory format.
     """
@@ -137,25 +139,25 @@ def gate_bwd_c(
     HW = H * W
     xf = _flat(x)
     dx = torch.zeros_like(xf)
-    if dout is not None:
-        t = _flat(dout)
+    if grad_out is not None:
+        t = _flat(grad_out)
         if gc is not None:
             t = t * gc.unsqueeze(2)
         if gs is not None:
             t = t * gs.unsqueeze(1)
         dx = dx + t
     sp = torch.zeros_like(xf)
-    if dsmean is not None:
-        sp = sp + dsmean.unsqueeze(1) / C
-    if dsmax is not None:
-        sp = sp + dsmax.unsqueeze(1) * _spatial_max_mask(x, gc, smax, scount)
-    if dsmean is not None or dsmax is not None:
+    if grad_smean is not None:
+        sp = sp + grad_smean.unsqueeze(1) / C
+    if grad_smax is not None:
+        sp = sp + grad_smax.unsqueeze(1) * _spatial_max_mask(x, gc, smax, scount)
+    if grad_smean is not None or grad_smax is not None:
         dx = dx + (sp * gc.unsqueeze(2) if gc is not None else sp)
-    if dcmean is not None:
-        dx = dx + dcmean.unsqueeze(2) / HW
-    if dcmax is not None:
+    if grad_cmean is not None:
+        dx = dx + grad_cmean.unsqueeze(2) / HW
+    if grad_cmax is not None:
         mask = (xf == cmax.unsqueeze(2)).to(xf.dtype) / ccount.unsqueeze(2)
-        dx = dx + dcmax.unsqueeze(2) * mask
+        dx = dx + grad_cmax.unsqueeze(2) * mask
     return _like_x(dx, x)
 
 
@@ -172,28 +174,28 @@ def bam_combine(x: Tensor, mc: Tensor, ms: Tensor, product: bool) -> Tensor:
     return _like_x(_flat(x) * (1 + torch.sigmoid(_bam_z(mc, ms, product))), x)
 
 
-def bam_combine_bwd(dout: Tensor, x: Tensor, mc: Tensor, ms: Tensor, product: bool) -> Tuple[Tensor, Tensor]:
-    """Logit gradients of the combine: with dz = dout * x * s * (1 - s), s = sigmoid(z),
+def bam_combine_backward(grad_out: Tensor, x: Tensor, mc: Tensor, ms: Tensor, product: bool) -> Tuple[Tensor, Tensor]:
+    """The logits' gradients of the combine: with dz = grad_out * x * s * (1 - s), s = sigmoid(z),
 
-    dmc[b, c] = sum_hw dz (* ms for product),  dms[b, hw] = sum_c dz (* mc for product).
+    grad_mc[b, c] = sum_hw dz (* ms for product),  grad_ms[b, hw] = sum_c dz (* mc for product).
     """
     s = torch.sigmoid(_bam_z(mc, ms, product))
-    dz = _flat(dout) * _flat(x) * s * (1 - s)
+    dz = _flat(grad_out) * _flat(x) * s * (1 - s)
     if product:
         return (dz * ms.unsqueeze(1)).sum(dim=2), (dz * mc.unsqueeze(2)).sum(dim=1)
     return dz.sum(dim=2), dz.sum(dim=1)
 
 
-def bam_dx(x: Tensor, dout: Optional[Tensor], mc: Tensor, ms: Tensor, product: bool,
-           dcmean: Optional[Tensor]) -> Tensor:
+def bam_input_grad(x: Tensor, grad_out: Optional[Tensor], mc: Tensor, ms: Tensor, product: bool,
+                   grad_cmean: Optional[Tensor]) -> Tensor:
     """The input gradient of the combine plus the channel branch's mean-pool term:
 
-    dx = dout * (1 + sigmoid(z)) + dcmean / HW      (each term optional)
+    dx = grad_out * (1 + sigmoid(z)) + grad_cmean / HW      (each term optional)
     """
     HW = x.shape[2] * x.shape[3]
     dx = torch.zeros_like(_flat(x))
-    if dout is not None:
-        dx = dx + _flat(dout) * (1 + torch.sigmoid(_bam_z(mc, ms, product)))
-    if dcmean is not None:
-        dx = dx + dcmean.unsqueeze(2) / HW
+    if grad_out is not None:
+        dx = dx + _flat(grad_out) * (1 + torch.sigmoid(_bam_z(mc, ms, product)))
+    if grad_cmean is not None:
+        dx = dx + grad_cmean.unsqueeze(2) / HW
     return _like_x(dx, x)

@@ -101,18 +101,18 @@ def test_past_2_31_elements(ext, layout):
     _gc.collect()
 
     # pass A (dout = x): gate gradients of the far channels and of the last pixels
-    dgc, dgs = ext.gate_bwd_a(x, x, gc, gs, True, True)
-    e_dgc, _ = ref.gate_bwd_a(x[:, far], x[:, far], gc[:, far], gs, True, False)
+    dgc, dgs = ext.gate_apply_backward(x, x, gc, gs, True, True)
+    e_dgc, _ = ref.gate_apply_backward(x[:, far], x[:, far], gc[:, far], gs, True, False)
     _small(dgc[:, far], e_dgc, "dgc (far channels)")
-    _, e_dgs = ref.gate_bwd_a(xpx, xpx, gc, gs[:, px], False, True)
+    _, e_dgs = ref.gate_apply_backward(xpx, xpx, gc, gs[:, px], False, True)
     _small(dgs[:, px], e_dgs, "dgs (last pixels)")
 
     # pass C, every term, writes dx past 2**31
     dsm, dsx = torch.randn(1, H * W, generator=g), torch.randn(1, H * W, generator=g)
     dcm, dcx = torch.randn(1, C, generator=g), torch.randn(1, C, generator=g)
-    dx = ext.gate_bwd_c(x, x, gc, gs, sx, sc, dsm, dsx, cx, cc, dcm, dcx)
+    dx = ext.gating_input_grad(x, x, gc, gs, sx, sc, dsm, dsx, cx, cc, dcm, dcx)
     # (the reference divides dsmean by the slice's 3 channels: hand it dsmean * 3 / C)
-    _big(dx[:, far], "gate_bwd_c", (x[:, far], x[:, far], gc[:, far], gs, sx, sc, dsm * (3 / C), dsx, cx[:, far],
+    _big(dx[:, far], "gating_input_grad", (x[:, far], x[:, far], gc[:, far], gs, sx, sc, dsm * (3 / C), dsx, cx[:, far],
                                     cc[:, far], dcm[:, far], dcx[:, far]), "dx (far channels)")
     del dx
     _gc.collect()

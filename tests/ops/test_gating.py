@@ -1,11 +1,17 @@
-"""The gating primitives' torch.library registration: schema, fake (meta) implementations and
-autograd formulas, checked with torch.library.opcheck on the C++ backend."""
+"""The gating ops' registration with the dispatcher: schema, fake (meta) kernels and autograd
+formulas, checked with torch.library.opcheck on the C++ kernels (CPU tensors)."""
 import pytest
 import torch
 
-from attnkern.ops import gating  # noqa: F401  (registers torch.ops.attnkern.*)
+from attnkern import _cpu
+from attnkern.ops import gating  # registers torch.ops.attnkern.*
 from attnkern.reference import gating as ref
 from tests.cases import make_input
+
+
+@pytest.fixture(autouse=True, scope="module")
+def cpp_kernels():
+    return _cpu.require()  # CI builds the C++ kernels: a missing build fails, it does not skip
 
 
 def _inputs(layout="contiguous", dtype=torch.float32, requires_grad=False):
@@ -19,10 +25,10 @@ def _inputs(layout="contiguous", dtype=torch.float32, requires_grad=False):
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_opcheck_forward_primitives(layout):
     x, gc, gs = _inputs(layout, requires_grad=True)
-    torch.library.opcheck(torch.ops.attnkern.channel_stats.default, (x, "cpu"))
-    torch.library.opcheck(torch.ops.attnkern.spatial_stats.default, (x, gc, "cpu"))
-    torch.library.opcheck(torch.ops.attnkern.gate_apply.default, (x, gc, gs, "cpu"))
-    torch.library.opcheck(torch.ops.attnkern.gate_apply.default, (x, gc, None, "cpu"))
+    torch.library.opcheck(torch.ops.attnkern.channel_stats.default, (x,))
+    torch.library.opcheck(torch.ops.attnkern.spatial_stats.default, (x, gc))
+    torch.library.opcheck(torch.ops.attnkern.gate_apply.default, (x, gc, gs))
+    torch.library.opcheck(torch.ops.attnkern.gate_apply.default, (x, gc, None))
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
@@ -32,10 +38,10 @@ def test_opcheck_backward_primitives(layout):
     _, smax, scount = ref.spatial_stats(x, gc)
     _, cmax, ccount = ref.channel_stats(x)
     d2, d15 = torch.randn(2, 6), torch.randn(2, 15)
-    torch.library.opcheck(torch.ops.attnkern.gate_bwd_a.default, (dout, x, gc, gs, "cpu"))
-    torch.library.opcheck(torch.ops.attnkern.cbam_bwd_b.default, (x, gc, smax, scount, d15, d15, "cpu"))
-    torch.library.opcheck(torch.ops.attnkern.gate_bwd_c.default,
-                          (x, dout, gc, gs, smax, scount, d15, d15, cmax, ccount, d2, d2, "cpu"))
+    torch.library.opcheck(torch.ops.attnkern.gate_apply_backward.default, (dout, x, gc, gs, True, True))
+    torch.library.opcheck(torch.ops.attnkern.spatial_stats_backward.default, (x, gc, smax, scount, d15, d15))
+    torch.library.opcheck(torch.ops.attnkern.gating_input_grad.default,
+                          (x, dout, gc, gs, smax, scount, d15, d15, cmax, ccount, d2, d2))
 
 
 def test_custom_op_autograd_matches_reference():
@@ -50,8 +56,7 @@ def test_custom_op_autograd_matches_reference():
         return apply(x, g, torch.sigmoid(sm - smx) * gs)
 
     ops = torch.ops.attnkern
-    out = chain(lambda x: ops.channel_stats(x, "cpu"), lambda x, g: ops.spatial_stats(x, g, "cpu"),
-                lambda x, g, s: ops.gate_apply(x, g, s, "cpu"))
+    out = chain(ops.channel_stats, ops.spatial_stats, ops.gate_apply)
 
     def ref_chain():
         xf = x.flatten(2)
@@ -68,3 +73,44 @@ def test_custom_op_autograd_matches_reference():
     torch.testing.assert_close(out, r)
     for a, b in zip(grads, r_grads):
         torch.testing.assert_close(a, b)
+
+
+def test_schemas_defined_once_agree():
+    """The schemas the C++ library defines are the ones ops/gating.py would define without it,
+    and no schema takes a backend."""
+    for name, schema in gating.SCHEMAS.items():
+        got = str(getattr(torch.ops.attnkern, name).default._schema)
+        assert got == f"attnkern::{name}{schema}", (got, schema)
+        assert "backend" not in got
+
+
+@pytest.mark.parametrize("name", gating.OPS)
+def test_kernel_per_dispatch_key(name):
+    """C++ for CPU, Triton for CUDA, the reference for every other device, fake for Meta."""
+    qualname = f"attnkern::{name}"
+    has = torch._C._dispatch_has_kernel_for_dispatch_key
+    assert has(qualname, "CPU") and has(qualname, "CUDA") and has(qualname, "Meta")
+    assert has(qualname, "CompositeExplicitAutograd")
+    cpu = [line for line in torch._C._dispatch_dump(qualname).splitlines() if line.startswith("CPU:")]
+    assert len(cpu) == 1 and "csrc/" in cpu[0], cpu  # the C++ kernel, registered from C++
+
+
+def test_exported_graph_names_ops_without_backend(monkeypatch):
+    """torch.export of a block with the kernels forced: the graph calls attnkern's ops with no
+    backend or device in their arguments, so it runs wherever the ops have kernels; here it
+    runs on CPU and on the Meta device (shapes only)."""
+    from attnkern.nn import CBAM
+
+    monkeypatch.setenv("ATTNKERN_BACKEND", "cpu")
+    torch.manual_seed(0)
+    m = CBAM(8).eval()
+    x = make_input((2, 8, 5, 3), "contiguous", torch.float32)
+    ep = torch.export.export(m, (x,))
+    calls = [n for n in ep.graph.nodes if n.op == "call_function" and str(n.target).startswith("attnkern.")]
+    assert {str(n.target).split(".")[1] for n in calls} >= {"channel_stats", "spatial_stats", "gate_apply"}
+    for n in calls:
+        assert all(not isinstance(a, str) for a in n.args), n
+    with torch.no_grad():
+        torch.testing.assert_close(ep.module()(x), m(x))
+        meta = ep.module().to("meta")(x.to("meta"))
+    assert meta.shape == x.shape and meta.device.type == "meta"

@@ -119,8 +119,8 @@ def test_primitives_nan_inf(backend, shape, layout, dtype):
                             "bam_combine")
     dout = torch.randn(shape, generator=g).to(dtype).contiguous(
         memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format)
-    for got, exp, n in zip(k.gate_bwd_a(dout, x, gc, gs, True, True),
-                           ref.gate_bwd_a(dout, x, gc, gs, True, True), ("dgc", "dgs")):
+    for got, exp, n in zip(k.gate_apply_backward(dout, x, gc, gs, True, True),
+                           ref.gate_apply_backward(dout, x, gc, gs, True, True), ("dgc", "dgs")):
         assert_same_pattern(got, exp, n)
 
 

@@ -9,6 +9,7 @@ from timm.layers.cbam import CbamModule
 from attnkern.nn import CBAM
 from attnkern.ops import cbam as cbam_op
 from attnkern.reference import cbam as ref
+from attnkern.reference import gating as ref_gating
 from tests.cases import make_input
 from tests.tolerance import assert_close
 
@@ -58,7 +59,7 @@ def test_primitive_formulas_compose_to_autograd(shape, train):
     x1 = make_input(shape, "contiguous", torch.float64).requires_grad_()
     x2 = x1.detach().clone().requires_grad_()
     y1 = timm_m(x1)
-    y2, _, _ = cbam_op.cbam(x2, ours.channel, ours.spatial, backend="reference", gate=torch.sigmoid)
+    y2, _, _ = cbam_op.cbam(x2, ours.channel, ours.spatial, primitives=ref_gating, gate=torch.sigmoid)
     g = torch.randn_like(y1)
     y1.backward(g)
     y2.backward(g)
@@ -79,5 +80,5 @@ def test_max_ties_share_the_gradient_like_amax():
     x2 = x1.detach().clone().requires_grad_()
     g = torch.randn(2, 8, 4, 4, dtype=torch.float64)
     m(x1).backward(g)
-    cbam_op.cbam(x2, ours.channel, ours.spatial, backend="reference", gate=torch.sigmoid)[0].backward(g)
+    cbam_op.cbam(x2, ours.channel, ours.spatial, primitives=ref_gating, gate=torch.sigmoid)[0].backward(g)
     assert_close(x2.grad, x1.grad, name="dx with ties")

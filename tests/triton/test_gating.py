@@ -109,7 +109,7 @@ def test_tiling_paths(tk, device, shape, layout, path, dtype):
     check_primitives(tk, shape, layout, dtype, device=device)
 
 
-def test_need_flags_of_gate_bwd_a(tk, device):
+def test_need_flags_of_gate_apply_backward(tk, device):
     """Each gate gradient alone (SE needs dgc only), in both reduction forms."""
     for shape, layout in (((1, 3, 48, 100), "contiguous"), ((2, 200, 5, 7), "channels_last")):
         x = make_input(shape, layout, torch.float32).to(device)
@@ -117,14 +117,14 @@ def test_need_flags_of_gate_bwd_a(tk, device):
         B, C, H, W = shape
         gc = torch.rand(B, C, device=device)
         gs = torch.rand(B, H * W, device=device)
-        exp = ref.gate_bwd_a(dout, x, gc, gs, True, True)
-        dgc, dgs = tk.gate_bwd_a(dout, x, gc, gs, True, False)
-        assert dgs is None
+        exp = ref.gate_apply_backward(dout, x, gc, gs, True, True)
+        dgc, dgs = tk.gate_apply_backward(dout, x, gc, gs, True, False)
+        assert dgs.numel() == 0
         assert_close(dgc, exp[0], dtype=torch.float32, name="dgc alone")
-        dgc, dgs = tk.gate_bwd_a(dout, x, gc, gs, False, True)
-        assert dgc is None
+        dgc, dgs = tk.gate_apply_backward(dout, x, gc, gs, False, True)
+        assert dgc.numel() == 0
         assert_close(dgs, exp[1], dtype=torch.float32, name="dgs alone")
-        assert tk.gate_bwd_a(dout, x, gc, gs, False, False) == (None, None)
+        assert all(t.numel() == 0 for t in tk.gate_apply_backward(dout, x, gc, gs, False, False))
 
 
 # ------------------------------------------------------------------------------------------
@@ -189,12 +189,12 @@ def test_nan_and_inf_rows(tk, device, shape, layout):
     d_hw = torch.randn(B, H * W, device=device)
     d_c = torch.randn(B, C, device=device)
     args = (x, dout, gc, None, smax, scount, d_hw, d_hw, cmax, ccount, d_c, d_c)
-    dx, dx_ref = tk.gate_bwd_c(*args), ref.gate_bwd_c(*args)
+    dx, dx_ref = tk.gating_input_grad(*args), ref.gating_input_grad(*args)
     fin = torch.isfinite(dx_ref)
     assert fin.float().mean() > 0.5
     assert_close(dx[fin], dx_ref[fin], dtype=torch.float32, name="dx")
-    dgc, dgs = tk.gate_bwd_a(dout, x, gc, None, True, True)
-    dgc_ref, dgs_ref = ref.gate_bwd_a(dout, x, gc, None, True, True)
+    dgc, dgs = tk.gate_apply_backward(dout, x, gc, None, True, True)
+    dgc_ref, dgs_ref = ref.gate_apply_backward(dout, x, gc, None, True, True)
     assert torch.equal(torch.isfinite(dgc), torch.isfinite(dgc_ref))
     assert torch.equal(torch.isfinite(dgs), torch.isfinite(dgs_ref))
 
@@ -219,10 +219,10 @@ def test_every_reduction_bitwise_reproducible(tk, device, shape, layout):
     _, smax, scount = ref.spatial_stats(x, gc)
 
     def run():
-        return [*tk.channel_stats(x), *tk.spatial_stats(x, gc), *tk.gate_bwd_a(dout, x, gc, gs, True, True),
-                *tk.gate_bwd_a(dout, x, None, None, True, True),
-                tk.cbam_bwd_b(x, gc, smax, scount, d_hw, d_hw),
-                *tk.bam_combine_bwd(dout, x, d_c, d_hw, False), *tk.bam_combine_bwd(dout, x, d_c, d_hw, True)]
+        return [*tk.channel_stats(x), *tk.spatial_stats(x, gc), *tk.gate_apply_backward(dout, x, gc, gs, True, True),
+                *tk.gate_apply_backward(dout, x, None, None, True, True),
+                tk.spatial_stats_backward(x, gc, smax, scount, d_hw, d_hw),
+                *tk.bam_combine_backward(dout, x, d_c, d_hw, False), *tk.bam_combine_backward(dout, x, d_c, d_hw, True)]
 
     first, second = run(), run()
     for i, (a, b) in enumerate(zip(first, second)):
@@ -253,18 +253,18 @@ def test_argument_errors_name_the_argument(tk, device):
         tk.gate_apply(x, gc.double(), None)
     with pytest.raises(ValueError, match="gs must be a contiguous"):
         tk.gate_apply(x, gc, gs.t().contiguous().t()[:, :29])
-    with pytest.raises(ValueError, match="dout must be NCHW-contiguous like x"):
-        tk.gate_bwd_a(x.contiguous(memory_format=torch.channels_last), x, gc, gs, True, True)
-    with pytest.raises(ValueError, match="dout must have x's shape"):
-        tk.gate_bwd_a(x[:1], x, gc, gs, True, True)
+    with pytest.raises(ValueError, match="grad_out must be NCHW-contiguous like x"):
+        tk.gate_apply_backward(x.contiguous(memory_format=torch.channels_last), x, gc, gs, True, True)
+    with pytest.raises(ValueError, match="grad_out must have x's shape"):
+        tk.gate_apply_backward(x[:1], x, gc, gs, True, True)
     with pytest.raises(ValueError, match="scount must be a contiguous torch.int32"):
-        tk.cbam_bwd_b(x, gc, smax, scount.float(), smax, smax)
+        tk.spatial_stats_backward(x, gc, smax, scount.float(), smax, smax)
     with pytest.raises(ValueError, match="need gc"):
-        tk.gate_bwd_c(x, None, None, None, smax, scount, smax, None)
-    with pytest.raises(ValueError, match="dsmax needs smax and scount"):
-        tk.gate_bwd_c(x, None, gc, None, None, None, None, smax)
-    with pytest.raises(ValueError, match="dcmax needs cmax and ccount"):
-        tk.gate_bwd_c(x, None, None, None, dcmax=gc)
+        tk.gating_input_grad(x, None, None, None, smax, scount, smax, None)
+    with pytest.raises(ValueError, match="grad_smax needs smax and scount"):
+        tk.gating_input_grad(x, None, gc, None, None, None, None, smax)
+    with pytest.raises(ValueError, match="grad_cmax needs cmax and ccount"):
+        tk.gating_input_grad(x, None, None, None, grad_cmax=gc)
     with pytest.raises(ValueError, match="ms must be a contiguous"):
         tk.bam_combine(x, gc, gc, False)
     if device.type == "cpu":

@@ -1,0 +1,192 @@
+// BAM's combine out = x * (1 + sigmoid(z)) with the logits z = mc[b, c] + ms[b, hw] (or
+// mc * ms, the authors' released code): bam_combine, bam_combine_backward (the logits'
+// gradients) and bam_input_grad (the block's input gradient, with the mean-pool term).
+#include "both_axes.h"
+#include "common.h"
+
+namespace attnkern {
+namespace cpu {
+namespace {
+
+// The logits z for a vector along the contiguous axis, or for one element.
+template <typename A>
+struct BamLogits {
+  using V = Vectorized<A>;
+  const A* mc;  // [B, C]
+  const A* ms;  // [B, HW]
+  int64_t C, HW;
+  bool product;
+  // along_hw: the vector runs over pixels of one channel c (NCHW); else over channels of one
+  // pixel hw (channels_last). `c` / `hw` is the vector's first index.
+  inline V vec(int64_t b, int64_t c, int64_t hw, bool along_hw) const {
+    V a, m;
+    if (along_hw) {
+      a = V(mc[b * C + c]);
+      m = V::loadu(ms + b * HW + hw);
+    } else {
+      a = V::loadu(mc + b * C + c);
+      m = V(ms[b * HW + hw]);
+    }
+    return product ? a * m : a + m;
+  }
+  inline A scalar(int64_t b, int64_t c, int64_t hw) const {
+    return product ? mc[b * C + c] * ms[b * HW + hw] : mc[b * C + c] + ms[b * HW + hw];
+  }
+};
+
+// q = grad_out * x * s * (1 - s), s = sigmoid(z): the logits' gradient per element.
+template <typename A>
+struct BamLogitGrad {
+  using V = Vectorized<A>;
+  BamLogits<A> z;
+  inline V vec(const V& d, const V& x, int64_t b, int64_t c, int64_t hw, bool along_hw) const {
+    const V s = sigmoid(z.vec(b, c, hw, along_hw));
+    return d * x * s * (V(1) - s);
+  }
+  inline A scalar(A d, A x, int64_t b, int64_t c, int64_t hw) const {
+    const A s = sigmoid(z.scalar(b, c, hw));
+    return d * x * s * (A(1) - s);
+  }
+};
+
+// Where a row starts: batch b, channel c (NCHW) or pixel hw (channels_last).
+struct RowStart {
+  int64_t b, c, hw;
+  bool along_hw;
+};
+
+// out = src * (1 + s) + mean_term over a row: src is x (forward) or grad_out (input gradient).
+template <typename T, typename A = typename AccT<T>::type>
+inline void bam_row(const T* src, T* out, int64_t n, const BamLogits<A>& z, RowStart at,
+                    Operand<A> mean_term) {
+  using V = Vectorized<A>;
+  constexpr int64_t L = V::size();
+  constexpr int64_t S = IO<T>::kStep;
+  const V one(1);
+  int64_t i = 0;
+  for (; i + S <= n; i += S) {
+    V a, bb;
+    IO<T>::load(src + i, a, bb);
+    V r[2];
+    for (int h = 0; h < 2; ++h) {
+      const int64_t j = i + h * L;
+      const V s = sigmoid(z.vec(at.b, at.along_hw ? at.c : at.c + j, at.along_hw ? at.hw + j : at.hw,
+                                at.along_hw));
+      r[h] = (h ? bb : a) * (one + s);
+      if (mean_term.vec) {
+        r[h] = r[h] + mean_term.load(j);
+      } else if (mean_term.scalar != A(0)) {
+        r[h] = r[h] + V(mean_term.scalar);
+      }
+    }
+    IO<T>::store(out + i, r[0], r[1]);
+  }
+  for (; i < n; ++i) {
+    const A s = sigmoid(z.scalar(at.b, at.along_hw ? at.c : at.c + i, at.along_hw ? at.hw + i : at.hw));
+    A r = static_cast<A>(src[i]) * (A(1) + s);
+    r += mean_term.at(i);
+    out[i] = static_cast<T>(r);
+  }
+}
+
+// out = src * (1 + s) (+ mean_cmean[b, c] when given), both layouts.
+template <typename T, typename A>
+void bam_rows(const T* src, T* out, const BamLogits<A>& z, const A* mean_term, const Shape& s) {
+  const int64_t B = s.B, C = s.C, HW = s.HW;
+  if (!s.channels_last) {
+    at::parallel_for(0, B * C, 1, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r)
+        bam_row<T, A>(src + r * HW, out + r * HW, HW, z, RowStart{r / C, r % C, 0, true},
+                      fixed(mean_term ? mean_term[r] : A(0)));
+    });
+  } else {
+    at::parallel_for(0, B * HW, 64, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t b = r / HW;
+        bam_row<T, A>(src + r * C, out + r * C, C, z, RowStart{b, 0, r % HW, false},
+                      mean_term ? along(mean_term + b * C) : fixed(A(0)));
+      }
+    });
+  }
+}
+
+void check_logits(const Tensor& mc, const Tensor& ms, const Shape& s, const char* fn) {
+  check_small(mc, "mc", s.B, s.C, s.acc, fn);
+  check_small(ms, "ms", s.B, s.HW, s.acc, fn);
+}
+
+}  // namespace
+}  // namespace cpu
+
+using namespace cpu;
+
+Tensor bam_combine(const Tensor& x, const Tensor& mc, const Tensor& ms, bool product) {
+  static constexpr const char* fn = "attnkern::bam_combine";
+  const Shape s = check_x(x, fn);
+  check_logits(mc, ms, s, fn);
+  Tensor out = at::empty_like(x);
+  ATTNKERN_DISPATCH(x, fn, [&] {
+    const BamLogits<A> z{mc.data_ptr<A>(), ms.data_ptr<A>(), s.C, s.HW, product};
+    bam_rows<scalar_t, A>(x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), z, nullptr, s);
+  });
+  return out;
+}
+
+std::tuple<Tensor, Tensor> bam_combine_backward(const Tensor& grad_out, const Tensor& x,
+                                                const Tensor& mc, const Tensor& ms, bool product) {
+  static constexpr const char* fn = "attnkern::bam_combine_backward";
+  const Shape s = check_x(x, fn);
+  check_big(grad_out, "grad_out", x, s, fn);
+  check_logits(mc, ms, s, fn);
+  auto opts = x.options().dtype(s.acc);
+  Tensor grad_mc = at::empty({s.B, s.C}, opts), grad_ms = at::empty({s.B, s.HW}, opts);
+  ATTNKERN_DISPATCH(x, fn, [&] {
+    const BamLogits<A> z{mc.data_ptr<A>(), ms.data_ptr<A>(), s.C, s.HW, product};
+    // grad_mc = sum_hw q (* ms with product), grad_ms = sum_c q (* mc with product)
+    Tensor pixel_weight = product ? ms : at::ones({s.B, s.HW}, opts);
+    Tensor channel_weight = product ? mc : at::ones({s.B, s.C}, opts);
+    const BothAxes<A> r{pixel_weight.data_ptr<A>(), channel_weight.data_ptr<A>(), grad_mc.data_ptr<A>(),
+                        grad_ms.data_ptr<A>()};
+    reduce_both_axes<scalar_t>(grad_out.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), s, r,
+                               BamLogitGrad<A>{z});
+  });
+  return {grad_mc, grad_ms};
+}
+
+Tensor bam_input_grad(const Tensor& x, const OptTensor& grad_out, const Tensor& mc,
+                      const Tensor& ms, bool product, const OptTensor& grad_cmean) {
+  static constexpr const char* fn = "attnkern::bam_input_grad";
+  const Shape s = check_x(x, fn);
+  check_logits(mc, ms, s, fn);
+  if (given(grad_out)) check_big(*grad_out, "grad_out", x, s, fn);
+  if (given(grad_cmean)) check_small(*grad_cmean, "grad_cmean", s.B, s.C, s.acc, fn);
+  Tensor dx = at::empty_like(x);
+  ATTNKERN_DISPATCH(x, fn, [&] {
+    const BamLogits<A> z{mc.data_ptr<A>(), ms.data_ptr<A>(), s.C, s.HW, product};
+    Tensor mean_term = given(grad_cmean) ? (*grad_cmean / static_cast<double>(s.HW))
+                                         : at::zeros({s.B, s.C}, x.options().dtype(s.acc));
+    if (!given(grad_out)) {  // only the mean-pool term: dx[b, c, :] = grad_cmean / HW
+      dx.copy_(mean_term.view({s.B, s.C, 1, 1}).expand(x.sizes()).to(x.scalar_type()));
+      return;
+    }
+    bam_rows<scalar_t, A>(grad_out->data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), z,
+                          mean_term.data_ptr<A>(), s);
+  });
+  return dx;
+}
+
+}  // namespace attnkern
+
+TORCH_LIBRARY_FRAGMENT(attnkern, m) {
+  m.def("bam_combine(Tensor x, Tensor mc, Tensor ms, bool product) -> Tensor");
+  m.def("bam_combine_backward(Tensor grad_out, Tensor x, Tensor mc, Tensor ms, bool product) "
+      "-> (Tensor, Tensor)");
+  m.def("bam_input_grad(Tensor x, Tensor? grad_out, Tensor mc, Tensor ms, bool product, "
+      "Tensor? grad_cmean) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(attnkern, CPU, m) {
+  m.impl("bam_combine", &attnkern::bam_combine);
+  m.impl("bam_combine_backward", &attnkern::bam_combine_backward);
+  m.impl("bam_input_grad", &attnkern::bam_input_grad);
+}

@@ -1,0 +1,129 @@
+// One pass that reduces a per-element value q(b, c, hw) over both axes at once:
+//   per_channel[b, c] = sum_hw q * pixel_weight[b, hw]
+//   per_pixel[b, hw]  = sum_c  q * channel_weight[b, c]
+// gate_apply_backward (q = grad_out * x) and bam_combine_backward (q = grad_out * x * s(1 - s))
+// use it. `Q` gives q for a vector of elements along the contiguous axis and for one element.
+#pragma once
+
+#include "common.h"
+
+namespace attnkern {
+namespace cpu {
+
+template <typename A>
+struct BothAxes {
+  const A* pixel_weight;    // [B, HW]
+  const A* channel_weight;  // [B, C]
+  A* per_channel;           // [B, C]
+  A* per_pixel;             // [B, HW]
+};
+
+// NCHW: task (b, pixel block) loops over channels; per_pixel accumulates per pixel across
+// channels, per_channel gets one partial per (block, c), summed in block order.
+template <typename T, typename Q, typename A = typename AccT<T>::type>
+void reduce_both_axes_nchw(const T* grad_out, const T* x, const Shape& s, const BothAxes<A>& r,
+                           const Q& q) {
+  using V = Vectorized<A>;
+  constexpr int64_t L = V::size();
+  constexpr int64_t S = IO<T>::kStep;
+  const int64_t B = s.B, C = s.C, HW = s.HW;
+  const int64_t nbl = ceil_div(HW, kPixBlock);
+  Tensor part = at::empty({B, nbl, C}, at::TensorOptions().dtype(s.acc));
+  A* pp = part.data_ptr<A>();
+  at::parallel_for(0, B * nbl, 1, [&](int64_t t0, int64_t t1) {
+    A acc[kPixBlock];
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / nbl, k = t % nbl;
+      const int64_t h0 = k * kPixBlock, len = std::min(HW - h0, kPixBlock);
+      for (int64_t i = 0; i < len; ++i) acc[i] = 0;
+      const A* pw = r.pixel_weight + b * HW + h0;
+      for (int64_t c = 0; c < C; ++c) {
+        const int64_t off = (b * C + c) * HW + h0;
+        const A cw = r.channel_weight[b * C + c];
+        const V vcw(cw);
+        V r0(0), r1(0);
+        int64_t i = 0;
+        for (; i + S <= len; i += S) {
+          V d0, d1, x0, x1;
+          IO<T>::load(grad_out + off + i, d0, d1);
+          IO<T>::load(x + off + i, x0, x1);
+          const V q0 = q.vec(d0, x0, b, c, h0 + i, /*along_hw=*/true);
+          const V q1 = q.vec(d1, x1, b, c, h0 + i + L, true);
+          r0 += q0 * V::loadu(pw + i);
+          r1 += q1 * V::loadu(pw + i + L);
+          (V::loadu(acc + i) + q0 * vcw).store(acc + i);
+          (V::loadu(acc + i + L) + q1 * vcw).store(acc + i + L);
+        }
+        A rc = sum_lanes(r0 + r1);
+        for (; i < len; ++i) {
+          const A qi = q.scalar(static_cast<A>(grad_out[off + i]), static_cast<A>(x[off + i]), b, c, h0 + i);
+          rc += qi * pw[i];
+          acc[i] += qi * cw;
+        }
+        pp[t * C + c] = rc;
+      }
+      for (int64_t i = 0; i < len; ++i) r.per_pixel[b * HW + h0 + i] = acc[i];
+    }
+  });
+  sum_partials<A>(pp, B, nbl, C, r.per_channel);
+}
+
+// channels_last: task (b, pixel chunk); per pixel, per_pixel is a reduction along the
+// contiguous channels; per_channel accumulates across the chunk's pixels into a partial.
+template <typename T, typename Q, typename A = typename AccT<T>::type>
+void reduce_both_axes_channels_last(const T* grad_out, const T* x, const Shape& s,
+                                    const BothAxes<A>& r, const Q& q) {
+  using V = Vectorized<A>;
+  constexpr int64_t L = V::size();
+  constexpr int64_t S = IO<T>::kStep;
+  const int64_t B = s.B, C = s.C, HW = s.HW;
+  const int64_t nch = ceil_div(HW, kPixChunk);
+  Tensor part = at::zeros({B, nch, C}, at::TensorOptions().dtype(s.acc));
+  A* pp = part.data_ptr<A>();
+  at::parallel_for(0, B * nch, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / nch, k = t % nch;
+      const int64_t h0 = k * kPixChunk, h1 = std::min(HW, h0 + kPixChunk);
+      A* acc = pp + t * C;
+      const A* cw = r.channel_weight + b * C;
+      for (int64_t hw = h0; hw < h1; ++hw) {
+        const int64_t off = (b * HW + hw) * C;
+        const A w = r.pixel_weight[b * HW + hw];
+        const V vw(w);
+        V r0(0), r1(0);
+        int64_t i = 0;
+        for (; i + S <= C; i += S) {
+          V d0, d1, x0, x1;
+          IO<T>::load(grad_out + off + i, d0, d1);
+          IO<T>::load(x + off + i, x0, x1);
+          const V q0 = q.vec(d0, x0, b, i, hw, /*along_hw=*/false);
+          const V q1 = q.vec(d1, x1, b, i + L, hw, false);
+          r0 += q0 * V::loadu(cw + i);
+          r1 += q1 * V::loadu(cw + i + L);
+          (V::loadu(acc + i) + q0 * vw).store(acc + i);
+          (V::loadu(acc + i + L) + q1 * vw).store(acc + i + L);
+        }
+        A rh = sum_lanes(r0 + r1);
+        for (; i < C; ++i) {
+          const A qi = q.scalar(static_cast<A>(grad_out[off + i]), static_cast<A>(x[off + i]), b, i, hw);
+          rh += qi * cw[i];
+          acc[i] += qi * w;
+        }
+        r.per_pixel[b * HW + hw] = rh;
+      }
+    }
+  });
+  sum_partials<A>(pp, B, nch, C, r.per_channel);
+}
+
+template <typename T, typename Q, typename A = typename AccT<T>::type>
+void reduce_both_axes(const T* grad_out, const T* x, const Shape& s, const BothAxes<A>& r, const Q& q) {
+  if (s.channels_last) {
+    reduce_both_axes_channels_last<T, Q, A>(grad_out, x, s, r, q);
+  } else {
+    reduce_both_axes_nchw<T, Q, A>(grad_out, x, s, r, q);
+  }
+}
+
+}  // namespace cpu
+}  // namespace attnkern

@@ -1,0 +1,319 @@
+// What every CPU kernel of attnkern shares: vector loads and stores in the accumulation dtype,
+// max pooling with a tie count, the argument checks, and the fixed task sizes.
+//
+// Every kernel streams the big tensor(s) once, contiguously, in either layout the caller hands
+// over without a copy: NCHW (each channel's H*W pixels contiguous) or channels_last (each
+// pixel's C channels contiguous); each primitive is a pair of loops, one per layout, under one
+// checked entry. Inner loops are at::vec::Vectorized over the contiguous dimension (AVX-512 or
+// AVX2, from the build flags); bf16/fp16 are widened to fp32 in registers; all arithmetic is in
+// the accumulation dtype (fp32, fp64 for fp64 input).
+//
+// Determinism: work is split into tasks that depend only on the shapes (never on the thread
+// count); reductions that cross tasks write per-task partials that are combined in a fixed
+// order afterwards. No atomics. Offsets are int64_t throughout.
+//
+// Max pooling keeps a tie count (the number of elements equal to the max), so gradients are
+// shared between equal maxima the way torch.amax shares them.
+//
+// Each family file (statistics.cpp, gate.cpp, bam.cpp) defines its ops' schemas in the
+// `attnkern` namespace (a fragment: the namespace is shared with ops defined from Python) and
+// registers its kernels for the CPU dispatch key. attnkern/ops/gating.py adds the CUDA (Triton)
+// kernels, the reference for other devices, the fake kernels and the autograd formulas, and
+// defines the same schemas itself when this library is not built. Names say what is computed:
+// `*_backward` gives the gradients of a primitive's small inputs (gates, logits),
+// `*_input_grad` the gradient of a block's big input x, written once from every term.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <optional>
+#include <tuple>
+#include <type_traits>
+
+namespace attnkern {
+
+using at::Tensor;
+using OptTensor = std::optional<at::Tensor>;
+
+namespace cpu {
+
+using at::vec::Vectorized;
+
+template <typename T>
+struct AccT {
+  using type = float;
+};
+template <>
+struct AccT<double> {
+  using type = double;
+};
+
+// Loads and stores kStep elements of T as two vectors of the accumulation type.
+template <typename T>
+struct IO {
+  using A = typename AccT<T>::type;
+  using V = Vectorized<A>;
+  static constexpr int64_t kStep = 2 * V::size();
+  static inline void load(const T* p, V& a, V& b) {
+    a = V::loadu(p);
+    b = V::loadu(p + V::size());
+  }
+  static inline void store(T* p, const V& a, const V& b) {
+    a.store(p);
+    b.store(p + V::size());
+  }
+};
+
+template <typename T>
+struct IOReduced {
+  using A = float;
+  using V = Vectorized<float>;
+  static constexpr int64_t kStep = Vectorized<T>::size();
+  static_assert(Vectorized<T>::size() == 2 * Vectorized<float>::size(), "vector widths");
+  static inline void load(const T* p, V& a, V& b) {
+    std::tie(a, b) = at::vec::convert_to_float<T>(Vectorized<T>::loadu(p));
+  }
+  static inline void store(T* p, const V& a, const V& b) {
+    at::vec::convert_from_float<T>(a, b).store(p);
+  }
+};
+template <>
+struct IO<at::BFloat16> : IOReduced<at::BFloat16> {};
+template <>
+struct IO<at::Half> : IOReduced<at::Half> {};
+
+// An operand of a segment loop: one value per element of the segment (`vec`), or one value
+// for the whole segment (`vec == nullptr`, then `scalar`).
+template <typename A>
+struct Operand {
+  const A* vec = nullptr;
+  A scalar = A(0);
+  inline Vectorized<A> load(int64_t j) const {
+    return vec ? Vectorized<A>::loadu(vec + j) : Vectorized<A>(scalar);
+  }
+  inline A at(int64_t j) const { return vec ? vec[j] : scalar; }
+};
+
+template <typename A>
+inline Operand<A> along(const A* p) {
+  return Operand<A>{p, A(0)};
+}
+template <typename A>
+inline Operand<A> fixed(A s) {
+  return Operand<A>{nullptr, s};
+}
+
+// ---------------------------------------------------------------------------------------
+// max with tie count
+// ---------------------------------------------------------------------------------------
+
+template <typename A>
+inline void max_count_add(A& mx, A& cnt, A v) {
+  if (v > mx) {
+    mx = v;
+    cnt = 1;
+  } else if (v == mx) {
+    cnt += 1;
+  } else if (std::isnan(v)) {
+    mx = v;  // NaN propagates, as torch.amax
+  }
+}
+
+template <typename A>
+inline void max_count_merge(A& mx, A& cnt, A m2, A c2) {
+  if (m2 > mx) {
+    mx = m2;
+    cnt = c2;
+  } else if (m2 == mx) {
+    cnt += c2;
+  } else if (std::isnan(m2)) {
+    mx = m2;
+  }
+}
+
+template <typename V>
+inline void max_count_add_vec(V& vmx, V& vcnt, const V& v) {
+  const V one(1);
+  const V gt = v > vmx;
+  const V eq = v == vmx;
+  vcnt = V::blendv(vcnt + (eq & one), one, gt);
+  vmx = at::vec::maximum(vmx, v);
+}
+
+template <typename A>
+inline void merge_lanes(const Vectorized<A>& vmx, const Vectorized<A>& vcnt, A& mx, A& cnt) {
+  constexpr int64_t L = Vectorized<A>::size();
+  A m[L], c[L];
+  vmx.store(m);
+  vcnt.store(c);
+  for (int64_t l = 0; l < L; ++l) max_count_merge(mx, cnt, m[l], c[l]);
+}
+
+// The tie count stored with a max: no element equals a NaN max, so its count is 0 (as the
+// reference's (x == max).sum() and torch.amax's gradient mask).
+template <typename A>
+inline int32_t tie_count(A mx, A cnt) {
+  return std::isnan(mx) ? 0 : static_cast<int32_t>(cnt);
+}
+
+template <typename A>
+inline A sum_lanes(const Vectorized<A>& v) {
+  constexpr int64_t L = Vectorized<A>::size();
+  A s[L];
+  v.store(s);
+  A r = 0;
+  for (int64_t l = 0; l < L; ++l) r += s[l];
+  return r;
+}
+
+// ---------------------------------------------------------------------------------------
+// argument checks and shapes
+// ---------------------------------------------------------------------------------------
+
+struct Shape {
+  int64_t B, C, HW;
+  bool channels_last;  // C contiguous per pixel
+  at::ScalarType acc;
+};
+
+inline at::ScalarType acc_type(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+inline Shape check_x(const Tensor& x, const char* fn) {
+  TORCH_CHECK(x.defined(), fn, ": x is undefined");
+  TORCH_CHECK(x.device().is_cpu(), fn, ": x must be a CPU tensor, got ", x.device());
+  TORCH_CHECK(x.dim() == 4, fn, ": x must be a 4-D tensor [B, C, H, W], got ", x.dim(), "-D");
+  const auto t = x.scalar_type();
+  TORCH_CHECK(t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf, fn,
+              ": x must be float32, float64, bfloat16 or float16, got ", t);
+  TORCH_CHECK(x.numel() > 0, fn, ": x must not be empty, got shape ", x.sizes());
+  Shape s{x.size(0), x.size(1), x.size(2) * x.size(3), false, acc_type(t)};
+  if (x.is_contiguous()) {
+    s.channels_last = false;
+  } else if (x.is_contiguous(at::MemoryFormat::ChannelsLast)) {
+    s.channels_last = true;
+  } else {
+    TORCH_CHECK(false, fn, ": x must be NCHW-contiguous or channels_last-contiguous, got strides ",
+                x.strides());
+  }
+  return s;
+}
+
+inline void check_big(const Tensor& t, const char* name, const Tensor& x, const Shape& s,
+                      const char* fn) {
+  TORCH_CHECK(t.device().is_cpu(), fn, ": ", name, " must be a CPU tensor");
+  TORCH_CHECK(t.sizes() == x.sizes(), fn, ": ", name, " must have x's shape ", x.sizes(), ", got ",
+              t.sizes());
+  TORCH_CHECK(t.scalar_type() == x.scalar_type(), fn, ": ", name, " must have x's dtype ",
+              x.scalar_type(), ", got ", t.scalar_type());
+  TORCH_CHECK(
+      t.is_contiguous(s.channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous),
+      fn, ": ", name, " must have x's memory format (", s.channels_last ? "channels_last" : "contiguous",
+      ")");
+}
+
+inline void check_small(const Tensor& t, const char* name, int64_t B, int64_t N,
+                        at::ScalarType dtype, const char* fn) {
+  TORCH_CHECK(t.defined(), fn, ": ", name, " is undefined");
+  TORCH_CHECK(t.device().is_cpu(), fn, ": ", name, " must be a CPU tensor");
+  TORCH_CHECK(t.scalar_type() == dtype, fn, ": ", name, " must be ", dtype, ", got ", t.scalar_type());
+  TORCH_CHECK(t.numel() == B * N && t.is_contiguous(), fn, ": ", name,
+              " must be a contiguous tensor of ", B, " x ", N, " elements, got shape ", t.sizes());
+}
+
+inline bool given(const OptTensor& t) { return t.has_value() && t->defined(); }
+
+// A dense [B, N] accumulation-dtype tensor from an optional one, or `fill` when absent.
+inline Tensor given_or(const OptTensor& t, const char* name, int64_t B, int64_t N,
+                       at::ScalarType acc, double fill, const char* fn) {
+  if (given(t)) {
+    check_small(*t, name, B, N, acc, fn);
+    return *t;
+  }
+  return at::full({B, N}, fill, at::TensorOptions().dtype(acc));
+}
+
+template <typename A>
+inline const A* data_or_null(const Tensor& t) {
+  return t.defined() ? t.data_ptr<A>() : nullptr;
+}
+
+// An empty accumulation-dtype tensor: the gradient of a gate that is absent or not asked for.
+inline Tensor no_grad_of(const Tensor& x, at::ScalarType acc) {
+  return at::empty({0}, x.options().dtype(acc));
+}
+
+// out[b, c] = sum over k of part[b, k, c], in order k = 0, 1, ... (deterministic).
+template <typename A>
+void sum_partials(const A* part, int64_t B, int64_t K, int64_t C, A* out) {
+  at::parallel_for(0, B * C, 64, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t b = r / C, c = r % C;
+      A sum = 0;
+      for (int64_t k = 0; k < K; ++k) sum += part[(b * K + k) * C + c];
+      out[r] = sum;
+    }
+  });
+}
+
+// Fixed task sizes: they depend on the shapes only, so results never depend on thread count.
+constexpr int64_t kPixBlock = 256;  // pixels per task in NCHW cross-channel passes
+constexpr int64_t kPixChunk = 64;   // pixels per task in channels_last cross-pixel passes
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// The dtypes every kernel takes; `A` is the accumulation type inside the body.
+#define ATTNKERN_DISPATCH(x, fn, ...)                                                     \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, (x).scalar_type(), fn, [&] { \
+    using A = typename AccT<scalar_t>::type;                                              \
+    __VA_ARGS__();                                                                        \
+  })
+
+template <typename A>
+inline A sigmoid(A z) {
+  return A(1) / (A(1) + std::exp(-z));
+}
+
+template <typename A>
+inline Vectorized<A> sigmoid(const Vectorized<A>& z) {
+  const Vectorized<A> one(1);
+  return one / (one + z.neg().exp());
+}
+
+// Per-pixel gradient weights of the spatial statistics (spatial_stats_backward and
+// gating_input_grad).
+template <typename A>
+struct SpatialWeights {
+  Tensor mean;  // grad_smean / C
+  Tensor max;   // grad_smax / scount (0 where nothing equals the max)
+};
+
+template <typename A>
+SpatialWeights<A> spatial_weights(const Tensor& grad_smean, const Tensor& grad_smax,
+                                  const Tensor& scount, int64_t C) {
+  const int64_t n = grad_smean.numel();
+  SpatialWeights<A> w{at::empty_like(grad_smean), at::empty_like(grad_smean)};
+  const A* gm = grad_smean.data_ptr<A>();
+  const A* gx = grad_smax.data_ptr<A>();
+  const int32_t* cn = scount.data_ptr<int32_t>();
+  A* wm = w.mean.template data_ptr<A>();
+  A* wx = w.max.template data_ptr<A>();
+  for (int64_t i = 0; i < n; ++i) {
+    wm[i] = gm[i] / static_cast<A>(C);
+    wx[i] = cn[i] > 0 ? gx[i] / static_cast<A>(cn[i]) : A(0);
+  }
+  return w;
+}
+
+}  // namespace cpu
+}  // namespace attnkern

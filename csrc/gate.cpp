@@ -1,0 +1,325 @@
+// Applying the gates: gate_apply (out = x * gc * gs), gate_apply_backward (the gates'
+// gradients) and gating_input_grad (the input gradient of a CBAM or SE block, every term in
+// one pass).
+#include "both_axes.h"
+#include "common.h"
+
+namespace attnkern {
+namespace cpu {
+namespace {
+
+// ---------------------------------------------------------------------------------------
+// gate_apply: out = (x * gc) * gs
+// ---------------------------------------------------------------------------------------
+
+template <typename T, typename A = typename AccT<T>::type>
+inline void scale_row(const T* x, T* out, int64_t n, Operand<A> first, Operand<A> second) {
+  using V = Vectorized<A>;
+  constexpr int64_t L = V::size();
+  constexpr int64_t S = IO<T>::kStep;
+  int64_t i = 0;
+  for (; i + S <= n; i += S) {
+    V u, w;
+    IO<T>::load(x + i, u, w);
+    u = u * first.load(i);
+    w = w * first.load(i + L);
+    u = u * second.load(i);
+    w = w * second.load(i + L);
+    IO<T>::store(out + i, u, w);
+  }
+  for (; i < n; ++i) {
+    A y = static_cast<A>(x[i]) * first.at(i);
+    y = y * second.at(i);
+    out[i] = static_cast<T>(y);
+  }
+}
+
+template <typename T, typename A>
+void gate_apply_nchw(const T* x, T* out, const A* gc, const A* gs, const Shape& s) {
+  at::parallel_for(0, s.B * s.C, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t b = r / s.C;
+      scale_row<T, A>(x + r * s.HW, out + r * s.HW, s.HW, fixed(gc ? gc[r] : A(1)),
+                      gs ? along(gs + b * s.HW) : fixed(A(1)));
+    }
+  });
+}
+
+template <typename T, typename A>
+void gate_apply_channels_last(const T* x, T* out, const A* gc, const A* gs, const Shape& s) {
+  at::parallel_for(0, s.B * s.HW, 64, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t b = r / s.HW;
+      scale_row<T, A>(x + r * s.C, out + r * s.C, s.C, gc ? along(gc + b * s.C) : fixed(A(1)),
+                      fixed(gs ? gs[r] : A(1)));
+    }
+  });
+}
+
+// q = grad_out * x
+template <typename A>
+struct ProductQ {
+  using V = Vectorized<A>;
+  inline V vec(const V& d, const V& x, int64_t, int64_t, int64_t, bool) const { return d * x; }
+  inline A scalar(A d, A x, int64_t, int64_t, int64_t) const { return d * x; }
+};
+
+// ---------------------------------------------------------------------------------------
+// gating_input_grad:
+//   dx = (grad_out * gc) * gs                                    (the gate_apply term)
+//      + gc * (w_smean + w_smax * [x * gc == smax])              (spatial_stats of x * gc)
+//      + u_cmean + u_cmax * [x == cmax]                          (channel_stats of x)
+// with w_smean = grad_smean / C, w_smax = grad_smax / scount, u_cmean = grad_cmean / HW,
+// u_cmax = grad_cmax / ccount; absent terms are neutral (gates 1, weights 0).
+// ---------------------------------------------------------------------------------------
+
+// The operands of one row (a channel in NCHW, a pixel in channels_last).
+template <typename A>
+struct InputGradRow {
+  Operand<A> gc, gs;                   // gates
+  Operand<A> w_smean, w_smax, smax;    // spatial-statistics terms
+  Operand<A> u_cmean, u_cmax, cmax;    // channel-statistics terms
+};
+
+// Which terms are present: compile-time flags, so SE's dx (grad_out * gc + grad_cmean / HW)
+// does none of CBAM's max-mask work.
+struct InputGradTerms {
+  bool grad_out, spatial, channel_max;
+};
+
+template <typename T, typename A, bool kGradOut, bool kSpatial, bool kChannelMax>
+inline void input_grad_row(const T* x, const T* grad_out, T* dx, int64_t n, const InputGradRow<A>& t) {
+  using V = Vectorized<A>;
+  constexpr int64_t L = V::size();
+  constexpr int64_t S = IO<T>::kStep;
+  int64_t i = 0;
+  for (; i + S <= n; i += S) {
+    V xa, xb, da, db;
+    if constexpr (kSpatial || kChannelMax) IO<T>::load(x + i, xa, xb);
+    if constexpr (kGradOut) IO<T>::load(grad_out + i, da, db);
+    V out[2];
+    for (int h = 0; h < 2; ++h) {
+      const int64_t j = i + h * L;
+      const V g = t.gc.load(j);
+      V r = t.u_cmean.load(j);
+      if constexpr (kGradOut) r = r + ((h ? db : da) * g) * t.gs.load(j);
+      if constexpr (kSpatial) {
+        const V y = (h ? xb : xa) * g;
+        r = r + g * (t.w_smean.load(j) + ((y == t.smax.load(j)) & t.w_smax.load(j)));
+      }
+      if constexpr (kChannelMax) r = r + (((h ? xb : xa) == t.cmax.load(j)) & t.u_cmax.load(j));
+      out[h] = r;
+    }
+    IO<T>::store(dx + i, out[0], out[1]);
+  }
+  for (; i < n; ++i) {
+    const A xv = static_cast<A>(x[i]);
+    const A g = t.gc.at(i);
+    A r = t.u_cmean.at(i);
+    if constexpr (kGradOut) r = r + (static_cast<A>(grad_out[i]) * g) * t.gs.at(i);
+    if constexpr (kSpatial) {
+      const A y = xv * g;
+      r = r + g * (t.w_smean.at(i) + (y == t.smax.at(i) ? t.w_smax.at(i) : A(0)));
+    }
+    if constexpr (kChannelMax) r = r + (xv == t.cmax.at(i) ? t.u_cmax.at(i) : A(0));
+    dx[i] = static_cast<T>(r);
+  }
+}
+
+// The per-(b, c) and per-(b, hw) arrays of the terms, dense and in the accumulation dtype.
+template <typename A>
+struct InputGradArrays {
+  const A* gc;       // [B, C], 1 when absent
+  const A* gs;       // [B, HW], 1 when absent
+  const A* w_smean;  // [B, HW] or null
+  const A* w_smax;   // [B, HW] or null
+  const A* smax;     // [B, HW] or null
+  const A* u_cmean;  // [B, C]
+  const A* u_cmax;   // [B, C]
+  const A* cmax;     // [B, C] or null
+};
+
+template <typename A>
+inline Operand<A> at_or_zero(const A* p, int64_t i) {
+  return fixed(p ? p[i] : A(0));
+}
+template <typename A>
+inline Operand<A> row_or_zero(const A* p, int64_t offset) {
+  return p ? along(p + offset) : fixed(A(0));
+}
+
+template <typename T, typename A, bool kGradOut, bool kSpatial, bool kChannelMax>
+void input_grad_nchw(const T* x, const T* grad_out, T* dx, const InputGradArrays<A>& a, const Shape& s) {
+  at::parallel_for(0, s.B * s.C, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t o = r * s.HW, p = (r / s.C) * s.HW;
+      const InputGradRow<A> t{fixed(a.gc[r]),        along(a.gs + p),        row_or_zero(a.w_smean, p),
+                              row_or_zero(a.w_smax, p), row_or_zero(a.smax, p), fixed(a.u_cmean[r]),
+                              fixed(a.u_cmax[r]),    at_or_zero(a.cmax, r)};
+      input_grad_row<T, A, kGradOut, kSpatial, kChannelMax>(x + o, grad_out ? grad_out + o : nullptr,
+                                                            dx + o, s.HW, t);
+    }
+  });
+}
+
+template <typename T, typename A, bool kGradOut, bool kSpatial, bool kChannelMax>
+void input_grad_channels_last(const T* x, const T* grad_out, T* dx, const InputGradArrays<A>& a,
+                              const Shape& s) {
+  at::parallel_for(0, s.B * s.HW, 64, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t o = r * s.C, cb = (r / s.HW) * s.C;
+      const InputGradRow<A> t{along(a.gc + cb),         fixed(a.gs[r]),        at_or_zero(a.w_smean, r),
+                              at_or_zero(a.w_smax, r),  at_or_zero(a.smax, r), along(a.u_cmean + cb),
+                              along(a.u_cmax + cb),     row_or_zero(a.cmax, cb)};
+      input_grad_row<T, A, kGradOut, kSpatial, kChannelMax>(x + o, grad_out ? grad_out + o : nullptr,
+                                                            dx + o, s.C, t);
+    }
+  });
+}
+
+// Calls f(std::bool_constant<b>...) for the runtime flags: one instantiation per combination.
+template <typename F>
+void with_flags(F&& f) {
+  f();
+}
+template <typename F, typename... Rest>
+void with_flags(F&& f, bool first, Rest... rest) {
+  if (first) {
+    with_flags([&](auto... fl) { f(std::true_type{}, fl...); }, rest...);
+  } else {
+    with_flags([&](auto... fl) { f(std::false_type{}, fl...); }, rest...);
+  }
+}
+
+template <typename T, typename A>
+void input_grad(const T* x, const T* grad_out, T* dx, const InputGradArrays<A>& a, const Shape& s,
+                InputGradTerms terms) {
+  with_flags(
+      [&](auto has_grad_out, auto spatial, auto channel_max) {
+        constexpr bool G = decltype(has_grad_out)::value, P = decltype(spatial)::value,
+                       M = decltype(channel_max)::value;
+        if (s.channels_last) {
+          input_grad_channels_last<T, A, G, P, M>(x, grad_out, dx, a, s);
+        } else {
+          input_grad_nchw<T, A, G, P, M>(x, grad_out, dx, a, s);
+        }
+      },
+      terms.grad_out, terms.spatial, terms.channel_max);
+}
+
+}  // namespace
+}  // namespace cpu
+
+using namespace cpu;
+
+Tensor gate_apply(const Tensor& x, const OptTensor& gc, const OptTensor& gs) {
+  static constexpr const char* fn = "attnkern::gate_apply";
+  const Shape s = check_x(x, fn);
+  if (given(gc)) check_small(*gc, "gc", s.B, s.C, s.acc, fn);
+  if (given(gs)) check_small(*gs, "gs", s.B, s.HW, s.acc, fn);
+  Tensor out = at::empty_like(x);
+  ATTNKERN_DISPATCH(x, fn, [&] {
+    const A* gcp = given(gc) ? gc->data_ptr<A>() : nullptr;
+    const A* gsp = given(gs) ? gs->data_ptr<A>() : nullptr;
+    if (s.channels_last) {
+      gate_apply_channels_last<scalar_t, A>(x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), gcp, gsp, s);
+    } else {
+      gate_apply_nchw<scalar_t, A>(x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), gcp, gsp, s);
+    }
+  });
+  return out;
+}
+
+std::tuple<Tensor, Tensor> gate_apply_backward(const Tensor& grad_out, const Tensor& x,
+                                               const OptTensor& gc, const OptTensor& gs,
+                                               bool need_grad_gc, bool need_grad_gs) {
+  static constexpr const char* fn = "attnkern::gate_apply_backward";
+  const Shape s = check_x(x, fn);
+  check_big(grad_out, "grad_out", x, s, fn);
+  Tensor gc1 = given_or(gc, "gc", s.B, s.C, s.acc, 1.0, fn);
+  Tensor gs1 = given_or(gs, "gs", s.B, s.HW, s.acc, 1.0, fn);
+  if (!need_grad_gc && !need_grad_gs) return {no_grad_of(x, s.acc), no_grad_of(x, s.acc)};
+  auto opts = x.options().dtype(s.acc);
+  Tensor grad_gc = at::empty({s.B, s.C}, opts), grad_gs = at::empty({s.B, s.HW}, opts);
+  ATTNKERN_DISPATCH(x, fn, [&] {
+    const BothAxes<A> r{gs1.data_ptr<A>(), gc1.data_ptr<A>(), grad_gc.data_ptr<A>(), grad_gs.data_ptr<A>()};
+    reduce_both_axes<scalar_t>(grad_out.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), s, r, ProductQ<A>{});
+  });
+  return {need_grad_gc ? grad_gc : no_grad_of(x, s.acc), need_grad_gs ? grad_gs : no_grad_of(x, s.acc)};
+}
+
+Tensor gating_input_grad(const Tensor& x, const OptTensor& grad_out, const OptTensor& gc,
+                         const OptTensor& gs, const OptTensor& smax, const OptTensor& scount,
+                         const OptTensor& grad_smean, const OptTensor& grad_smax,
+                         const OptTensor& cmax, const OptTensor& ccount,
+                         const OptTensor& grad_cmean, const OptTensor& grad_cmax) {
+  static constexpr const char* fn = "attnkern::gating_input_grad";
+  const Shape s = check_x(x, fn);
+  if (given(grad_out)) check_big(*grad_out, "grad_out", x, s, fn);
+  const bool spatial = given(grad_smean) || given(grad_smax);
+  TORCH_CHECK(!given(grad_smax) || (given(smax) && given(scount)), fn,
+              ": grad_smax needs smax and scount");
+  TORCH_CHECK(!given(grad_cmax) || (given(cmax) && given(ccount)), fn,
+              ": grad_cmax needs cmax and ccount");
+  Tensor dx = at::empty_like(x);
+  ATTNKERN_DISPATCH(x, fn, [&] {
+    const int64_t B = s.B, C = s.C, HW = s.HW;
+    Tensor gc1 = given_or(gc, "gc", B, C, s.acc, 1.0, fn);
+    Tensor gs1 = given_or(gs, "gs", B, HW, s.acc, 1.0, fn);
+    // spatial-statistics terms
+    SpatialWeights<A> w;
+    Tensor sm;
+    if (spatial) {
+      Tensor gm = given_or(grad_smean, "grad_smean", B, HW, s.acc, 0.0, fn);
+      Tensor gx = given_or(grad_smax, "grad_smax", B, HW, s.acc, 0.0, fn);
+      Tensor cn = given(scount) ? *scount : at::ones({B, HW}, x.options().dtype(at::kInt));
+      check_small(cn, "scount", B, HW, at::kInt, fn);
+      sm = given_or(smax, "smax", B, HW, s.acc, 0.0, fn);
+      w = spatial_weights<A>(gm, gx, cn, C);
+    }
+    // channel-statistics terms: u_cmean = grad_cmean / HW, u_cmax = grad_cmax / ccount
+    Tensor u_cmean = at::zeros({B, C}, x.options().dtype(s.acc));
+    Tensor u_cmax = at::zeros({B, C}, x.options().dtype(s.acc));
+    Tensor cm;
+    A* um = u_cmean.data_ptr<A>();
+    A* ux = u_cmax.data_ptr<A>();
+    if (given(grad_cmean)) {
+      check_small(*grad_cmean, "grad_cmean", B, C, s.acc, fn);
+      const A* d = grad_cmean->data_ptr<A>();
+      for (int64_t i = 0; i < B * C; ++i) um[i] = d[i] / static_cast<A>(HW);
+    }
+    if (given(grad_cmax)) {
+      check_small(*grad_cmax, "grad_cmax", B, C, s.acc, fn);
+      check_small(*ccount, "ccount", B, C, at::kInt, fn);
+      check_small(*cmax, "cmax", B, C, s.acc, fn);
+      const A* d = grad_cmax->data_ptr<A>();
+      const int32_t* n = ccount->data_ptr<int32_t>();
+      for (int64_t i = 0; i < B * C; ++i) ux[i] = n[i] > 0 ? d[i] / static_cast<A>(n[i]) : A(0);
+      cm = *cmax;
+    }
+    const InputGradArrays<A> arrays{gc1.data_ptr<A>(),      gs1.data_ptr<A>(), data_or_null<A>(w.mean),
+                                    data_or_null<A>(w.max), data_or_null<A>(sm), um,
+                                    ux,                     data_or_null<A>(cm)};
+    const scalar_t* gop = given(grad_out) ? grad_out->data_ptr<scalar_t>() : nullptr;
+    input_grad<scalar_t, A>(x.data_ptr<scalar_t>(), gop, dx.data_ptr<scalar_t>(), arrays, s,
+                            InputGradTerms{gop != nullptr, spatial, cm.defined()});
+  });
+  return dx;
+}
+
+}  // namespace attnkern
+
+TORCH_LIBRARY_FRAGMENT(attnkern, m) {
+  m.def("gate_apply(Tensor x, Tensor? gc, Tensor? gs) -> Tensor");
+  m.def("gate_apply_backward(Tensor grad_out, Tensor x, Tensor? gc, Tensor? gs, bool need_grad_gc, "
+      "bool need_grad_gs) -> (Tensor, Tensor)");
+  m.def("gating_input_grad(Tensor x, Tensor? grad_out, Tensor? gc, Tensor? gs, Tensor? smax, "
+      "Tensor? scount, Tensor? grad_smean, Tensor? grad_smax, Tensor? cmax, Tensor? ccount, "
+      "Tensor? grad_cmean, Tensor? grad_cmax) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(attnkern, CPU, m) {
+  m.impl("gate_apply", &attnkern::gate_apply);
+  m.impl("gate_apply_backward", &attnkern::gate_apply_backward);
+  m.impl("gating_input_grad", &attnkern::gating_input_grad);
+}
