@@ -8,16 +8,9 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import attnkern
+from tests.backends import forced_backend_fixture
 
-BACKENDS = ["cpu", "triton"]
-
-
-@pytest.fixture(params=BACKENDS)
-def backend(request, monkeypatch):
-    if request.param == "triton":
-        pytest.importorskip("triton")
-    monkeypatch.setenv("ATTNKERN_BACKEND", request.param)
-    return request.param
+backend = forced_backend_fixture("cpu", "triton")
 
 
 def randn(shape, dtype, seed, scale=1.0):

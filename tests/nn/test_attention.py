@@ -11,16 +11,9 @@ from torch import nn
 
 import attnkern
 from tests.tolerance import assert_close
+from tests.backends import forced_backend_fixture
 
-BACKENDS = ["cpu", "triton"]
-
-
-@pytest.fixture(params=BACKENDS)
-def backend(request, monkeypatch):
-    if request.param == "triton":
-        pytest.importorskip("triton")
-    monkeypatch.setenv("ATTNKERN_BACKEND", request.param)
-    return request.param
+backend = forced_backend_fixture("cpu", "triton")
 
 
 def _grads(m, x, g):

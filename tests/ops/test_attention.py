@@ -15,16 +15,9 @@ import torch.nn.functional as F
 import attnkern
 from attnkern.reference import attention as ref
 from tests.tolerance import assert_close
+from tests.backends import forced_backend_fixture
 
-BACKENDS = ["cpu", "triton", "reference"]
-
-
-@pytest.fixture(params=BACKENDS)
-def backend(request, monkeypatch):
-    if request.param == "triton":
-        pytest.importorskip("triton")
-    monkeypatch.setenv("ATTNKERN_BACKEND", request.param)
-    return request.param
+backend = forced_backend_fixture("cpu", "triton", "reference")
 
 
 def _qkv(B, H, Nq, Nk, D, dtype, Dv=None, seed=0, packed=False):
