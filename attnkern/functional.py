@@ -49,6 +49,7 @@ def cbam(
     *,
     pool_order: str = "mean_max",
     gate: Callable[[Tensor], Tensor] = torch.sigmoid,
+    spatial_gate: Optional[Callable[[Tensor], Tensor]] = None,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """The CBAM block (channel gate, then spatial gate), fused.
 
@@ -63,6 +64,7 @@ def cbam(
         pool_order: ``'mean_max'`` (timm) or ``'max_mean'`` (the CBAM authors' code): the order
             of the two channel-pooled maps fed to ``spatial``.
         gate: the gate non-linearity, applied in float32 (default sigmoid).
+        spatial_gate: the spatial branch's gate, if it differs from ``gate`` (default: ``gate``).
 
     Returns:
         ``(out, gc, gs)``: the output (x's dtype and memory format), the channel gate [B, C] and
@@ -73,11 +75,11 @@ def cbam(
         raise ValueError(f"attnkern.cbam: pool_order must be one of {_cbam_ref.POOL_ORDERS}, got {pool_order!r}")
     backend = pick_backend("cbam", x)
     if backend == "reference":
-        out, gc, gs = _cbam_ref.cbam(x, mlp, spatial, pool_order=pool_order, gate=gate)
+        out, gc, gs = _cbam_ref.cbam(x, mlp, spatial, pool_order=pool_order, gate=gate, spatial_gate=spatial_gate)
         acc = acc_dtype(x.dtype)
         return out, gc.to(acc), gs.to(acc)
     return _cbam_op.cbam(dense(x), mlp, spatial, primitives=primitives_for(backend, x), pool_order=pool_order,
-                         gate=gate)
+                         gate=gate, spatial_gate=spatial_gate)
 
 
 def squeeze_excite(

@@ -107,15 +107,3 @@ def require_pointwise(what: str, layer: nn.Module) -> None:
             f"{what} is a Conv2d(kernel_size={k}, stride={s}, padding={p}, dilation={d}, "
             f"groups={layer.groups}); only a plain 1x1 convolution (a matrix product) can be fused")
     raise NotConvertible(f"{what} is a {type(layer).__name__}; only nn.Conv2d 1x1 or nn.Linear can be fused")
-
-
-def same_layer(a: nn.Module, b: nn.Module) -> bool:
-    """Whether two parameter-free layers compute the same function: same class and the same
-    attributes (a LeakyReLU's slope, ...)."""
-    if type(a) is not type(b) or any(True for _ in a.parameters()) or any(True for _ in b.parameters()):
-        return False
-
-    def state(m):
-        return {k: v for k, v in vars(m).items() if not k.startswith("_") and k not in ("training", "inplace")}
-
-    return state(a) == state(b)

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from .. import functional as AF
 from ..reference.cbam import POOL_ORDERS
 from ._layers import (LayerSpec, NotConvertible, check_module_input, create_layer, make_divisible,
-                      require_pointwise, reuse, same_layer)
+                      require_pointwise, reuse)
 
 __all__ = ["CBAM", "cbam_state_dict_from_authors"]
 
@@ -124,7 +124,7 @@ class CBAM(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         check_module_input("CBAM", x, self.channels, self.channel.fc1.weight)
         out, gc, gs = AF.cbam(x, self.channel, self.spatial, pool_order=self.pool_order,
-                              gate=self.channel.gate)
+                              gate=self.channel.gate, spatial_gate=self.spatial.gate)
         self.last_gates = (gc.detach(), gs.detach()) if self.keep_gates else None
         return out
 
@@ -139,17 +139,12 @@ class CBAM(nn.Module):
 
         Raises:
             NotConvertible: a configuration the fused kernels cannot reproduce (an MLP layer
-                that is not a plain 1x1 conv, channel and spatial gates that differ, a spatial
-                conv that changes the map's size); ``attnkern.convert`` leaves such a module
+                that is not a plain 1x1 conv, a spatial conv that changes the map's size); ``attnkern.convert`` leaves such a module
                 unconverted.
         """
         ch, sp = m.channel, m.spatial
         require_pointwise("CbamModule.channel.fc1", ch.fc1)
         require_pointwise("CbamModule.channel.fc2", ch.fc2)
-        if not same_layer(ch.gate, sp.gate):
-            raise NotConvertible(
-                f"CbamModule's channel gate {ch.gate} and spatial gate {sp.gate} differ; "
-                "attnkern.CBAM applies one gate to both")
         conv, bn = sp.conv.conv, sp.conv.bn
         k = conv.kernel_size
         same_size = (isinstance(conv, nn.Conv2d) and type(conv).forward is nn.Conv2d.forward
@@ -170,6 +165,7 @@ class CBAM(nn.Module):
             device=fc1.weight.device,
             dtype=fc1.weight.dtype,
         )
+        new.spatial.gate = reuse(sp.gate)
         new.spatial.conv.conv = reuse(conv)
         new.spatial.conv.bn = reuse(bn)
         new.load_state_dict(m.state_dict(), strict=True)

@@ -16,7 +16,7 @@ from typing import Callable, Tuple
 import torch
 from torch import Tensor
 
-from .gating import BamCombineNode, ChannelStatsNode, Tape, acc_dtype, as_primitives
+from .gating import BlockPasses, acc_dtype
 
 
 def bam(
@@ -32,16 +32,9 @@ def bam(
     B, C, H, W = x.shape
     acc = acc_dtype(x.dtype)
     product = combine == "product"
-    compiled = torch.compiler.is_compiling()
-    if compiled:
-        mean, _, _ = torch.ops.attnkern.channel_stats(x)
-    else:
-        tape = Tape(as_primitives(primitives))
-        mean, _, _, token = ChannelStatsNode.apply(x, tape)
+    passes = BlockPasses(primitives)
+    mean, _ = passes.channel_stats(x)
     mc = mlp(mean).to(acc)
     ms = spatial(x).to(acc).reshape(B, H * W)
-    if compiled:
-        out = torch.ops.attnkern.bam_combine(x, mc, ms, product)
-    else:
-        out = BamCombineNode.apply(x, mc, ms, token, tape, product)
+    out = passes.bam_combine(x, mc, ms, product)
     return out, mc, ms.view(B, 1, H, W)

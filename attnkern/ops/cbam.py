@@ -16,18 +16,18 @@ PyTorch graphs in between give their parameters' gradients, and ``ChannelStatsNo
 writes dx once with ``gating_input_grad``. Saved for backward: x (one storage, saved by each node for
 autograd's in-place checks) and [B, C] / [B, HW] statistics.
 
-Under ``torch.compile`` the same ops run with their own autograd formulas
-(:mod:`attnkern.ops.gating`), which the compiler can trace; each then writes its own term of dx
-and the compiled graph adds them.
+Under ``torch.compile`` the same ops run with their own autograd formulas, which the compiler
+can trace; each then writes its own term of dx and the compiled graph adds them
+(:class:`attnkern.ops.gating.BlockPasses` chooses).
 """
 from __future__ import annotations
 
-from typing import Callable, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from .gating import ApplyNode, ChannelStatsNode, SpatialStatsNode, Tape, acc_dtype, as_primitives
+from .gating import BlockPasses, acc_dtype
 
 
 def cbam(
@@ -38,6 +38,7 @@ def cbam(
     primitives=None,
     pool_order: str = "mean_max",
     gate: Callable[[Tensor], Tensor] = torch.sigmoid,
+    spatial_gate: Optional[Callable[[Tensor], Tensor]] = None,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """The fused CBAM block on an already validated, dense (:func:`dense`) ``x``. Returns
     ``(out, gc, gs)`` with gc [B, C] and gs [B, 1, H, W] in the accumulation dtype (float32;
@@ -46,30 +47,20 @@ def cbam(
 
     ``mlp`` maps [N, C] -> [N, C]; ``spatial`` maps [B, 2, H, W] -> [B, 1, H, W]. They receive
     float32 statistics (cast them to their parameters' dtype if needed); their outputs are
-    gated in float32.
+    gated in float32. ``spatial_gate`` (default: ``gate``) is the spatial branch's gate.
     """
     B, C, H, W = x.shape
     acc = acc_dtype(x.dtype)
-    compiled = torch.compiler.is_compiling()
+    passes = BlockPasses(primitives)
 
-    if compiled:
-        mean_c, max_c, _ = torch.ops.attnkern.channel_stats(x)
-    else:
-        tape = Tape(as_primitives(primitives))
-        mean_c, max_c, _, token = ChannelStatsNode.apply(x, tape)
+    mean_c, max_c = passes.channel_stats(x)
     logits = mlp(torch.cat([mean_c, max_c], dim=0)).to(acc)
     gc = gate(logits[:B] + logits[B:])
 
-    if compiled:
-        mean_s, max_s, _ = torch.ops.attnkern.spatial_stats(x, gc)
-    else:
-        mean_s, max_s, _ = SpatialStatsNode.apply(x, gc, token, tape)
+    mean_s, max_s = passes.spatial_stats(x, gc)
     maps = (mean_s, max_s) if pool_order == "mean_max" else (max_s, mean_s)
     s = torch.stack(maps, dim=1).view(B, 2, H, W)
-    gs = gate(spatial(s).to(acc)).reshape(B, H * W)
+    gs = (spatial_gate or gate)(spatial(s).to(acc)).reshape(B, H * W)
 
-    if compiled:
-        out = torch.ops.attnkern.gate_apply(x, gc, gs)
-    else:
-        out = ApplyNode.apply(x, gc, gs, token, tape)
+    out = passes.gate_apply(x, gc, gs)
     return out, gc, gs.view(B, 1, H, W)

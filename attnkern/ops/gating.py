@@ -50,7 +50,7 @@ from ..reference import gating as _ref
 
 __all__ = ["acc_dtype", "dense", "memory_format_of", "pick_backend", "primitives_for", "Primitives",
            "DISPATCHER", "FLOAT_DTYPES", "OPS", "Tape", "ChannelStatsNode", "SpatialStatsNode",
-           "ApplyNode", "BamCombineNode"]
+           "ApplyNode", "BamCombineNode", "BlockPasses"]
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 acc_dtype = _ref.acc_dtype
@@ -259,14 +259,15 @@ def _triton_dtypes() -> Sequence[torch.dtype]:
 
 def pick_backend(op: str, x: Tensor) -> str:
     """The backend the gating primitives of ``op`` run on for input ``x`` (see
-    :func:`attnkern._backend.pick`): ``'reference'`` runs the reference block instead."""
+    :func:`attnkern._backend.pick`): ``'reference'`` runs the reference block instead (also
+    while ``torch.compile`` traces, on CPU by default: see :mod:`attnkern._backend`)."""
 
     def supports(backend: str) -> Optional[str]:
         if backend == "triton" and x.dtype not in _triton_dtypes():
             return f"the triton gating kernels do not take {x.dtype}"
         return None
 
-    return _backend.pick(op, x.device, supports)
+    return _backend.pick(op, x.device, supports, decomposable=True)
 
 
 def primitives_for(backend: str, x: Tensor) -> Primitives:
@@ -502,3 +503,52 @@ class BamCombineNode(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             t.grad_out, t.bam = dense(grad_out, memory_format_of(x)), (mc, ms, ctx.product)
         return None, grad_mc, grad_ms, torch.zeros_like(mc[0, 0]), None, None
+
+
+class BlockPasses:
+    """The passes over x of one fused block, as autograd sees them; the one place that tells
+    eager from traced code apart.
+
+    Eager: the autograd nodes above, sharing one :class:`Tape`, so the input gradient is written
+    once by ``ChannelStatsNode``. Traced by ``torch.compile`` (dynamo cannot trace a Tape): the
+    ``attnkern::`` ops with their registered autograd formulas, each writing its own term of dx,
+    which the compiled graph adds. Both formulations call the same backward primitives
+    (``gate_apply_backward``, ``spatial_stats_backward``, ``bam_combine_backward``,
+    ``gating_input_grad``, ``bam_input_grad``): the math of every gradient is written once, in
+    the kernels and in :mod:`attnkern.reference.gating`.
+
+    Call :meth:`channel_stats` first: its node is the one autograd runs last.
+    """
+
+    def __init__(self, primitives=None):
+        self.traced = torch.compiler.is_compiling()
+        self.tape = None if self.traced else Tape(as_primitives(primitives))
+        self.token: Optional[Tensor] = None
+
+    def channel_stats(self, x: Tensor) -> Tuple[Tensor, Tensor]:
+        """(mean, max) over H, W: [B, C] each, accumulation dtype."""
+        if self.traced:
+            mean, mx, _ = _ops.channel_stats(x)
+        else:
+            mean, mx, _, self.token = ChannelStatsNode.apply(x, self.tape)
+        return mean, mx
+
+    def spatial_stats(self, x: Tensor, gc: Tensor) -> Tuple[Tensor, Tensor]:
+        """(mean, max) over C of x * gc: [B, H*W] each."""
+        if self.traced:
+            mean, mx, _ = _ops.spatial_stats(x, gc)
+        else:
+            mean, mx, _ = SpatialStatsNode.apply(x, gc, self.token, self.tape)
+        return mean, mx
+
+    def gate_apply(self, x: Tensor, gc: Optional[Tensor], gs: Optional[Tensor]) -> Tensor:
+        """x * gc[:, :, None, None] * gs (either gate may be None), in x's dtype and layout."""
+        if self.traced:
+            return _ops.gate_apply(x, gc, gs)
+        return ApplyNode.apply(x, gc, gs, self.token, self.tape)
+
+    def bam_combine(self, x: Tensor, mc: Tensor, ms: Tensor, product: bool) -> Tensor:
+        """x * (1 + sigmoid(mc + ms)) (``product``: mc * ms inside the sigmoid)."""
+        if self.traced:
+            return _ops.bam_combine(x, mc, ms, product)
+        return BamCombineNode.apply(x, mc, ms, self.token, self.tape, product)

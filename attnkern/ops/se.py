@@ -16,7 +16,7 @@ from typing import Callable, Tuple
 import torch
 from torch import Tensor
 
-from .gating import ApplyNode, ChannelStatsNode, Tape, acc_dtype, as_primitives
+from .gating import BlockPasses, acc_dtype
 
 
 def squeeze_excite(
@@ -30,16 +30,8 @@ def squeeze_excite(
     """The fused SE block on a validated, dense x. Returns ``(out, gc)``, gc [B, C] in the
     accumulation dtype. ``mlp`` receives float32 (float64) pooled vectors [B, C]."""
     acc = acc_dtype(x.dtype)
-    compiled = torch.compiler.is_compiling()
-    if compiled:
-        mean, mx, _ = torch.ops.attnkern.channel_stats(x)
-    else:
-        tape = Tape(as_primitives(primitives))
-        mean, mx, _, token = ChannelStatsNode.apply(x, tape)
+    passes = BlockPasses(primitives)
+    mean, mx = passes.channel_stats(x)
     s = 0.5 * mean + 0.5 * mx if add_maxpool else mean
     gc = gate(mlp(s).to(acc))
-    if compiled:
-        out = torch.ops.attnkern.gate_apply(x, gc, None)
-    else:
-        out = ApplyNode.apply(x, gc, None, token, tape)
-    return out, gc
+    return passes.gate_apply(x, gc, None), gc
