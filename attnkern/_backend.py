@@ -10,6 +10,14 @@ While a model is being exported (``torch.export.export``, ``torch.onnx.export`` 
 ``torch.jit.trace``) the ops run the reference unless a backend is forced: the exported graph
 then holds only standard ATen ops, so it runs, saves, loads and converts to ONNX without
 attnkern, instead of carrying our custom ops with the backend chosen at export time baked in.
+
+While ``torch.compile`` traces a model, the gating blocks (CBAM, SE, BAM) hand the compiler
+their reference math on CPU tensors unless a backend is forced: inductor then fuses the
+block's passes with its neighbours (the BatchNorm that produces x, the residual add and the
+activation after it), which opaque kernels prevent; on CPU that compiled graph is faster than
+one calling our kernels (``benchmarks/test_bench_models.py``). On CUDA the Triton kernels stay.
+``ATTNKERN_COMPILE=kernels`` keeps the kernels under ``torch.compile`` everywhere,
+``ATTNKERN_COMPILE=decompose`` hands over the math everywhere (default ``auto``: as above).
 """
 from __future__ import annotations
 
@@ -20,6 +28,7 @@ from typing import Callable, Optional
 import torch
 
 BACKENDS = ("triton", "cpu", "reference")
+COMPILE_POLICIES = ("auto", "kernels", "decompose")
 _warned = set()
 
 
@@ -30,6 +39,23 @@ def forced() -> Optional[str]:
     if v not in BACKENDS:
         raise ValueError(f"ATTNKERN_BACKEND must be one of {BACKENDS} or 'auto', got {v!r}")
     return v
+
+
+def compile_policy() -> str:
+    """``ATTNKERN_COMPILE``: what the gating blocks give ``torch.compile`` (see the module doc)."""
+    v = os.environ.get("ATTNKERN_COMPILE", "").strip().lower() or "auto"
+    if v not in COMPILE_POLICIES:
+        raise ValueError(f"ATTNKERN_COMPILE must be one of {COMPILE_POLICIES}, got {v!r}")
+    return v
+
+
+def decompose_for_compiler(device: torch.device) -> bool:
+    """True while ``torch.compile`` (not an exporter) traces and the policy hands the gating
+    blocks' reference math to the compiler for tensors on ``device``."""
+    if not torch.compiler.is_compiling() or exporting():
+        return False
+    policy = compile_policy()
+    return policy == "decompose" or (policy == "auto" and device.type == "cpu")
 
 
 def triton_interpret() -> bool:
@@ -81,7 +107,7 @@ def exporting() -> bool:
 
 
 def pick(op: str, device: torch.device, supports: Optional[Callable[[str], Optional[str]]] = None,
-         extension: bool = True) -> str:
+         extension: bool = True, decomposable: bool = False) -> str:
     """The backend that runs ``op`` on tensors of ``device``.
 
     ``supports(backend)`` returns None when the op's kernels on that backend handle these
@@ -89,10 +115,13 @@ def pick(op: str, device: torch.device, supports: Optional[Callable[[str], Optio
     then runs instead, or, when the backend was forced, a RuntimeError names the reason.
     ``extension=False`` for ops whose cpu backend is ATen's (scaled dot-product attention).
     While exporting (:func:`exporting`) our kernels give way to the reference unless a backend
-    is forced (an ATen kernel, ``extension=False`` on CPU, exports as it is).
+    is forced (an ATen kernel, ``extension=False`` on CPU, exports as it is); so they do for a
+    ``decomposable`` op while ``torch.compile`` traces, by :func:`decompose_for_compiler`.
     """
     f = forced()
     if f is None and exporting() and not (device.type == "cpu" and not extension):
+        return "reference"
+    if f is None and decomposable and decompose_for_compiler(device):
         return "reference"
     if f is not None:
         why = _why_not(f, device, extension) or (supports(f) if supports else None)

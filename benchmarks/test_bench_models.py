@@ -1,0 +1,170 @@
+"""Whole models, the way users run them: timm's CBAM-ResNet-50 and SE-ResNet-50, inference
+(B16, 256 px, eval, ``torch.no_grad``) and a training step (B8, 224 px: forward, cross-entropy,
+backward, SGD with momentum), fp32, NCHW and channels_last, four variants:
+
+- ``naive``: the model as timm builds it;
+- ``fused``: ``attnkern.convert`` of it;
+- ``compile``: ``torch.compile`` of timm's model;
+- ``fused-compile``: ``torch.compile(attnkern.convert(model))``.
+
+The four run interleaved in one process (round r times each variant once, in an order that
+rotates every round), so machine noise falls on all of them alike; each variant's median over
+the rounds is recorded with its images/s, the ratios are taken between figures of that run.
+The first calls (where ``torch.compile`` compiles) are timed apart as ``first_call_s`` and
+never enter a timed step. Peak memory of a step: on CPU the process's peak resident set during
+the step above its resident set before it (``/proc/self/status`` VmHWM, reset through
+``/proc/self/clear_refs`` before each step; 0 where the kernel does not allow the reset), on
+CUDA ``max_memory_allocated`` above the memory allocated before.
+
+    pytest --benchmark benchmarks/test_bench_models.py [-k cbam_resnet50-inference]
+    ATTNKERN_BENCH_ROUNDS=5 (timed rounds, default 5)
+
+Each (model, pass, layout) case takes minutes on a 2-core CPU (compilation included).
+"""
+from __future__ import annotations
+
+import copy
+import os
+import statistics
+import time
+from typing import Callable, Dict
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import attnkern
+
+timm = pytest.importorskip("timm")
+
+MODELS = {
+    "cbam_resnet50": ("resnet50", dict(block_args=dict(attn_layer="cbam"), zero_init_last=False)),
+    "seresnet50": ("seresnet50", dict(zero_init_last=False)),
+}
+PASSES = {"inference": (16, 256), "train": (8, 224)}  # batch, image size
+LAYOUTS = ("nchw", "channels_last")
+VARIANTS = ("naive", "fused", "compile", "fused-compile")
+ROUNDS = int(os.environ.get("ATTNKERN_BENCH_ROUNDS", "5"))
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _rss_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+class PeakMemory:
+    """Peak memory of one step above what was in use before it, in MB."""
+
+    def __enter__(self):
+        if DEVICE == "cuda":
+            torch.cuda.synchronize()
+            self.base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            self.ok = _reset_peak_rss()
+            self.base = _rss_kb("VmRSS")
+        return self
+
+    def __exit__(self, *exc):
+        if DEVICE == "cuda":
+            torch.cuda.synchronize()
+            self.mb = (torch.cuda.max_memory_allocated() - self.base) / 2 ** 20
+        else:
+            self.mb = (_rss_kb("VmHWM") - self.base) / 2 ** 10 if self.ok else 0.0
+
+
+def _variant(base: torch.nn.Module, variant: str) -> torch.nn.Module:
+    m = copy.deepcopy(base)
+    if variant.startswith("fused"):
+        m = attnkern.convert(m)
+    return torch.compile(m) if variant.endswith("compile") else m
+
+
+def _step(model: torch.nn.Module, x: torch.Tensor, train: bool) -> Callable[[], None]:
+    if not train:
+        def infer():
+            with torch.no_grad():
+                model(x)
+        return infer
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    y = torch.arange(x.shape[0], device=x.device) % 10
+
+    def train_step():
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    return train_step
+
+
+def _sync():
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("pass_", list(PASSES))
+@pytest.mark.parametrize("model_name", list(MODELS))
+def test_whole_model(benchmark, recorder, model_name, pass_, layout):
+    arch, kwargs = MODELS[model_name]
+    batch, size = PASSES[pass_]
+    train = pass_ == "train"
+    torch.manual_seed(0)
+    base = timm.create_model(arch, pretrained=False, num_classes=10, **kwargs).to(DEVICE).train(train)
+    x = torch.randn(batch, 3, size, size, device=DEVICE)
+    if layout == "channels_last":
+        base = base.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    steps: Dict[str, Callable[[], None]] = {}
+    shape = (batch, 3, size, size)
+    op = f"model {model_name} {pass_} {layout}"
+    for v in VARIANTS:
+        steps[v] = _step(_variant(base, v).train(train), x, train)
+        t0 = time.perf_counter()
+        steps[v]()  # torch.compile compiles here, outside the timed rounds
+        _sync()
+        recorder.row(op, v, pass_, shape, torch.float32, "first_call_s", time.perf_counter() - t0, device=DEVICE)
+        steps[v]()  # a second call: allocator and caches warm
+        _sync()
+
+    times: Dict[str, list] = {v: [] for v in VARIANTS}
+    peaks: Dict[str, float] = {v: 0.0 for v in VARIANTS}
+    order = list(VARIANTS)
+
+    def one_round():
+        for v in order:
+            with PeakMemory() as mem:
+                t0 = time.perf_counter()
+                steps[v]()
+                _sync()
+                times[v].append(time.perf_counter() - t0)
+            peaks[v] = max(peaks[v], mem.mb)
+        order.append(order.pop(0))  # rotate: no variant always runs first
+
+    benchmark.extra_info.update(op=op, variants=",".join(VARIANTS))
+    benchmark.pedantic(one_round, rounds=ROUNDS, warmup_rounds=0, iterations=1)
+
+    med = {v: statistics.median(times[v]) for v in VARIANTS}
+    for v in VARIANTS:
+        ts = sorted(times[v])
+        recorder.row(op, v, pass_, shape, torch.float32, "time_ms", med[v] * 1e3,
+                     ts[len(ts) // 5] * 1e3, ts[(4 * len(ts)) // 5 if len(ts) > 1 else 0] * 1e3, device=DEVICE)
+        recorder.row(op, v, pass_, shape, torch.float32, "images_per_s", batch / med[v], device=DEVICE)
+        recorder.row(op, v, pass_, shape, torch.float32, "peak_mb", peaks[v], device=DEVICE)
+    summary = ", ".join(f"{v} {batch / med[v]:.2f} img/s" for v in VARIANTS)
+    ratios = (f"fused/naive {med['naive'] / med['fused']:.2f}x, "
+              f"fused-compile/compile {med['compile'] / med['fused-compile']:.2f}x")
+    print(f"\n{op}: {summary}; {ratios}")
+    assert all(t > 0 for ts in times.values() for t in ts)
