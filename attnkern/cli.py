@@ -82,7 +82,7 @@ def _profile(args) -> int:
                      max_tiles=args.max_tiles, device=args.device, progress=not args.no_progress,
                      train=args.train, explain=args.explain, amp=args.amp,
                      channels_last=args.channels_last, trace=args.trace,
-                     sample=args.sample, sample_seed=args.sample_seed)
+                     sample=args.sample, sample_seed=args.sample_seed, allocator=args.allocator)
     try:
         report = profile(pa)
     except SlideError as e:
@@ -170,6 +170,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="channels_last model and tiles (default: on for CUDA, off for CPU)")
     p.add_argument("--trace", action="store_true",
                    help="write a torch.profiler trace of each variant's pass, trace-VARIANT.json (default: off)")
+    p.add_argument("--allocator", choices=["auto", "off"], default=os.environ.get("ATTNKERN_ALLOCATOR", "auto"),
+                   help="memory allocator of every variant alike: auto preloads jemalloc or tcmalloc where "
+                        "installed (the command reruns itself with LD_PRELOAD), else tunes glibc's malloc to keep "
+                        "large blocks instead of unmapping them (fresh tensors cost page faults otherwise); off "
+                        "leaves the C library's malloc as it is; the report names which ran (default: "
+                        "$ATTNKERN_ALLOCATOR, else auto)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (default: bars shown)")
     c = sub.add_parser("compare", help="fused vs naive vs timm vs torch.compile, side by side",
                        description="Time the fused CBAM, SE and BAM blocks against the reference, timm's "
@@ -188,6 +194,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = ap.parse_args(argv)
     if args.command == "compare" and (min(args.shape) < 1 or args.rounds < 1):
         ap.error("--shape sizes and --rounds must be positive")
+    if args.command == "profile" and argv is None:  # the command itself, not a call from Python
+        from .slides.allocator import preload_rerun
+
+        rerun = preload_rerun(args.allocator, sys.argv[1:])
+        if rerun is not None:
+            sys.stdout.flush()
+            os.execve(sys.executable, *rerun)
     run = _profile if args.command == "profile" else _compare
     try:
         return run(args)

@@ -39,6 +39,8 @@ import numpy as np
 import torch
 
 from . import dist as D
+from .allocator import POLICIES as ALLOCATOR_POLICIES
+from .allocator import apply as apply_allocator_policy
 from .explain_tiles import CamPass, cam_info, markdown_lines, positive_class, write_gallery
 from .reader import SlideError, open_slide
 from .sample import sample_slide_path
@@ -73,6 +75,7 @@ class ProfileArgs:
     trace: bool = False                   # a torch.profiler trace of each variant's pass
     sample: int = 0                       # --sample K: attention sampling of K tiles (0: off)
     sample_seed: int = 0
+    allocator: str = "auto"               # the allocator policy (slides/allocator.py): auto or off
 
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
@@ -240,9 +243,12 @@ def profile(args: ProfileArgs) -> Dict:
         raise SlideError(f"--sample must be >= 0 (0: off), got {args.sample}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SlideError("--device cuda asked for, but no CUDA device is available")
+    if args.allocator not in ALLOCATOR_POLICIES:
+        raise SlideError(f"unknown --allocator {args.allocator!r}; known: {', '.join(ALLOCATOR_POLICIES)}")
+    allocator = apply_allocator_policy(args.allocator)  # before the first big allocation
     rank, world, device, started = D.setup(args.device)
     try:
-        return _profile(args, rank, world, device)
+        return _profile(args, rank, world, device, allocator)
     finally:
         if started:
             torch.distributed.destroy_process_group()
@@ -274,7 +280,7 @@ def _spread(grid: TileGrid, n: int) -> TileGrid:
     return grid.subset(np.linspace(0, len(grid) - 1, n).round().astype(int).tolist())
 
 
-def _profile(args: ProfileArgs, rank: int, world: int, device: str) -> Dict:
+def _profile(args: ProfileArgs, rank: int, world: int, device: str, allocator: str) -> Dict:
     lead = rank == 0
     path = args.slide or (sample_slide_path() if lead else None)
     if world > 1:
@@ -293,7 +299,8 @@ def _profile(args: ProfileArgs, rank: int, world: int, device: str) -> Dict:
                              tissue_fraction=float(mask.mean()), tissue_tiles=len(all_tiles),
                              profiled_tiles=len(grid)),
                   tiles=dict(grid.describe(), effective_mpp=grid.mpp),
-                  args=asdict(args), machine=_machine(), world_size=world, variants={}, files=files)
+                  args=asdict(args), machine=dict(_machine(), allocator=allocator), world_size=world,
+                  variants={}, files=files)
     mpix = args.tile * args.tile / 1e6
     base = build_model(args.model, args.num_classes, args.checkpoint).to(device)
     cl, amp = use_channels_last(args, device), amp_dtype(args, device)
@@ -636,6 +643,7 @@ def markdown(report: Dict) -> str:
              f"{s['tissue_tiles']} tissue tiles, {s['profiled_tiles']} profiled; model "
              f"`{a['model']}`, tile {a['tile']} px ({where}), batch {a['batch']}, "
              f"{report['machine']['threads']} threads" + (" (partial run)" if report["partial"] else ""), "",
+             f"Memory allocator (every variant): {report['machine'].get('allocator', 'not recorded')}", "",
              "| variant | tiles/s | megapixels/s | read s | compute s | bound by | peak RSS MB | same predictions |",
              "|---|---|---|---|---|---|---|---|"]
     for v, f in report["variants"].items():
