@@ -15,6 +15,7 @@ from ._layers import NotConvertible
 
 from .attention import Attention
 from .cbam import CBAM
+from .resnet import patch_block
 from .se import SqueezeExcite, is_linear_se
 
 __all__ = ["convert", "register_converter", "register_structural_converter", "CONVERTERS", "NotConvertible"]
@@ -63,7 +64,7 @@ def _convert_one(m: nn.Module, fn: Callable[[nn.Module], nn.Module], where: str)
         return m
 
 
-def convert(model: nn.Module) -> nn.Module:
+def convert(model: nn.Module, *, patch_blocks: bool = True) -> nn.Module:
     """Replace, in place, every supported attention module of ``model`` by attnkern's fused
     equivalent (weights, device, dtype and train/eval mode kept) and return the model.
 
@@ -79,6 +80,12 @@ def convert(model: nn.Module) -> nn.Module:
     whose configuration the fused kernels cannot reproduce (e.g. an MLP layer that is not a
     plain 1x1 convolution) is left as it is, with a ``UserWarning`` that says why.
 
+    ``patch_blocks``: also patch the residual blocks it knows (timm's ResNet ``BasicBlock`` and
+    ``Bottleneck``, :mod:`attnkern.nn.resnet`) so that in eval mode each BatchNorm is folded into
+    the convolution before it: no pass of its own over the activation. Their submodules and
+    ``state_dict`` keys do not change; in training mode and under ``torch.compile`` they run
+    timm's forward. Other block classes are left alone.
+
     Raises:
         TypeError: ``model`` is not an ``nn.Module``.
     """
@@ -92,5 +99,5 @@ def convert(model: nn.Module) -> nn.Module:
         if fn is not None:
             setattr(model, name, _convert_one(child, fn, name))
         else:
-            convert(child)
-    return model
+            convert(child, patch_blocks=patch_blocks)
+    return patch_block(model) if patch_blocks else model

@@ -1,0 +1,173 @@
+"""timm's ResNet blocks as ``attnkern.convert`` patches them: each BatchNorm in eval mode folded
+into the convolution before it.
+
+In eval mode a BatchNorm is an affine map per channel, ``y = (x - mean) * s + beta`` with
+``s = gamma / sqrt(var + eps)``, so ``bn(conv(x))`` is one convolution with weight ``w * s``
+(per output channel) and bias ``beta + (b - mean) * s`` (Ioffe & Szegedy, 2015; the standard
+conv-BN fusion for inference, as in ``torch.nn.utils.fusion.fuse_conv_bn_eval``). In eager
+PyTorch every BatchNorm is a pass of its own over a freshly allocated activation; folded, it
+costs nothing (the folded weights are computed once and kept until a parameter or running
+statistic changes). A patched block:
+
+- in eval mode runs each (Conv2d, BatchNorm2d) pair, the downsampling shortcut's included, as
+  one folded convolution, then the attention block, the residual add and the activation as
+  timm does; gradients (Grad-CAM, input attributions) flow to the same parameters;
+- in training mode, and while ``torch.compile`` traces it (the compiler fuses BatchNorm on its
+  own), runs timm's forward unchanged.
+
+Patching swaps the block's class for a subclass with this forward (:func:`patch_block`): the
+submodules, parameters and ``state_dict`` keys stay the same, and an unpatched model loads the
+checkpoint of a patched one and vice versa. Blocks whose convolutions or norms are not plain
+``nn.Conv2d`` / ``nn.BatchNorm2d`` are left alone.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple, Type
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["conv_bn", "patch_block", "PATCHABLE", "FOLDED_BLOCKS"]
+
+#: timm block classes ``convert`` patches, by fully qualified name.
+PATCHABLE = ("timm.models.resnet.BasicBlock", "timm.models.resnet.Bottleneck")
+#: The (conv, norm) attribute pairs of each.
+_PAIRS = {
+    "BasicBlock": (("conv1", "bn1"), ("conv2", "bn2")),
+    "Bottleneck": (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3")),
+}
+FOLDED_BLOCKS: Dict[type, type] = {}  # timm class -> its patched subclass
+
+
+def _plain_conv(m) -> bool:
+    return type(m) is nn.Conv2d
+
+
+def _plain_bn(m) -> bool:
+    return type(m) is nn.BatchNorm2d and m.track_running_stats
+
+
+def _versions(*ts: Optional[Tensor]) -> Tuple:
+    return tuple((t.data_ptr(), t._version, t.dtype, t.device) if t is not None else None for t in ts)
+
+
+def folded_weights(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> Tuple[Tensor, Tensor]:
+    """``(weight, bias)`` of the convolution equal to ``bn(conv(x))`` with ``bn`` in eval mode,
+    computed in float32 (float64 for float64 parameters) and cast to the conv weight's dtype.
+    Cached on ``conv`` while no tensor it depends on changes and no gradient is asked for."""
+    srcs = (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+    track = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in srcs)
+    key = _versions(*srcs) + (bn.eps,)
+    cache = conv.__dict__.get("_attnkern_folded")
+    if not track and cache is not None and cache[0] == key:
+        return cache[1]
+    w = conv.weight
+    acc = torch.float64 if w.dtype == torch.float64 else torch.float32
+    scale = torch.rsqrt(bn.running_var.to(acc) + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight.to(acc)
+    shift = -bn.running_mean.to(acc)
+    if conv.bias is not None:
+        shift = shift + conv.bias.to(acc)
+    bias = shift * scale
+    if bn.bias is not None:
+        bias = bias + bn.bias.to(acc)
+    weight = (w.to(acc) * scale.view(-1, 1, 1, 1)).to(w.dtype)
+    if weight.dim() == 4 and w.is_contiguous(memory_format=torch.channels_last):
+        weight = weight.contiguous(memory_format=torch.channels_last)
+    out = (weight, bias.to(w.dtype))
+    if not track:
+        conv.__dict__["_attnkern_folded"] = (key, out)
+    return out
+
+
+def conv_bn(conv: nn.Module, bn: nn.Module, x: Tensor) -> Tensor:
+    """``bn(conv(x))``; one folded convolution when ``bn`` is a BatchNorm2d in eval mode."""
+    if bn.training or not (_plain_conv(conv) and _plain_bn(bn)):
+        return bn(conv(x))
+    weight, bias = folded_weights(conv, bn)
+    return conv._conv_forward(x, weight, bias)
+
+
+def _shortcut(downsample: Optional[nn.Module], x: Tensor) -> Tensor:
+    if downsample is None:
+        return x
+    if isinstance(downsample, nn.Sequential) and len(downsample) == 2:
+        return conv_bn(downsample[0], downsample[1], x)
+    return downsample(x)
+
+
+def _basic_forward(self, x: Tensor) -> Tensor:
+    if self.training or torch.compiler.is_compiling():
+        return type(self).__mro__[1].forward(self, x)
+    shortcut = x
+    x = conv_bn(self.conv1, self.bn1, x)
+    x = self.drop_block(x)
+    x = self.act1(x)
+    x = self.aa(x)
+    x = conv_bn(self.conv2, self.bn2, x)
+    if self.se is not None:
+        x = self.se(x)
+    if self.drop_path is not None:
+        x = self.drop_path(x)
+    x += _shortcut(self.downsample, shortcut)
+    return self.act2(x)
+
+
+def _bottleneck_forward(self, x: Tensor) -> Tensor:
+    if self.training or torch.compiler.is_compiling():
+        return type(self).__mro__[1].forward(self, x)
+    shortcut = x
+    x = conv_bn(self.conv1, self.bn1, x)
+    x = self.act1(x)
+    x = conv_bn(self.conv2, self.bn2, x)
+    x = self.drop_block(x)
+    x = self.act2(x)
+    x = self.aa(x)
+    x = conv_bn(self.conv3, self.bn3, x)
+    if self.se is not None:
+        x = self.se(x)
+    if self.drop_path is not None:
+        x = self.drop_path(x)
+    x += _shortcut(self.downsample, shortcut)
+    return self.act3(x)
+
+
+_FORWARDS = {"BasicBlock": _basic_forward, "Bottleneck": _bottleneck_forward}
+
+
+def _patched_class(cls: type) -> type:
+    if cls not in FOLDED_BLOCKS:
+        name = f"Folded{cls.__name__}"
+        FOLDED_BLOCKS[cls] = type(name, (cls,), {
+            "forward": _FORWARDS[cls.__name__],
+            "__doc__": f"timm's {cls.__name__}, patched by attnkern.convert: eval-mode BatchNorms folded "
+                       "into their convolutions (attnkern.nn.resnet).",
+            "__module__": __name__,
+            "__qualname__": name,
+        })
+        globals()[name] = FOLDED_BLOCKS[cls]  # so a pickled model finds the class
+    return FOLDED_BLOCKS[cls]
+
+
+def patchable(m: nn.Module) -> bool:
+    """Whether ``m`` is a timm ResNet block of a class and structure :func:`patch_block` takes."""
+    t = type(m)
+    if f"{t.__module__}.{t.__qualname__}" not in PATCHABLE:
+        return False
+    return all(_plain_conv(getattr(m, c, None)) and _plain_bn(getattr(m, n, None)) for c, n in _PAIRS[t.__name__])
+
+
+def patch_block(m: nn.Module) -> nn.Module:
+    """Patch ``m`` (a timm ``BasicBlock`` or ``Bottleneck``, see :func:`patchable`) in place and
+    return it; anything else is returned untouched. Its ``state_dict`` does not change."""
+    if patchable(m):
+        m.__class__ = _patched_class(type(m))
+    return m
+
+
+def unpatched_class(m: nn.Module) -> Type[nn.Module]:
+    """The timm class of a patched block (its own class otherwise)."""
+    t = type(m)
+    return t.__mro__[1] if t in FOLDED_BLOCKS.values() else t
