@@ -167,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="autocast dtype of the timed passes; auto is bf16 on CUDA, off on CPU "
                         "(default: %(default)s)")
     p.add_argument("--channels-last", dest="channels_last", action=argparse.BooleanOptionalAction, default=None,
-                   help="channels_last model and tiles (default: on for CUDA, off for CPU)")
+                   help="channels_last model and tiles, the faster layout on CPU and GPU alike (default: on)")
     p.add_argument("--trace", action="store_true",
                    help="write a torch.profiler trace of each variant's pass, trace-VARIANT.json (default: off)")
     p.add_argument("--allocator", choices=["auto", "off"], default=os.environ.get("ATTNKERN_ALLOCATOR", "auto"),

@@ -71,7 +71,7 @@ class ProfileArgs:
     train: bool = False
     explain: str = "attention"
     amp: str = "auto"                     # auto (bf16 on CUDA, off on CPU), bf16, fp16, off
-    channels_last: Optional[bool] = None  # None: on CUDA yes, on CPU no
+    channels_last: Optional[bool] = None  # None: yes (the faster layout on CPU and GPU alike)
     trace: bool = False                   # a torch.profiler trace of each variant's pass
     sample: int = 0                       # --sample K: attention sampling of K tiles (0: off)
     sample_seed: int = 0
@@ -89,7 +89,9 @@ def amp_dtype(args: ProfileArgs, device: str) -> Optional[torch.dtype]:
 
 
 def use_channels_last(args: ProfileArgs, device: str) -> bool:
-    return device.startswith("cuda") if args.channels_last is None else bool(args.channels_last)
+    """channels_last unless asked otherwise: on CPU it is also the faster layout for every
+    variant (oneDNN's convolutions; benchmarks/test_bench_models.py), as on CUDA."""
+    return True if args.channels_last is None else bool(args.channels_last)
 
 
 def build_model(name: str, num_classes: int, checkpoint: Optional[str]) -> torch.nn.Module:

@@ -22,6 +22,7 @@ def test_profile_writes_every_output(small_slide, tmp_path, capsys):
                     "megapixels_per_s", "peak_rss_mb", "bound"):
             assert key in v
         assert v["tiles"] == 8 and v["tiles_per_s"] > 0
+        assert v["channels_last"] is True  # the default layout, on CPU too
     # the fused model makes the same predictions as timm's on the same tiles
     assert report["variants"]["fused"]["same_predictions_as_naive"] == 1.0
     assert report["heatmap"]["kind"] == "cbam_spatial_gate"
@@ -64,6 +65,15 @@ def test_vit_heatmap_is_the_cls_attention(small_slide, tmp_path):
     rc = main(["profile", small_slide, "--model", "vit_tiny", "--tile", "64", "--max-tiles", "2", "--workers", "0",
                "--compare", "fused", "--explain", "gradcam", "--out", out, "--no-progress"])
     assert rc == 2
+
+
+def test_no_channels_last_runs_nchw(small_slide, tmp_path):
+    out = str(tmp_path / "out")
+    assert main(["profile", small_slide, "--model", "cbam_resnet18", "--tile", "64", "--batch", "4",
+                 "--max-tiles", "4", "--workers", "0", "--compare", "fused", "--no-channels-last",
+                 "--out", out, "--no-progress"]) == 0
+    report = json.load(open(os.path.join(out, "report.json")))
+    assert report["variants"]["fused"]["channels_last"] is False
 
 
 def test_amp_channels_last_and_trace(small_slide, tmp_path):
