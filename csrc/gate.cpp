@@ -1,5 +1,6 @@
-// Applying the gates: gate_apply (out = x * gc * gs), gate_apply_backward (the gates'
-// gradients) and gating_input_grad (the input gradient of a CBAM or SE block, every term in
+// Applying the gates: gate_apply (out = x * gc * gs), gate_apply_residual_ (x <- relu?(x * gc *
+// gs + residual) in place: the gate with a residual block's add and activation, for inference),
+// gate_apply_backward (the gates' gradients) and gating_input_grad (the input gradient of a CBAM or SE block, every term in
 // one pass).
 #include "both_axes.h"
 #include "common.h"
@@ -9,11 +10,12 @@ namespace cpu {
 namespace {
 
 // ---------------------------------------------------------------------------------------
-// gate_apply: out = (x * gc) * gs
+// gate_apply: out = (x * gc) * gs; gate_apply_residual_: x = relu?((x * gc) * gs + residual)
 // ---------------------------------------------------------------------------------------
 
-template <typename T, typename A = typename AccT<T>::type>
-inline void scale_row(const T* x, T* out, int64_t n, Operand<A> first, Operand<A> second) {
+template <typename T, typename A, bool kResidual = false, bool kRelu = false>
+inline void scale_row(const T* x, T* out, int64_t n, Operand<A> first, Operand<A> second,
+                      const T* residual = nullptr) {
   using V = Vectorized<A>;
   constexpr int64_t L = V::size();
   constexpr int64_t S = IO<T>::kStep;
@@ -25,35 +27,61 @@ inline void scale_row(const T* x, T* out, int64_t n, Operand<A> first, Operand<A
     w = w * first.load(i + L);
     u = u * second.load(i);
     w = w * second.load(i + L);
+    if constexpr (kResidual) {
+      V ru, rw;
+      IO<T>::load(residual + i, ru, rw);
+      u = u + ru;
+      w = w + rw;
+    }
+    if constexpr (kRelu) {
+      u = at::vec::maximum(u, V(A(0)));  // NaN stays NaN, as torch.relu
+      w = at::vec::maximum(w, V(A(0)));
+    }
     IO<T>::store(out + i, u, w);
   }
   for (; i < n; ++i) {
     A y = static_cast<A>(x[i]) * first.at(i);
     y = y * second.at(i);
+    if constexpr (kResidual) y = y + static_cast<A>(residual[i]);
+    if constexpr (kRelu) y = y < A(0) ? A(0) : y;
     out[i] = static_cast<T>(y);
   }
 }
 
-template <typename T, typename A>
-void gate_apply_nchw(const T* x, T* out, const A* gc, const A* gs, const Shape& s) {
+template <typename T, typename A, bool kResidual = false, bool kRelu = false>
+void gate_apply_nchw(const T* x, T* out, const A* gc, const A* gs, const Shape& s,
+                     const T* residual = nullptr) {
   at::parallel_for(0, s.B * s.C, 1, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t b = r / s.C;
-      scale_row<T, A>(x + r * s.HW, out + r * s.HW, s.HW, fixed(gc ? gc[r] : A(1)),
-                      gs ? along(gs + b * s.HW) : fixed(A(1)));
+      scale_row<T, A, kResidual, kRelu>(x + r * s.HW, out + r * s.HW, s.HW, fixed(gc ? gc[r] : A(1)),
+                                        gs ? along(gs + b * s.HW) : fixed(A(1)),
+                                        kResidual ? residual + r * s.HW : nullptr);
     }
   });
 }
 
-template <typename T, typename A>
-void gate_apply_channels_last(const T* x, T* out, const A* gc, const A* gs, const Shape& s) {
+template <typename T, typename A, bool kResidual = false, bool kRelu = false>
+void gate_apply_channels_last(const T* x, T* out, const A* gc, const A* gs, const Shape& s,
+                              const T* residual = nullptr) {
   at::parallel_for(0, s.B * s.HW, 64, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t b = r / s.HW;
-      scale_row<T, A>(x + r * s.C, out + r * s.C, s.C, gc ? along(gc + b * s.C) : fixed(A(1)),
-                      fixed(gs ? gs[r] : A(1)));
+      scale_row<T, A, kResidual, kRelu>(x + r * s.C, out + r * s.C, s.C,
+                                        gc ? along(gc + b * s.C) : fixed(A(1)), fixed(gs ? gs[r] : A(1)),
+                                        kResidual ? residual + r * s.C : nullptr);
     }
   });
+}
+
+// x <- relu?(x * gc * gs + residual), in place: one read of x and residual, one write.
+template <typename T, typename A, bool kRelu>
+void gate_apply_residual_inplace(T* x, const T* residual, const A* gc, const A* gs, const Shape& s) {
+  if (s.channels_last) {
+    gate_apply_channels_last<T, A, true, kRelu>(x, x, gc, gs, s, residual);
+  } else {
+    gate_apply_nchw<T, A, true, kRelu>(x, x, gc, gs, s, residual);
+  }
 }
 
 // q = grad_out * x
@@ -230,6 +258,29 @@ Tensor gate_apply(const Tensor& x, const OptTensor& gc, const OptTensor& gs) {
   return out;
 }
 
+Tensor& gate_apply_residual_(Tensor& x, const OptTensor& gc, const OptTensor& gs,
+                             const Tensor& residual, bool relu) {
+  static constexpr const char* fn = "attnkern::gate_apply_residual_";
+  const Shape s = check_x(x, fn);
+  if (given(gc)) check_small(*gc, "gc", s.B, s.C, s.acc, fn);
+  if (given(gs)) check_small(*gs, "gs", s.B, s.HW, s.acc, fn);
+  TORCH_CHECK(residual.defined(), fn, ": residual is undefined");
+  check_big(residual, "residual", x, s, fn);
+  TORCH_CHECK(!residual.is_same(x), fn, ": residual must not be x itself");
+  ATTNKERN_DISPATCH(x, fn, [&] {
+    const A* gcp = given(gc) ? gc->data_ptr<A>() : nullptr;
+    const A* gsp = given(gs) ? gs->data_ptr<A>() : nullptr;
+    if (relu) {
+      gate_apply_residual_inplace<scalar_t, A, true>(x.data_ptr<scalar_t>(), residual.data_ptr<scalar_t>(),
+                                                     gcp, gsp, s);
+    } else {
+      gate_apply_residual_inplace<scalar_t, A, false>(x.data_ptr<scalar_t>(), residual.data_ptr<scalar_t>(),
+                                                      gcp, gsp, s);
+    }
+  });
+  return x;
+}
+
 std::tuple<Tensor, Tensor> gate_apply_backward(const Tensor& grad_out, const Tensor& x,
                                                const OptTensor& gc, const OptTensor& gs,
                                                bool need_grad_gc, bool need_grad_gs) {
@@ -264,45 +315,46 @@ Tensor gating_input_grad(const Tensor& x, const OptTensor& grad_out, const OptTe
   Tensor dx = at::empty_like(x);
   ATTNKERN_DISPATCH(x, fn, [&] {
     const int64_t B = s.B, C = s.C, HW = s.HW;
-    Tensor gc1 = given_or(gc, "gc", B, C, s.acc, 1.0, fn);
-    Tensor gs1 = given_or(gs, "gs", B, HW, s.acc, 1.0, fn);
+    Tensor gc_dense = given_or(gc, "gc", B, C, s.acc, 1.0, fn);
+    Tensor gs_dense = given_or(gs, "gs", B, HW, s.acc, 1.0, fn);
     // spatial-statistics terms
     SpatialWeights<A> w;
-    Tensor sm;
+    Tensor smax_dense;
     if (spatial) {
-      Tensor gm = given_or(grad_smean, "grad_smean", B, HW, s.acc, 0.0, fn);
-      Tensor gx = given_or(grad_smax, "grad_smax", B, HW, s.acc, 0.0, fn);
-      Tensor cn = given(scount) ? *scount : at::ones({B, HW}, x.options().dtype(at::kInt));
-      check_small(cn, "scount", B, HW, at::kInt, fn);
-      sm = given_or(smax, "smax", B, HW, s.acc, 0.0, fn);
-      w = spatial_weights<A>(gm, gx, cn, C);
+      Tensor grad_smean_dense = given_or(grad_smean, "grad_smean", B, HW, s.acc, 0.0, fn);
+      Tensor grad_smax_dense = given_or(grad_smax, "grad_smax", B, HW, s.acc, 0.0, fn);
+      Tensor scount_dense = given(scount) ? *scount : at::ones({B, HW}, x.options().dtype(at::kInt));
+      check_small(scount_dense, "scount", B, HW, at::kInt, fn);
+      smax_dense = given_or(smax, "smax", B, HW, s.acc, 0.0, fn);
+      w = spatial_weights<A>(grad_smean_dense, grad_smax_dense, scount_dense, C);
     }
     // channel-statistics terms: u_cmean = grad_cmean / HW, u_cmax = grad_cmax / ccount
     Tensor u_cmean = at::zeros({B, C}, x.options().dtype(s.acc));
     Tensor u_cmax = at::zeros({B, C}, x.options().dtype(s.acc));
-    Tensor cm;
-    A* um = u_cmean.data_ptr<A>();
-    A* ux = u_cmax.data_ptr<A>();
+    Tensor cmax_used;
+    A* u_cmean_p = u_cmean.data_ptr<A>();
+    A* u_cmax_p = u_cmax.data_ptr<A>();
     if (given(grad_cmean)) {
       check_small(*grad_cmean, "grad_cmean", B, C, s.acc, fn);
-      const A* d = grad_cmean->data_ptr<A>();
-      for (int64_t i = 0; i < B * C; ++i) um[i] = d[i] / static_cast<A>(HW);
+      const A* g = grad_cmean->data_ptr<A>();
+      for (int64_t i = 0; i < B * C; ++i) u_cmean_p[i] = g[i] / static_cast<A>(HW);
     }
     if (given(grad_cmax)) {
       check_small(*grad_cmax, "grad_cmax", B, C, s.acc, fn);
       check_small(*ccount, "ccount", B, C, at::kInt, fn);
       check_small(*cmax, "cmax", B, C, s.acc, fn);
-      const A* d = grad_cmax->data_ptr<A>();
+      const A* g = grad_cmax->data_ptr<A>();
       const int32_t* n = ccount->data_ptr<int32_t>();
-      for (int64_t i = 0; i < B * C; ++i) ux[i] = n[i] > 0 ? d[i] / static_cast<A>(n[i]) : A(0);
-      cm = *cmax;
+      for (int64_t i = 0; i < B * C; ++i) u_cmax_p[i] = n[i] > 0 ? g[i] / static_cast<A>(n[i]) : A(0);
+      cmax_used = *cmax;
     }
-    const InputGradArrays<A> arrays{gc1.data_ptr<A>(),      gs1.data_ptr<A>(), data_or_null<A>(w.mean),
-                                    data_or_null<A>(w.max), data_or_null<A>(sm), um,
-                                    ux,                     data_or_null<A>(cm)};
-    const scalar_t* gop = given(grad_out) ? grad_out->data_ptr<scalar_t>() : nullptr;
-    input_grad<scalar_t, A>(x.data_ptr<scalar_t>(), gop, dx.data_ptr<scalar_t>(), arrays, s,
-                            InputGradTerms{gop != nullptr, spatial, cm.defined()});
+    const InputGradArrays<A> arrays{gc_dense.data_ptr<A>(), gs_dense.data_ptr<A>(),
+                                    data_or_null<A>(w.mean), data_or_null<A>(w.max),
+                                    data_or_null<A>(smax_dense), u_cmean_p,
+                                    u_cmax_p, data_or_null<A>(cmax_used)};
+    const scalar_t* grad_out_p = given(grad_out) ? grad_out->data_ptr<scalar_t>() : nullptr;
+    input_grad<scalar_t, A>(x.data_ptr<scalar_t>(), grad_out_p, dx.data_ptr<scalar_t>(), arrays, s,
+                            InputGradTerms{grad_out_p != nullptr, spatial, cmax_used.defined()});
   });
   return dx;
 }
@@ -311,6 +363,7 @@ Tensor gating_input_grad(const Tensor& x, const OptTensor& grad_out, const OptTe
 
 TORCH_LIBRARY_FRAGMENT(attnkern, m) {
   m.def("gate_apply(Tensor x, Tensor? gc, Tensor? gs) -> Tensor");
+  m.def("gate_apply_residual_(Tensor(a!) x, Tensor? gc, Tensor? gs, Tensor residual, bool relu) -> Tensor(a!)");
   m.def("gate_apply_backward(Tensor grad_out, Tensor x, Tensor? gc, Tensor? gs, bool need_grad_gc, "
       "bool need_grad_gs) -> (Tensor, Tensor)");
   m.def("gating_input_grad(Tensor x, Tensor? grad_out, Tensor? gc, Tensor? gs, Tensor? smax, "
@@ -320,6 +373,7 @@ TORCH_LIBRARY_FRAGMENT(attnkern, m) {
 
 TORCH_LIBRARY_IMPL(attnkern, CPU, m) {
   m.impl("gate_apply", &attnkern::gate_apply);
+  m.impl("gate_apply_residual_", &attnkern::gate_apply_residual_);
   m.impl("gate_apply_backward", &attnkern::gate_apply_backward);
   m.impl("gating_input_grad", &attnkern::gating_input_grad);
 }

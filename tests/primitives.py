@@ -74,6 +74,22 @@ def check_primitives(mod, shape, layout, dtype, ties=False, device="cpu"):
     for a, b, n in ((gc, gs, "apply gc gs"), (gc, None, "apply gc"), (None, gs, "apply gs")):
         _close_big(mod, "gate_apply", (x, a, b), (f32(x), a, b), dtype, n)
 
+    # apply in place with a residual block's add and ReLU (inference), CBAM's and SE's gates
+    res = make_input(shape, "channels_last" if layout == "channels_last" else "contiguous", dtype, seed=11,
+                     device=device)
+    for a, b in ((gc, gs), (gc, None)):
+        for relu in (False, True):
+            xi = x.clone()
+            out = mod.gate_apply_residual_(xi, a, b, res, relu)
+            assert out.data_ptr() == xi.data_ptr() and out.stride() == x.stride(), "not in place"
+            exp32 = ref.gate_apply_residual_(x.to(_acc(dtype), copy=True), a, b, res.to(_acc(dtype)), relu)
+            exp_lp = (ref.gate_apply_residual_(x.clone(), a, b, res, relu)
+                      if dtype in (torch.float16, torch.bfloat16) else None)
+            assert_close(out, exp32, exp_lp, dtype=dtype if exp_lp is not None else _acc(dtype),
+                         name=f"apply+residual{'+relu' if relu else ''}{' (se)' if b is None else ''}")
+            if relu:
+                assert bool((out >= 0).all())
+
     # pass A
     for a, b in ((gc, gs), (gc, None)):
         got = mod.gate_apply_backward(dout, x, a, b, True, b is not None)
@@ -136,3 +152,8 @@ def check_rejects_non_dense(mod, device="cpu"):
         mod.channel_stats(x)
     with pytest.raises((ValueError, RuntimeError)):
         mod.gate_apply(torch.randn(2, 8, 5, 6, device=device), torch.rand(3, 8, device=device), None)  # wrong gate size
+    y = torch.randn(2, 8, 5, 6, device=device)
+    with pytest.raises((ValueError, RuntimeError), match="residual"):
+        mod.gate_apply_residual_(y, None, None, y, True)  # the residual is x itself
+    with pytest.raises((ValueError, RuntimeError), match="residual"):  # a residual in another layout
+        mod.gate_apply_residual_(y, None, None, y.clone().contiguous(memory_format=torch.channels_last), True)

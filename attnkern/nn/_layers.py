@@ -6,7 +6,7 @@ import copy
 from typing import Callable, Optional, Type, Union
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 LayerSpec = Union[str, Type[nn.Module], nn.Module, Callable, None]
 
@@ -107,3 +107,24 @@ def require_pointwise(what: str, layer: nn.Module) -> None:
             f"{what} is a Conv2d(kernel_size={k}, stride={s}, padding={p}, dilation={d}, "
             f"groups={layer.groups}); only a plain 1x1 convolution (a matrix product) can be fused")
     raise NotConvertible(f"{what} is a {type(layer).__name__}; only nn.Conv2d 1x1 or nn.Linear can be fused")
+
+
+def residual_epilogue_ok(module: nn.Module, x: Tensor, residual: Tensor) -> bool:
+    """Whether a block may fuse its residual add and activation into ``module``'s apply pass,
+    writing into ``x``: inference without autograd, no hooks that expect ``module`` to be
+    called, x dense (NCHW or channels_last) and residual of x's shape, dtype, device and
+    layout, in a different storage."""
+    from torch.nn.modules import module as _module
+
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return False
+    if (module._forward_hooks or module._forward_pre_hooks or _module._global_forward_hooks
+            or _module._global_forward_pre_hooks):
+        return False
+    if not isinstance(x, Tensor) or not isinstance(residual, Tensor) or x.dim() != 4:
+        return False
+    fmt = torch.channels_last if (not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)) \
+        else torch.contiguous_format
+    return (x.is_contiguous(memory_format=fmt) and residual.is_contiguous(memory_format=fmt)
+            and residual.shape == x.shape and residual.dtype == x.dtype and residual.device == x.device
+            and residual.untyped_storage().data_ptr() != x.untyped_storage().data_ptr())

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from .. import functional as AF
 from ..reference.cbam import POOL_ORDERS
 from ._layers import (LayerSpec, NotConvertible, check_module_input, create_layer, make_divisible,
-                      require_pointwise, reuse)
+                      require_pointwise, residual_epilogue_ok, reuse)
 
 __all__ = ["CBAM", "cbam_state_dict_from_authors"]
 
@@ -126,6 +126,27 @@ class CBAM(nn.Module):
         out, gc, gs = AF.cbam(x, self.channel, self.spatial, pool_order=self.pool_order,
                               gate=self.channel.gate, spatial_gate=self.spatial.gate)
         self.last_gates = (gc.detach(), gs.detach()) if self.keep_gates else None
+        return out
+
+    def _residual_forward_(self, x: Tensor, residual: Tensor, relu: bool) -> Optional[Tensor]:
+        """For a residual block's inference (attnkern.nn.resnet): ``relu?(self(x) + residual)``
+        written into x, the block's own intermediate, with the add and the activation in the
+        apply pass. None where that does not apply (autograd, hooks, the reference backend,
+        layouts that differ): the caller then runs the unfused code."""
+        from ..ops import cbam as _cbam_op
+        from ..ops.gating import pick_backend, primitives_for
+
+        if not residual_epilogue_ok(self, x, residual):
+            return None
+        check_module_input("CBAM", x, self.channels, self.channel.fc1.weight)
+        backend = pick_backend("cbam", x)
+        if backend == "reference":
+            return None
+        out, gc, gs = _cbam_op.cbam_residual_(x, residual, self.channel, self.spatial,
+                                              primitives=primitives_for(backend, x), relu=relu,
+                                              pool_order=self.pool_order, gate=self.channel.gate,
+                                              spatial_gate=self.spatial.gate)
+        self.last_gates = (gc, gs) if self.keep_gates else None
         return out
 
     def extra_repr(self) -> str:

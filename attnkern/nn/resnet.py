@@ -12,6 +12,10 @@ statistic changes). A patched block:
 - in eval mode runs each (Conv2d, BatchNorm2d) pair, the downsampling shortcut's included, as
   one folded convolution, then the attention block, the residual add and the activation as
   timm does; gradients (Grad-CAM, input attributions) flow to the same parameters;
+- in eval mode without autograd, when the attention block is attnkern's CBAM or
+  SqueezeExcite (the kernels' backend, no hooks on it), writes ``relu(attn(x) + shortcut)``
+  into x in the attention's apply pass (``attnkern::gate_apply_residual_``): no pass of its
+  own for the add or the activation, and no new tensor for the block's output;
 - in training mode, and while ``torch.compile`` traces it (the compiler fuses BatchNorm on its
   own), runs timm's forward unchanged.
 
@@ -98,6 +102,17 @@ def _shortcut(downsample: Optional[nn.Module], x: Tensor) -> Tensor:
     return downsample(x)
 
 
+def _gate_residual_relu(attn: Optional[nn.Module], drop_path: Optional[nn.Module], act: nn.Module,
+                        x: Tensor, shortcut: Tensor) -> Optional[Tensor]:
+    """``act(attn(x) + shortcut)`` in one in-place pass over x (the block's own intermediate)
+    when ``attn`` is an attnkern gating block whose apply pass can take the add and a ReLU
+    (:meth:`attnkern.CBAM._residual_forward_`); None otherwise."""
+    fuse = getattr(attn, "_residual_forward_", None)
+    if fuse is None or drop_path is not None or type(act) not in (nn.ReLU, nn.Identity):
+        return None
+    return fuse(x, shortcut, relu=type(act) is nn.ReLU)
+
+
 def _basic_forward(self, x: Tensor) -> Tensor:
     if self.training or torch.compiler.is_compiling():
         return type(self).__mro__[1].forward(self, x)
@@ -107,11 +122,15 @@ def _basic_forward(self, x: Tensor) -> Tensor:
     x = self.act1(x)
     x = self.aa(x)
     x = conv_bn(self.conv2, self.bn2, x)
+    shortcut = _shortcut(self.downsample, shortcut)
+    fused = _gate_residual_relu(self.se, self.drop_path, self.act2, x, shortcut)
+    if fused is not None:
+        return fused
     if self.se is not None:
         x = self.se(x)
     if self.drop_path is not None:
         x = self.drop_path(x)
-    x += _shortcut(self.downsample, shortcut)
+    x += shortcut
     return self.act2(x)
 
 
@@ -126,11 +145,15 @@ def _bottleneck_forward(self, x: Tensor) -> Tensor:
     x = self.act2(x)
     x = self.aa(x)
     x = conv_bn(self.conv3, self.bn3, x)
+    shortcut = _shortcut(self.downsample, shortcut)
+    fused = _gate_residual_relu(self.se, self.drop_path, self.act3, x, shortcut)
+    if fused is not None:
+        return fused
     if self.se is not None:
         x = self.se(x)
     if self.drop_path is not None:
         x = self.drop_path(x)
-    x += _shortcut(self.downsample, shortcut)
+    x += shortcut
     return self.act3(x)
 
 

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import functional as AF
-from ._layers import LayerSpec, NotConvertible, check_module_input, create_layer, make_divisible, require_pointwise, reuse
+from ._layers import (LayerSpec, NotConvertible, check_module_input, create_layer, make_divisible, require_pointwise,
+                      residual_epilogue_ok, reuse)
 
 __all__ = ["SqueezeExcite"]
 
@@ -102,6 +103,24 @@ class SqueezeExcite(nn.Module):
         check_module_input("SqueezeExcite", x, self.channels, self._weights()[0].weight)
         out, gc = AF.squeeze_excite(x, self.mlp, gate=self._gate(), add_maxpool=self.add_maxpool)
         self.last_gates = gc.detach() if self.keep_gates else None
+        return out
+
+    def _residual_forward_(self, x: Tensor, residual: Tensor, relu: bool) -> Optional[Tensor]:
+        """For a residual block's inference (attnkern.nn.resnet): ``relu?(self(x) + residual)``
+        written into x, the block's own intermediate, with the add and the activation in the
+        apply pass; None where that does not apply (the caller then runs the unfused code)."""
+        from ..ops import se as _se_op
+        from ..ops.gating import pick_backend, primitives_for
+
+        if not residual_epilogue_ok(self, x, residual):
+            return None
+        check_module_input("SqueezeExcite", x, self.channels, self._weights()[0].weight)
+        backend = pick_backend("squeeze_excite", x)
+        if backend == "reference":
+            return None
+        out, gc = _se_op.squeeze_excite_residual_(x, residual, self.mlp, primitives=primitives_for(backend, x),
+                                                  relu=relu, gate=self._gate(), add_maxpool=self.add_maxpool)
+        self.last_gates = gc if self.keep_gates else None
         return out
 
     def extra_repr(self) -> str:

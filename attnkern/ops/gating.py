@@ -5,6 +5,8 @@ Nine primitives do every pass over the big tensor (their math: :mod:`attnkern.re
 
 ==========================  ==============================================================
 forward                     ``channel_stats``, ``spatial_stats``, ``gate_apply``, ``bam_combine``
+inference, in place         ``gate_apply_residual_``: x = relu?(x * gc * gs + residual), the
+                            gate with a residual block's add and activation (no gradient)
 gradients of small inputs   ``gate_apply_backward`` (the gates), ``spatial_stats_backward``
                             (the channel gate through the spatial statistics),
                             ``bam_combine_backward`` (BAM's logits)
@@ -63,6 +65,7 @@ SCHEMAS = {
     "spatial_stats_backward": "(Tensor x, Tensor gc, Tensor smax, Tensor scount, Tensor grad_smean, "
                               "Tensor grad_smax) -> Tensor",
     "gate_apply": "(Tensor x, Tensor? gc, Tensor? gs) -> Tensor",
+    "gate_apply_residual_": "(Tensor(a!) x, Tensor? gc, Tensor? gs, Tensor residual, bool relu) -> Tensor(a!)",
     "gate_apply_backward": "(Tensor grad_out, Tensor x, Tensor? gc, Tensor? gs, bool need_grad_gc, "
                            "bool need_grad_gs) -> (Tensor, Tensor)",
     "gating_input_grad": "(Tensor x, Tensor? grad_out, Tensor? gc, Tensor? gs, Tensor? smax, "
@@ -163,6 +166,11 @@ def _(x, gc, gs):
     return _big_like(x)
 
 
+@torch.library.register_fake("attnkern::gate_apply_residual_", lib=_lib)
+def _(x, gc, gs, residual, relu):
+    return x
+
+
 @torch.library.register_fake("attnkern::gate_apply_backward", lib=_lib)
 def _(grad_out, x, gc, gs, need_grad_gc, need_grad_gs):
     B, C, H, W = x.shape
@@ -217,6 +225,11 @@ class Primitives:
 
     def gate_apply(self, x: Tensor, gc: Optional[Tensor], gs: Optional[Tensor]) -> Tensor:
         return self.kernels.gate_apply(dense(x), _c(gc), _c(gs))
+
+    def gate_apply_residual_(self, x: Tensor, gc: Optional[Tensor], gs: Optional[Tensor], residual: Tensor,
+                             relu: bool) -> Tensor:
+        """In place on x, which must be dense already (NCHW or channels_last)."""
+        return self.kernels.gate_apply_residual_(x, _c(gc), _c(gs), dense(residual, memory_format_of(x)), relu)
 
     def gate_apply_backward(self, grad_out, x, gc, gs, need_grad_gc: bool, need_grad_gs: bool):
         x = dense(x)

@@ -16,7 +16,7 @@ from typing import Callable, Tuple
 import torch
 from torch import Tensor
 
-from .gating import BlockPasses, acc_dtype
+from .gating import BlockPasses, Primitives, acc_dtype
 
 
 def squeeze_excite(
@@ -35,3 +35,24 @@ def squeeze_excite(
     s = 0.5 * mean + 0.5 * mx if add_maxpool else mean
     gc = gate(mlp(s).to(acc))
     return passes.gate_apply(x, gc, None), gc
+
+
+def squeeze_excite_residual_(
+    x: Tensor,
+    residual: Tensor,
+    mlp: Callable[[Tensor], Tensor],
+    *,
+    primitives: Primitives,
+    relu: bool,
+    gate: Callable[[Tensor], Tensor] = torch.sigmoid,
+    add_maxpool: bool = False,
+) -> Tuple[Tensor, Tensor]:
+    """Inference in a residual block: ``x = relu?(squeeze_excite(x) + residual)`` written into x
+    (which the caller owns): 2 reads of x, 1 of residual, 1 write, no new big tensor. No
+    autograd. Returns ``(x, gc)``."""
+    acc = acc_dtype(x.dtype)
+    mean, mx, _ = primitives.channel_stats(x)
+    s = 0.5 * mean + 0.5 * mx if add_maxpool else mean
+    gc = gate(mlp(s).to(acc))
+    primitives.gate_apply_residual_(x, gc, None, residual, relu)
+    return x, gc

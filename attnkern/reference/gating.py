@@ -22,6 +22,7 @@ __all__ = [
     "channel_stats",
     "spatial_stats",
     "gate_apply",
+    "gate_apply_residual_",
     "gate_apply_backward",
     "spatial_stats_backward",
     "gating_input_grad",
@@ -74,6 +75,23 @@ def gate_apply(x: Tensor, gc: Optional[Tensor], gs: Optional[Tensor]) -> Tensor:
     if gs is not None:
         y = y * gs.unsqueeze(1)
     return _like_x(y, x)
+
+
+def gate_apply_residual_(x: Tensor, gc: Optional[Tensor], gs: Optional[Tensor], residual: Tensor,
+                         relu: bool) -> Tensor:
+    """In place: ``x = relu?((x * gc[b, c]) * gs[b, hw] + residual)``, computed in float32 and
+    rounded once to x's dtype: the gate applied with a residual block's add and activation
+    (inference only: it has no gradient). Returns x."""
+    y = _flat(x)
+    if gc is not None:
+        y = y * gc.unsqueeze(2)
+    if gs is not None:
+        y = y * gs.unsqueeze(1)
+    y = y + _flat(residual)
+    if relu:
+        y = torch.relu(y)
+    x.copy_(y.view(x.shape))
+    return x
 
 
 def gate_apply_backward(

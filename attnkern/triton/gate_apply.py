@@ -1,4 +1,5 @@
-"""gate_apply: out = (x * gc) * gs, each gate optional (one read, one write); and
+"""gate_apply: out = (x * gc) * gs, each gate optional (one read, one write);
+gate_apply_residual_: x = relu?((x * gc) * gs + residual) in place (two reads, one write); and
 gate_apply_backward, the gates' gradients (one read of grad_out and x)."""
 from __future__ import annotations
 
@@ -9,17 +10,19 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._gating_common import (_check_big, _check_small, _check_x, _launch_elementwise, _placeholder,
+from ._gating_common import (_check_big, _check_small, _check_x, _err, _launch_elementwise, _placeholder,
                              _tile_coords)
 from ._launch import device_guard as _device_guard
 from ._both_axes import reduce_both_axes
 
 
 @triton.jit
-def _gate_apply_kernel(x_ptr, out_ptr, gc_ptr, gs_ptr, C, HW, sB, sC, sHW, NCB, NHB,
-                       HAS_GC: tl.constexpr, HAS_GS: tl.constexpr, CL: tl.constexpr,
+def _gate_apply_kernel(x_ptr, out_ptr, gc_ptr, gs_ptr, residual_ptr, C, HW, sB, sC, sHW, NCB, NHB,
+                       HAS_GC: tl.constexpr, HAS_GS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                       RELU: tl.constexpr, CL: tl.constexpr,
                        ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
-    """out = (x * gc) * gs for one tile, each gate optional."""
+    """out = relu?((x * gc) * gs + residual) for one tile, each gate and the residual optional
+    (out may be x: each element is read before it is written)."""
     b, cb, hb = _tile_coords(NCB, NHB, CL)
     offs_c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
     offs_hw = hb * BLOCK_HW + tl.arange(0, BLOCK_HW)
@@ -32,6 +35,10 @@ def _gate_apply_kernel(x_ptr, out_ptr, gc_ptr, gs_ptr, C, HW, sB, sC, sHW, NCB, 
         y = y * tl.load(gc_ptr + b * C + offs_c, mask=mask_c, other=0.0)[:, None]
     if HAS_GS:
         y = y * tl.load(gs_ptr + b * HW + offs_hw, mask=mask_hw, other=0.0)[None, :]
+    if HAS_RESIDUAL:
+        y = y + tl.load(residual_ptr + off, mask=mask, other=0.0).to(ACC)
+    if RELU:
+        y = tl.where(y < 0, 0.0, y)  # NaN stays NaN, as torch.relu
     tl.store(out_ptr + off, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -45,8 +52,28 @@ def gate_apply(x: Tensor, gc: Optional[Tensor], gs: Optional[Tensor]) -> Tensor:
     ph = _placeholder(x, L.acc)
     with _device_guard(x):
         _launch_elementwise(_gate_apply_kernel, L, x, out, gc if gc is not None else ph,
-                            gs if gs is not None else ph, HAS_GC=gc is not None, HAS_GS=gs is not None)
+                            gs if gs is not None else ph, x, HAS_GC=gc is not None, HAS_GS=gs is not None,
+                            HAS_RESIDUAL=False, RELU=False)
     return out
+
+
+def gate_apply_residual_(x: Tensor, gc: Optional[Tensor], gs: Optional[Tensor], residual: Tensor,
+                         relu: bool) -> Tensor:
+    """In place: ``x = relu?((x * gc[b, c]) * gs[b, hw] + residual)`` (residual: x's shape, dtype
+    and memory format); returns x."""
+    fn = "gate_apply_residual_"
+    L = _check_x(x, fn)
+    _check_small(gc, "gc", L.B * L.C, x, fn, L.acc)
+    _check_small(gs, "gs", L.B * L.HW, x, fn, L.acc)
+    _check_big(residual, "residual", x, L, fn)
+    if residual.data_ptr() == x.data_ptr():
+        raise ValueError(_err(fn, "residual must not be x itself"))
+    ph = _placeholder(x, L.acc)
+    with _device_guard(x):
+        _launch_elementwise(_gate_apply_kernel, L, x, x, gc if gc is not None else ph,
+                            gs if gs is not None else ph, residual, HAS_GC=gc is not None,
+                            HAS_GS=gs is not None, HAS_RESIDUAL=True, RELU=bool(relu))
+    return x
 
 
 def gate_apply_backward(grad_out: Tensor, x: Tensor, gc: Optional[Tensor], gs: Optional[Tensor],

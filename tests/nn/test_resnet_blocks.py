@@ -4,7 +4,9 @@ model with only its attention blocks converted): logits, the input gradient and 
 parameter gradient in float64 (folding reorders roundings only), logits and input gradient in
 float32 against the unpatched float64 model, NCHW and
 channels_last, batch 1 and 3, non-square maps, both backends; state_dict keys unchanged;
-training mode runs timm's forward; unknown block classes are left alone."""
+training mode runs timm's forward; without autograd the attention's apply pass takes the residual
+add and the ReLU (attnkern::gate_apply_residual_) unless hooks need the block called; unknown
+block classes are left alone."""
 import copy
 import io
 import pickle
@@ -74,9 +76,14 @@ def test_patched_model_computes_what_the_unpatched_one_does(name, dtype, shape, 
         unpatched, x_ref = unpatched.double(), x.double()
     else:
         x_ref = x
-    with torch.no_grad():
+    with torch.no_grad(), torch.autograd.profiler.profile() as prof:
         out = patched(x)
+    with torch.no_grad():
         ref = unpatched(x_ref)
+    if backend == "cpu":  # without autograd the attention's apply pass took the add and the ReLU
+        calls = [e.name for e in prof.function_events]
+        assert calls.count("attnkern::gate_apply_residual_") == len(blocks), calls.count("attnkern::gate_apply_residual_")
+        assert "attnkern::gate_apply" not in calls
     assert out.dtype == dtype
     assert_close(out, ref, name="logits (no_grad)")
     y, dx, g = _grads(patched, x)
@@ -87,6 +94,21 @@ def test_patched_model_computes_what_the_unpatched_one_does(name, dtype, shape, 
         scale = max(t.abs().max().item() for t in g_ref.values())
         for n in g_ref:
             assert_close(g[n], g_ref[n], grad=True, name=f"grad {n}", scale=scale)
+
+
+def test_hooks_on_the_attention_block_still_fire():
+    """A forward hook on the attention block (as Grad-CAM or feature extractors use) sees the
+    block called: the fused residual pass gives way to the unfused code."""
+    base = _model("cbam_resnet18", torch.float32)
+    patched = attnkern.convert(copy.deepcopy(base))
+    seen = []
+    patched.layer2[0].se.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        out = patched(x)
+        ref = attnkern.convert(copy.deepcopy(base), patch_blocks=False)(x)
+    assert seen == [torch.Size([1, 128, 4, 4])]
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
 
 
 def test_training_mode_runs_timms_forward():
