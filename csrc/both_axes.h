@@ -27,14 +27,14 @@ void reduce_both_axes_nchw(const T* grad_out, const T* x, const Shape& s, const 
   constexpr int64_t L = V::size();
   constexpr int64_t S = IO<T>::kStep;
   const int64_t B = s.B, C = s.C, HW = s.HW;
-  const int64_t nbl = ceil_div(HW, kPixBlock);
+  const int64_t blk = pix_block(B, HW), nbl = ceil_div(HW, blk);
   Tensor part = at::empty({B, nbl, C}, at::TensorOptions().dtype(s.acc));
   A* pp = part.data_ptr<A>();
   at::parallel_for(0, B * nbl, 1, [&](int64_t t0, int64_t t1) {
     A acc[kPixBlock];
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / nbl, k = t % nbl;
-      const int64_t h0 = k * kPixBlock, len = std::min(HW - h0, kPixBlock);
+      const int64_t h0 = k * blk, len = std::min(HW - h0, blk);
       for (int64_t i = 0; i < len; ++i) acc[i] = 0;
       const A* pw = r.pixel_weight + b * HW + h0;
       for (int64_t c = 0; c < C; ++c) {

@@ -150,12 +150,12 @@ void channel_stats_channels_last(const T* x, const Shape& s, Stats<A> out) {
 template <typename T, typename A>
 void spatial_stats_nchw(const T* x, const A* gc, const Shape& s, Stats<A> out) {
   const int64_t B = s.B, C = s.C, HW = s.HW;
-  const int64_t nbl = ceil_div(HW, kPixBlock);
+  const int64_t blk = pix_block(B, HW), nbl = ceil_div(HW, blk);
   at::parallel_for(0, B * nbl, 1, [&](int64_t t0, int64_t t1) {
     A sum[kPixBlock], m[kPixBlock], n[kPixBlock];
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / nbl, k = t % nbl;
-      const int64_t h0 = k * kPixBlock, len = std::min(HW - h0, kPixBlock);
+      const int64_t h0 = k * blk, len = std::min(HW - h0, blk);
       for (int64_t i = 0; i < len; ++i) {
         sum[i] = 0;
         m[i] = -std::numeric_limits<A>::infinity();
