@@ -113,6 +113,20 @@ def _gate_residual_relu(attn: Optional[nn.Module], drop_path: Optional[nn.Module
     return fuse(x, shortcut, relu=type(act) is nn.ReLU)
 
 
+def _attention_residual_act(block: nn.Module, x: Tensor, shortcut: Tensor, act: nn.Module) -> Tensor:
+    """The tail both timm blocks share: ``act(drop_path(se(x)) + shortcut)``, fused into the
+    attention's apply pass where it can be (:func:`_gate_residual_relu`)."""
+    fused = _gate_residual_relu(block.se, block.drop_path, act, x, shortcut)
+    if fused is not None:
+        return fused
+    if block.se is not None:
+        x = block.se(x)
+    if block.drop_path is not None:
+        x = block.drop_path(x)
+    x += shortcut
+    return act(x)
+
+
 def _basic_forward(self, x: Tensor) -> Tensor:
     if self.training or torch.compiler.is_compiling():
         return type(self).__mro__[1].forward(self, x)
@@ -122,16 +136,7 @@ def _basic_forward(self, x: Tensor) -> Tensor:
     x = self.act1(x)
     x = self.aa(x)
     x = conv_bn(self.conv2, self.bn2, x)
-    shortcut = _shortcut(self.downsample, shortcut)
-    fused = _gate_residual_relu(self.se, self.drop_path, self.act2, x, shortcut)
-    if fused is not None:
-        return fused
-    if self.se is not None:
-        x = self.se(x)
-    if self.drop_path is not None:
-        x = self.drop_path(x)
-    x += shortcut
-    return self.act2(x)
+    return _attention_residual_act(self, x, _shortcut(self.downsample, shortcut), self.act2)
 
 
 def _bottleneck_forward(self, x: Tensor) -> Tensor:
@@ -145,16 +150,7 @@ def _bottleneck_forward(self, x: Tensor) -> Tensor:
     x = self.act2(x)
     x = self.aa(x)
     x = conv_bn(self.conv3, self.bn3, x)
-    shortcut = _shortcut(self.downsample, shortcut)
-    fused = _gate_residual_relu(self.se, self.drop_path, self.act3, x, shortcut)
-    if fused is not None:
-        return fused
-    if self.se is not None:
-        x = self.se(x)
-    if self.drop_path is not None:
-        x = self.drop_path(x)
-    x += shortcut
-    return self.act3(x)
+    return _attention_residual_act(self, x, _shortcut(self.downsample, shortcut), self.act3)
 
 
 _FORWARDS = {"BasicBlock": _basic_forward, "Bottleneck": _bottleneck_forward}
