@@ -6,40 +6,58 @@ torch that is already installed (build isolation would fetch another one).
 """
 import glob
 import os
+import platform
 
 from setuptools import setup
 
 from torch.utils.cpp_extension import BuildExtension, CppExtension
 
 
-def _cpu_isa():
-    """The widest vector ISA of this machine that ATen's at::vec supports: 'avx512', 'avx2'
-    or None. The extension is built where it runs (ATTNKERN_PORTABLE=1 builds without it)."""
-    if os.environ.get("ATTNKERN_PORTABLE", "0") not in ("", "0"):
-        return None
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return None
-    if {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma"} <= set(flags):
-        return "avx512"
-    if {"avx2", "fma", "f16c"} <= set(flags):
-        return "avx2"
-    return None
+# The vector ISAs every kernel source is compiled for besides the baseline, with the flags
+# ATen compiles its own kernels with for the same at::vec width (csrc/cpu_capability.h chooses
+# among the copies at run time, so one build runs on any x86-64 CPU).
+VECTOR_CAPABILITIES = {
+    "AVX2": ["-mavx2", "-mfma", "-mf16c"],
+    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c"],
+}
+# csrc/cpu_capability.cpp (the choice itself) is built once, for the baseline.
+KERNEL_SOURCES = sorted(f for f in glob.glob("csrc/*.cpp") if os.path.basename(f) != "cpu_capability.cpp")
 
 
-def cpu_flags():
-    """-O3 and OpenMP, and at::vec's vector width: CPU_CAPABILITY_AVX512 or _AVX2 with the
-    matching -m flags (what ATen's own kernels are compiled with)."""
-    flags = ["-O3", "-fopenmp", "-std=c++20"]
-    isa = _cpu_isa()
-    if isa == "avx512":
-        flags += ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
-                  "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"]
-    elif isa == "avx2":
-        flags += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
-    return flags
+def base_flags():
+    """The flags of every object: -O3, OpenMP, C++20 (no -march: the baseline is plain x86-64)."""
+    return ["-O3", "-fopenmp", "-std=c++20"]
+
+
+def capability_flags(name):
+    """The flags that make an object the `name` copy of the kernels ('DEFAULT', 'AVX2', 'AVX512'):
+    at::vec's CPU_CAPABILITY macros and the ISA's -m flags."""
+    return [f"-DCPU_CAPABILITY={name}", f"-DCPU_CAPABILITY_{name}"] + VECTOR_CAPABILITIES.get(name, [])
+
+
+def vector_capabilities():
+    """The vector copies this build makes: all of VECTOR_CAPABILITIES on x86-64, none elsewhere."""
+    return list(VECTOR_CAPABILITIES) if platform.machine().lower() in ("x86_64", "amd64") else []
+
+
+class BuildExtensionPerCapability(BuildExtension):
+    """torch's BuildExtension that also compiles the kernel sources once per vector capability
+    (into build_temp/<capability>/) and links those objects after the baseline ones, DEFAULT,
+    AVX2, AVX512 in that order (see csrc/cpu_capability.h for why the order matters)."""
+
+    def build_extension(self, ext):
+        baseline = [f for f in ext.extra_compile_args["cxx"] if not f.startswith("-DCPU_CAPABILITY")]
+        objects = []
+        for name in vector_capabilities():
+            objects += self.compiler.compile(
+                KERNEL_SOURCES,
+                output_dir=os.path.join(self.build_temp, name.lower()),
+                include_dirs=ext.include_dirs,
+                extra_postargs={"cxx": baseline + capability_flags(name)},
+                depends=ext.depends,
+            )
+        ext.extra_objects = objects
+        super().build_extension(ext)
 
 
 ext_modules = [
@@ -48,13 +66,13 @@ ext_modules = [
         sources=sorted(glob.glob("csrc/*.cpp")),
         include_dirs=[os.path.abspath("csrc")],
         depends=sorted(glob.glob("csrc/*.h")),
-        extra_compile_args={"cxx": cpu_flags()},
+        extra_compile_args={"cxx": base_flags() + capability_flags("DEFAULT")},
         extra_link_args=["-fopenmp"],
     )
 ]
 
-if __name__ != "attnkern_flags":  # CMakeLists.txt runs this file only to read cpu_flags()
+if __name__ != "attnkern_flags":  # CMakeLists.txt runs this file only to read the flags
     setup(
         ext_modules=ext_modules,
-        cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+        cmdclass={"build_ext": BuildExtensionPerCapability.with_options(use_ninja=True)},
     )

@@ -70,3 +70,27 @@ def require():
             "from the project root, or set ATTNKERN_BACKEND=reference"
         )
     return ext
+
+
+def cpu_capability() -> str:
+    """The vector ISA whose copy of the C++ kernels runs: ``"DEFAULT"`` (the x86-64 baseline),
+    ``"AVX2"`` or ``"AVX512"``. The library holds one copy per ISA; the widest one this CPU runs
+    is chosen on first use, lowered by ``ATTNKERN_CPU_CAPABILITY`` or, when that is unset,
+    ``ATEN_CPU_CAPABILITY`` (``default``, ``avx2``, ``avx512``; a value this CPU cannot run
+    falls back to the widest it can, with a warning). Raises RuntimeError when the kernels are
+    not built, or when ``ATTNKERN_CPU_CAPABILITY`` names no capability."""
+    return require().cpu_capability()
+
+
+def cpu_capabilities() -> list:
+    """The capabilities this CPU runs and this build has, narrowest first (``"DEFAULT"``
+    always)."""
+    return list(require().cpu_capabilities())
+
+
+def set_cpu_capability(name: str) -> str:
+    """Runs the C++ kernels' ``name`` copy from now on (``"default"``, ``"avx2"``, ``"avx512"``,
+    any case) and returns the capability active before. Raises RuntimeError for a name that is
+    not one of :func:`cpu_capabilities`. For tests and measurements; users set
+    ``ATTNKERN_CPU_CAPABILITY``."""
+    return require()._set_cpu_capability(name)

@@ -6,6 +6,7 @@
 
 namespace attnkern {
 namespace cpu {
+inline namespace CPU_CAPABILITY {  // one copy per vector ISA (cpu_capability.h)
 namespace {
 
 // The logits z for a vector along the contiguous axis, or for one element.
@@ -116,9 +117,8 @@ void check_logits(const Tensor& mc, const Tensor& ms, const Shape& s, const char
 }
 
 }  // namespace
-}  // namespace cpu
 
-using namespace cpu;
+// The checked entries.
 
 Tensor bam_combine(const Tensor& x, const Tensor& mc, const Tensor& ms, bool product) {
   static constexpr const char* fn = "attnkern::bam_combine";
@@ -175,8 +175,16 @@ Tensor bam_input_grad(const Tensor& x, const OptTensor& grad_out, const Tensor& 
   return dx;
 }
 
+}  // namespace CPU_CAPABILITY
+}  // namespace cpu
 }  // namespace attnkern
 
+// The schemas, the tables of the copies and the dispatcher's CPU kernels: once, in the
+// baseline build.
+#ifdef CPU_CAPABILITY_DEFAULT
+ATTNKERN_CPU_KERNEL(bam_combine)
+ATTNKERN_CPU_KERNEL(bam_combine_backward)
+ATTNKERN_CPU_KERNEL(bam_input_grad)
 TORCH_LIBRARY_FRAGMENT(attnkern, m) {
   m.def("bam_combine(Tensor x, Tensor mc, Tensor ms, bool product) -> Tensor");
   m.def("bam_combine_backward(Tensor grad_out, Tensor x, Tensor mc, Tensor ms, bool product) "
@@ -186,7 +194,8 @@ TORCH_LIBRARY_FRAGMENT(attnkern, m) {
 }
 
 TORCH_LIBRARY_IMPL(attnkern, CPU, m) {
-  m.impl("bam_combine", &attnkern::bam_combine);
-  m.impl("bam_combine_backward", &attnkern::bam_combine_backward);
-  m.impl("bam_input_grad", &attnkern::bam_input_grad);
+  m.impl("bam_combine", ATTNKERN_ACTIVE_CPU_KERNEL(bam_combine));
+  m.impl("bam_combine_backward", ATTNKERN_ACTIVE_CPU_KERNEL(bam_combine_backward));
+  m.impl("bam_input_grad", ATTNKERN_ACTIVE_CPU_KERNEL(bam_input_grad));
 }
+#endif  // CPU_CAPABILITY_DEFAULT

@@ -9,6 +9,7 @@
 
 namespace attnkern {
 namespace cpu {
+inline namespace CPU_CAPABILITY {  // one copy per vector ISA (cpu_capability.h)
 
 template <typename A>
 struct BothAxes {
@@ -125,5 +126,6 @@ void reduce_both_axes(const T* grad_out, const T* x, const Shape& s, const BothA
   }
 }
 
+}  // namespace CPU_CAPABILITY
 }  // namespace cpu
 }  // namespace attnkern

@@ -4,9 +4,12 @@
 // Every kernel streams the big tensor(s) once, contiguously, in either layout the caller hands
 // over without a copy: NCHW (each channel's H*W pixels contiguous) or channels_last (each
 // pixel's C channels contiguous); each primitive is a pair of loops, one per layout, under one
-// checked entry. Inner loops are at::vec::Vectorized over the contiguous dimension (AVX-512 or
-// AVX2, from the build flags); bf16/fp16 are widened to fp32 in registers; all arithmetic is in
-// the accumulation dtype (fp32, fp64 for fp64 input).
+// checked entry. Inner loops are at::vec::Vectorized over the contiguous dimension; each
+// kernel source is compiled once per vector ISA (baseline, AVX2, AVX-512) and the widest one the
+// CPU runs is chosen at run time (cpu_capability.h); bf16/fp16 are widened to fp32 in registers;
+// all arithmetic is in the accumulation dtype (fp32, fp64 for fp64 input). Vector widths differ
+// between ISAs, so the order of a reduction's additions (not its determinism) depends on the
+// ISA.
 //
 // Determinism: work is split into tasks that depend only on the shapes (never on the thread
 // count); reductions that cross tasks write per-task partials that are combined in a fixed
@@ -17,12 +20,15 @@
 //
 // Each family file (statistics.cpp, gate.cpp, bam.cpp) defines its ops' schemas in the
 // `attnkern` namespace (a fragment: the namespace is shared with ops defined from Python) and
-// registers its kernels for the CPU dispatch key. attnkern/ops/gating.py adds the CUDA (Triton)
+// registers its kernels for the CPU dispatch key (in the baseline build; the dispatcher calls
+// the active ISA's copy). attnkern/ops/gating.py adds the CUDA (Triton)
 // kernels, the reference for other devices, the fake kernels and the autograd formulas, and
 // defines the same schemas itself when this library is not built. Names say what is computed:
 // `*_backward` gives the gradients of a primitive's small inputs (gates, logits),
 // `*_input_grad` the gradient of a block's big input x, written once from every term.
 #pragma once
+
+#include "cpu_capability.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -45,6 +51,7 @@ using at::Tensor;
 using OptTensor = std::optional<at::Tensor>;
 
 namespace cpu {
+inline namespace CPU_CAPABILITY {  // one copy per vector ISA (cpu_capability.h)
 
 using at::vec::Vectorized;
 
@@ -328,5 +335,6 @@ SpatialWeights<A> spatial_weights(const Tensor& grad_smean, const Tensor& grad_s
   return w;
 }
 
+}  // namespace CPU_CAPABILITY
 }  // namespace cpu
 }  // namespace attnkern

@@ -7,6 +7,7 @@
 
 namespace attnkern {
 namespace cpu {
+inline namespace CPU_CAPABILITY {  // one copy per vector ISA (cpu_capability.h)
 namespace {
 
 // ---------------------------------------------------------------------------------------
@@ -236,9 +237,8 @@ void input_grad(const T* x, const T* grad_out, T* dx, const InputGradArrays<A>& 
 }
 
 }  // namespace
-}  // namespace cpu
 
-using namespace cpu;
+// The checked entries.
 
 Tensor gate_apply(const Tensor& x, const OptTensor& gc, const OptTensor& gs) {
   static constexpr const char* fn = "attnkern::gate_apply";
@@ -359,8 +359,17 @@ Tensor gating_input_grad(const Tensor& x, const OptTensor& grad_out, const OptTe
   return dx;
 }
 
+}  // namespace CPU_CAPABILITY
+}  // namespace cpu
 }  // namespace attnkern
 
+// The schemas, the tables of the copies and the dispatcher's CPU kernels: once, in the
+// baseline build.
+#ifdef CPU_CAPABILITY_DEFAULT
+ATTNKERN_CPU_KERNEL(gate_apply)
+ATTNKERN_CPU_KERNEL(gate_apply_residual_)
+ATTNKERN_CPU_KERNEL(gate_apply_backward)
+ATTNKERN_CPU_KERNEL(gating_input_grad)
 TORCH_LIBRARY_FRAGMENT(attnkern, m) {
   m.def("gate_apply(Tensor x, Tensor? gc, Tensor? gs) -> Tensor");
   m.def("gate_apply_residual_(Tensor(a!) x, Tensor? gc, Tensor? gs, Tensor residual, bool relu) -> Tensor(a!)");
@@ -372,8 +381,9 @@ TORCH_LIBRARY_FRAGMENT(attnkern, m) {
 }
 
 TORCH_LIBRARY_IMPL(attnkern, CPU, m) {
-  m.impl("gate_apply", &attnkern::gate_apply);
-  m.impl("gate_apply_residual_", &attnkern::gate_apply_residual_);
-  m.impl("gate_apply_backward", &attnkern::gate_apply_backward);
-  m.impl("gating_input_grad", &attnkern::gating_input_grad);
+  m.impl("gate_apply", ATTNKERN_ACTIVE_CPU_KERNEL(gate_apply));
+  m.impl("gate_apply_residual_", ATTNKERN_ACTIVE_CPU_KERNEL(gate_apply_residual_));
+  m.impl("gate_apply_backward", ATTNKERN_ACTIVE_CPU_KERNEL(gate_apply_backward));
+  m.impl("gating_input_grad", ATTNKERN_ACTIVE_CPU_KERNEL(gating_input_grad));
 }
+#endif  // CPU_CAPABILITY_DEFAULT

@@ -4,6 +4,7 @@
 
 namespace attnkern {
 namespace cpu {
+inline namespace CPU_CAPABILITY {  // one copy per vector ISA (cpu_capability.h)
 namespace {
 
 // Sum, max and tie count of p[0..n) (times scale[0..n) when given), reduced in a fixed order.
@@ -271,9 +272,8 @@ void spatial_stats_backward_channels_last(const T* x, const A* gc, const A* smax
 }
 
 }  // namespace
-}  // namespace cpu
 
-using namespace cpu;
+// The checked entries.
 
 std::tuple<Tensor, Tensor, Tensor> channel_stats(const Tensor& x) {
   static constexpr const char* fn = "attnkern::channel_stats";
@@ -334,8 +334,16 @@ Tensor spatial_stats_backward(const Tensor& x, const Tensor& gc, const Tensor& s
   return grad_gc;
 }
 
+}  // namespace CPU_CAPABILITY
+}  // namespace cpu
 }  // namespace attnkern
 
+// The schemas, the tables of the copies and the dispatcher's CPU kernels: once, in the
+// baseline build.
+#ifdef CPU_CAPABILITY_DEFAULT
+ATTNKERN_CPU_KERNEL(channel_stats)
+ATTNKERN_CPU_KERNEL(spatial_stats)
+ATTNKERN_CPU_KERNEL(spatial_stats_backward)
 TORCH_LIBRARY_FRAGMENT(attnkern, m) {
   m.def("channel_stats(Tensor x) -> (Tensor, Tensor, Tensor)");
   m.def("spatial_stats(Tensor x, Tensor gc) -> (Tensor, Tensor, Tensor)");
@@ -344,7 +352,8 @@ TORCH_LIBRARY_FRAGMENT(attnkern, m) {
 }
 
 TORCH_LIBRARY_IMPL(attnkern, CPU, m) {
-  m.impl("channel_stats", &attnkern::channel_stats);
-  m.impl("spatial_stats", &attnkern::spatial_stats);
-  m.impl("spatial_stats_backward", &attnkern::spatial_stats_backward);
+  m.impl("channel_stats", ATTNKERN_ACTIVE_CPU_KERNEL(channel_stats));
+  m.impl("spatial_stats", ATTNKERN_ACTIVE_CPU_KERNEL(spatial_stats));
+  m.impl("spatial_stats_backward", ATTNKERN_ACTIVE_CPU_KERNEL(spatial_stats_backward));
 }
+#endif  // CPU_CAPABILITY_DEFAULT

@@ -131,9 +131,28 @@ def _rss_mb() -> float:
     return psutil.Process().memory_info().rss / 2 ** 20
 
 
+def _cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what platform knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _cpu_kernels() -> Optional[str]:
+    """The vector ISA of the C++ kernels' copy that runs (DEFAULT, AVX2, AVX512), or None."""
+    from .. import _cpu
+
+    return _cpu.cpu_capability() if _cpu.extension() is not None else None
+
+
 def _machine() -> Dict:
     return dict(python=platform.python_version(), torch=torch.__version__, platform=platform.platform(),
-                cpu=platform.processor() or platform.machine(), threads=torch.get_num_threads(),
+                cpu=_cpu_model(), cpu_kernels=_cpu_kernels(), threads=torch.get_num_threads(),
                 cuda=torch.cuda.get_device_name() if torch.cuda.is_available() else None)
 
 
@@ -645,6 +664,8 @@ def markdown(report: Dict) -> str:
              f"{s['tissue_tiles']} tissue tiles, {s['profiled_tiles']} profiled; model "
              f"`{a['model']}`, tile {a['tile']} px ({where}), batch {a['batch']}, "
              f"{report['machine']['threads']} threads" + (" (partial run)" if report["partial"] else ""), "",
+             f"CPU: {report['machine'].get('cpu', 'not recorded')}; C++ kernels: "
+             f"{report['machine'].get('cpu_kernels') or 'not loaded'}", "",
              f"Memory allocator (every variant): {report['machine'].get('allocator', 'not recorded')}", "",
              "| variant | tiles/s | megapixels/s | read s | compute s | bound by | peak RSS MB | same predictions |",
              "|---|---|---|---|---|---|---|---|"]
