@@ -156,21 +156,16 @@ inline void max_count_add_vec(V& vmx, V& vcnt, const V& v) {
   vmx = at::vec::maximum(vmx, v);
 }
 
-template <typename A>
-inline void merge_lanes(const Vectorized<A>& vmx, const Vectorized<A>& vcnt, A& mx, A& cnt) {
-  constexpr int64_t L = Vectorized<A>::size();
-  A m[L], c[L];
-  vmx.store(m);
-  vcnt.store(c);
-  for (int64_t l = 0; l < L; ++l) max_count_merge(mx, cnt, m[l], c[l]);
+// (m, c) <- the max and tie count of the pairs (m, c) and (m2, c2), lane by lane.
+template <typename V>
+inline void max_count_merge_vec(V& m, V& c, const V& m2, const V& c2) {
+  const V gt = m2 > m;
+  const V eq = m2 == m;
+  c = V::blendv(c + (eq & c2), c2, gt);
+  m = at::vec::maximum(m, m2);  // NaN propagates
 }
 
-// The tie count stored with a max: no element equals a NaN max, so its count is 0 (as the
-// reference's (x == max).sum() and torch.amax's gradient mask).
-template <typename A>
-inline int32_t tie_count(A mx, A cnt) {
-  return std::isnan(mx) ? 0 : static_cast<int32_t>(cnt);
-}
+#ifdef CPU_CAPABILITY_DEFAULT  // at::vec's "vectors" are arrays here: plain loops
 
 template <typename A>
 inline A sum_lanes(const Vectorized<A>& v) {
@@ -181,6 +176,41 @@ inline A sum_lanes(const Vectorized<A>& v) {
   for (int64_t l = 0; l < L; ++l) r += s[l];
   return r;
 }
+
+template <typename A>
+inline void merge_lanes(const Vectorized<A>& vmx, const Vectorized<A>& vcnt, A& mx, A& cnt) {
+  constexpr int64_t L = Vectorized<A>::size();
+  A m[L], c[L];
+  vmx.store(m);
+  vcnt.store(c);
+  for (int64_t l = 0; l < L; ++l) max_count_merge(mx, cnt, m[l], c[l]);
+}
+
+#else  // vector shuffles (at::vec::vec_reduce_all)
+
+template <typename A>
+inline A sum_lanes(const Vectorized<A>& v) {
+  return at::vec::vec_reduce_all<A>([](const Vectorized<A>& a, const Vectorized<A>& b) { return a + b; }, v);
+}
+
+// Merges the lanes' (max, tie count) into (mx, cnt): the max of the lanes, and the counts of
+// the lanes that hold it (none when it is NaN).
+template <typename A>
+inline void merge_lanes(const Vectorized<A>& vmx, const Vectorized<A>& vcnt, A& mx, A& cnt) {
+  using V = Vectorized<A>;
+  const A m = at::vec::vec_reduce_all<A>([](const V& a, const V& b) { return at::vec::maximum(a, b); }, vmx);
+  max_count_merge(mx, cnt, m, sum_lanes<A>(vcnt & (vmx == V(m))));
+}
+
+#endif
+
+// The tie count stored with a max: no element equals a NaN max, so its count is 0 (as the
+// reference's (x == max).sum() and torch.amax's gradient mask).
+template <typename A>
+inline int32_t tie_count(A mx, A cnt) {
+  return std::isnan(mx) ? 0 : static_cast<int32_t>(cnt);
+}
+
 
 // ---------------------------------------------------------------------------------------
 // argument checks and shapes

@@ -31,8 +31,8 @@ inline void reduce_row(const T* p, const A* scale, int64_t n, A& sum, A& mx, A& 
   sum = sum_lanes(s0 + s1);
   mx = -std::numeric_limits<A>::infinity();
   cnt = 0;
+  max_count_merge_vec(m0, c0, m1, c1);
   merge_lanes(m0, c0, mx, cnt);
-  merge_lanes(m1, c1, mx, cnt);
   for (; i < n; ++i) {
     A y = static_cast<A>(p[i]);
     if (scale) y *= scale[i];
