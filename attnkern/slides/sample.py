@@ -9,6 +9,7 @@ centimetres so the microns-per-pixel reach OpenSlide.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import tempfile
 from typing import Optional
@@ -106,12 +107,32 @@ def _write_levels(tmp: str, img: np.ndarray, downsamples, tile: int, res: Option
                       description=f"attnkern sample slide level {i}" if i else "attnkern sample slide")
 
 
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def sample_slide_path(size: int = SIZE) -> str:
-    """The cached sample slide, created on first use (about a minute on 2 cores)."""
+    """The cached sample slide, created on first use (about a minute on 2 cores). Its SHA-256
+    is kept next to it (``.sha256``) and checked on every use (about half a second for the
+    full-size slide): a cached file that was damaged on disk, or one without its checksum, is
+    written anew instead of failing mid-run with a decoding error."""
     folder = cache_dir()
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, f"sample-slide-v{VERSION}-{size}.tiff")
-    if not os.path.exists(path):
-        downs = tuple(d for d in DOWNSAMPLES if size // d >= 256)
-        write_pyramid(path, render(size), downsamples=downs)
+    checksum = path + ".sha256"
+    with contextlib.suppress(OSError):
+        with open(checksum) as f:
+            if os.path.exists(path) and f.read().strip() == _sha256(path):
+                return path
+    downs = tuple(d for d in DOWNSAMPLES if size // d >= 256)
+    write_pyramid(path, render(size), downsamples=downs)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(checksum) + ".", suffix=".part")
+    with os.fdopen(fd, "w") as f:
+        f.write(_sha256(path) + "\n")
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, checksum)
     return path

@@ -177,10 +177,31 @@ def test_sample_slide_written_by_two_at_once(monkeypatch, tmp_path):
     for t in threads:
         t.join()
     assert not errors, errors
-    assert len(set(paths)) == 1 and os.listdir(tmp_path) == [os.path.basename(paths[0])]
+    assert len(set(paths)) == 1
+    assert sorted(os.listdir(tmp_path)) == sorted([os.path.basename(paths[0]), os.path.basename(paths[0]) + ".sha256"])
+    assert open(paths[0] + ".sha256").read().strip() == sample._sha256(paths[0])
     slide = open_slide(paths[0])
     assert slide.dimensions == (1024, 1024) and slide.level_count == 2
     assert np.asarray(slide.read_region((0, 0), 1, (256, 256)).convert("RGB")).std() > 10
+
+
+def test_damaged_sample_slide_is_written_anew(monkeypatch, tmp_path):
+    """A cached sample slide whose bytes changed on disk (its checksum no longer matches) is
+    written again instead of failing later with a decoding error; so is one without a checksum."""
+    from attnkern.slides import open_slide, sample
+    from attnkern.slides.sample import sample_slide_path
+
+    monkeypatch.setenv("ATTNKERN_CACHE", str(tmp_path))
+    p = sample_slide_path(size=1024)
+    good = open(p, "rb").read()
+    with open(p, "r+b") as f:  # zero a stretch of tile data, as a damaged disk would
+        f.seek(len(good) // 2)
+        f.write(bytes(4096))
+    assert sample_slide_path(size=1024) == p
+    assert open(p, "rb").read() == good
+    os.remove(p + ".sha256")
+    assert sample_slide_path(size=1024) == p and os.path.exists(p + ".sha256")
+    assert np.asarray(open_slide(p).read_region((0, 0), 0, (512, 512)).convert("RGB")).std() > 0
 
 
 def test_train_steps_are_timed_for_every_variant(small_slide, tmp_path):
