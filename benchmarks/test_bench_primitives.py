@@ -1,7 +1,8 @@
 """The C++ gating primitives one by one (``torch.ops.attnkern.*`` on CPU tensors): GB/s moved
 and the share of the bandwidth of a copy into an existing tensor of the same size, per
 primitive, layout (NCHW, channels_last) and dtype (float32, bfloat16), at the block
-benchmarks' shapes and at batch 1.
+benchmarks' shapes and at batch 1, for each vector ISA's copy of the kernels this CPU runs
+(AVX2, AVX512; ``ATTNKERN_BENCH_CAPABILITIES=AVX2`` measures a subset).
 
 Bytes moved count the big tensors each primitive must read and write ([B, C] and [B, H*W]
 statistics are negligible): channel_stats and spatial_stats read x once; gate_apply and
@@ -17,6 +18,7 @@ and pytest collects this file after the other suites). Medians of ``ROUNDS`` cal
 """
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -77,18 +79,34 @@ def _calls(x):
     }
 
 
+def _capabilities():
+    """The vector copies to measure: those this CPU runs (the baseline copy where it runs none)."""
+    if _cpu.extension() is None:
+        return ["DEFAULT"]
+    caps = [c for c in _cpu.cpu_capabilities() if c != "DEFAULT"] or ["DEFAULT"]
+    wanted = os.environ.get("ATTNKERN_BENCH_CAPABILITIES")
+    return [c for c in caps if c in wanted.upper().split(",")] if wanted else caps
+
+
+@pytest.fixture(params=_capabilities())
+def capability(request):
+    if _cpu.extension() is None:
+        pytest.skip("the C++ extension is not built")
+    before = _cpu.set_cpu_capability(request.param)
+    yield request.param
+    _cpu.set_cpu_capability(before)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "bfloat16"])
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("shape", SHAPES, ids=["x".join(map(str, s)) for s in SHAPES])
-def test_primitive_bandwidth(benchmark, recorder, shape, layout, dtype):
-    if _cpu.extension() is None:
-        pytest.skip("the C++ extension is not built")
+def test_primitive_bandwidth(benchmark, recorder, capability, shape, layout, dtype):
     x = torch.randn(shape).to(dtype)
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
     copy_into = torch.empty_like(x)
     nbytes = x.numel() * x.element_size()
-    op = f"primitives {layout}"
+    op = f"primitives {layout} {capability}"
     copy_s = _median(lambda: copy_into.copy_(x))
     copy_gbs = 2 * nbytes / copy_s / 1e9
     recorder.row(op, "copy", "copy", shape, dtype, "GB_per_s", copy_gbs)
