@@ -72,6 +72,21 @@ def require():
     return ext
 
 
+def cpu_model() -> str:
+    """This CPU's model name as /proc/cpuinfo gives it (every figure names the CPU it was
+    measured on), else what :mod:`platform` knows."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
 def cpu_capability() -> str:
     """The vector ISA whose copy of the C++ kernels runs: ``"DEFAULT"`` (the x86-64 baseline),
     ``"AVX2"`` or ``"AVX512"``. The library holds one copy per ISA; the widest one this CPU runs

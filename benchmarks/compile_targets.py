@@ -488,15 +488,12 @@ def _ptxas_version():
         return f"unknown ({e})"
 
 
-def _cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
+def _cpu_model_name() -> str:
+    if ROOT not in sys.path:  # run as a script from anywhere
+        sys.path.insert(0, ROOT)
+    from attnkern._cpu import cpu_model
+
+    return cpu_model()
 
 
 def run(args) -> int:
@@ -549,7 +546,7 @@ def run(args) -> int:
     rows = summarize(results)
     meta = {"records": len(records), "launches": data["launches"], "archs": list(args.archs),
             "compiles": len(results), "failed": len(failed), "seconds": wall, "jobs": args.jobs,
-            "cpu": _cpu_name(), "triton": __import__("triton").__version__, "ptxas": _ptxas_version()}
+            "cpu": _cpu_model_name(), "triton": __import__("triton").__version__, "ptxas": _ptxas_version()}
     table = markdown(rows, meta)
     print(table)
     print(f"compile: {len(results)} compiles in {wall:.1f} s wall", flush=True)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 import datetime as _dt
 import os
-import platform
 import statistics
 import sys
 import uuid
@@ -32,16 +31,9 @@ RUN_ID = _dt.datetime.now().strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
 def device_name(device: str = "cpu") -> str:
     if device.startswith("cuda"):
         return torch.cuda.get_device_name()
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{cpu} ({torch.get_num_threads()} threads)"
+    from attnkern._cpu import cpu_model
+
+    return f"{cpu_model()} ({torch.get_num_threads()} threads)"
 
 
 def _quantile(xs, q):

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
 import subprocess
 import sys
@@ -473,12 +472,9 @@ def _info(dry, argv):
         tv = triton.__version__
     except ImportError:
         tv = "not installed"
-    cpu = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
-    except OSError:
-        pass
+    from attnkern._cpu import cpu_model
+
+    cpu = cpu_model()
     dev = "CPU (dry run)" if dry else torch.cuda.get_device_name(0)
     return {"device": dev, "torch": torch.__version__, "triton": tv, "cuda": torch.version.cuda,
             "cpu": cpu, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),

@@ -38,6 +38,7 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
+from .. import _cpu
 from . import dist as D
 from .allocator import POLICIES as ALLOCATOR_POLICIES
 from .allocator import apply as apply_allocator_policy
@@ -131,28 +132,14 @@ def _rss_mb() -> float:
     return psutil.Process().memory_info().rss / 2 ** 20
 
 
-def _cpu_model() -> str:
-    """The CPU's model name (/proc/cpuinfo), else what platform knows."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _cpu_kernels() -> Optional[str]:
     """The vector ISA of the C++ kernels' copy that runs (DEFAULT, AVX2, AVX512), or None."""
-    from .. import _cpu
-
     return _cpu.cpu_capability() if _cpu.extension() is not None else None
 
 
 def _machine() -> Dict:
     return dict(python=platform.python_version(), torch=torch.__version__, platform=platform.platform(),
-                cpu=_cpu_model(), cpu_kernels=_cpu_kernels(), threads=torch.get_num_threads(),
+                cpu=_cpu.cpu_model(), cpu_kernels=_cpu_kernels(), threads=torch.get_num_threads(),
                 cuda=torch.cuda.get_device_name() if torch.cuda.is_available() else None)
 
 
