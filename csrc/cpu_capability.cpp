@@ -37,7 +37,8 @@ const char* name_of(Capability c) {
   }
 }
 
-// The widest capability this CPU and its operating system support.
+// The widest capability this CPU and its operating system support: the widest copy that runs
+// here (setup.py builds every copy on x86-64, none elsewhere).
 Capability cpu_supports() {
 #ifdef ATTNKERN_X86_64
   unsigned a = 0, b = 0, c = 0, d = 0;
@@ -60,10 +61,6 @@ Capability cpu_supports() {
 #endif
 }
 
-// The widest capability that runs here: what the CPU supports (setup.py builds every copy on
-// x86-64, none elsewhere).
-Capability widest_usable() { return cpu_supports(); }
-
 std::optional<Capability> parse(const std::string& value) {
   std::string v = value;
   std::transform(v.begin(), v.end(), v.begin(), [](unsigned char ch) { return std::tolower(ch); });
@@ -77,7 +74,7 @@ std::optional<Capability> parse(const std::string& value) {
 // ATEN_CPU_CAPABILITY (values of other architectures are ignored, as ATen ignores them on x86),
 // lowered to what runs here.
 Capability from_environment() {
-  const Capability usable = widest_usable();
+  const Capability usable = cpu_supports();
   const char* var = "ATTNKERN_CPU_CAPABILITY";
   const char* value = std::getenv(var);
   std::optional<Capability> wanted;
@@ -101,7 +98,7 @@ Capability from_environment() {
 
 std::vector<std::string> usable_names() {
   std::vector<std::string> names;
-  for (int c = 0; c <= static_cast<int>(widest_usable()); ++c) {
+  for (int c = 0; c <= static_cast<int>(cpu_supports()); ++c) {
     names.emplace_back(name_of(static_cast<Capability>(c)));
   }
   return names;
@@ -112,7 +109,7 @@ std::string set_capability(const std::string& name) {
   const std::optional<Capability> c = parse(name);
   TORCH_CHECK(c.has_value(), "attnkern::_set_cpu_capability: capability must be one of default, avx2, "
               "avx512 (any case), got '", name, "'");
-  TORCH_CHECK(static_cast<int>(*c) <= static_cast<int>(widest_usable()), "attnkern::_set_cpu_capability: ",
+  TORCH_CHECK(static_cast<int>(*c) <= static_cast<int>(cpu_supports()), "attnkern::_set_cpu_capability: ",
               name_of(*c), " does not run on this CPU (usable: ", c10::Join(", ", usable_names()), ")");
   const Capability before = active_capability();
   active.store(static_cast<int>(*c), std::memory_order_relaxed);
