@@ -33,6 +33,10 @@ struct BamLogits {
   inline A scalar(int64_t b, int64_t c, int64_t hw) const {
     return product ? mc[b * C + c] * ms[b * HW + hw] : mc[b * C + c] + ms[b * HW + hw];
   }
+  // The logits of n elements along the contiguous axis from (b, c, hw), into z[0..n).
+  inline void tail(int64_t b, int64_t c, int64_t hw, bool along_hw, int64_t n, A* z) const {
+    for (int64_t j = 0; j < n; ++j) z[j] = along_hw ? scalar(b, c, hw + j) : scalar(b, c + j, hw);
+  }
 };
 
 // q = grad_out * x * s * (1 - s), s = sigmoid(z): the logits' gradient per element.
@@ -44,9 +48,14 @@ struct BamLogitGrad {
     const V s = sigmoid(z.vec(b, c, hw, along_hw));
     return d * x * s * (V(1) - s);
   }
-  inline A scalar(A d, A x, int64_t b, int64_t c, int64_t hw) const {
-    const A s = sigmoid(z.scalar(b, c, hw));
-    return d * x * s * (A(1) - s);
+  template <typename T>
+  inline void tail(const T* d, const T* x, int64_t n, int64_t b, int64_t c, int64_t hw, bool along_hw,
+                   A* q) const {
+    z.tail(b, c, hw, along_hw, n, q);
+    sigmoid_tail(q, n, q);
+    for (int64_t j = 0; j < n; ++j) {
+      q[j] = static_cast<A>(d[j]) * static_cast<A>(x[j]) * q[j] * (A(1) - q[j]);
+    }
   }
 };
 
@@ -82,11 +91,15 @@ inline void bam_row(const T* src, T* out, int64_t n, const BamLogits<A>& z, RowS
     }
     IO<T>::store(out + i, r[0], r[1]);
   }
-  for (; i < n; ++i) {
-    const A s = sigmoid(z.scalar(at.b, at.along_hw ? at.c : at.c + i, at.along_hw ? at.hw + i : at.hw));
-    A r = static_cast<A>(src[i]) * (A(1) + s);
-    r += mean_term.at(i);
-    out[i] = static_cast<T>(r);
+  if (i < n) {
+    A st[S];
+    z.tail(at.b, at.along_hw ? at.c : at.c + i, at.along_hw ? at.hw + i : at.hw, at.along_hw, n - i, st);
+    sigmoid_tail(st, n - i, st);
+    for (int64_t j = 0; i < n; ++i, ++j) {
+      A r = static_cast<A>(src[i]) * (A(1) + st[j]);
+      r += mean_term.at(i);
+      out[i] = static_cast<T>(r);
+    }
   }
 }
 

@@ -2,7 +2,8 @@
 //   per_channel[b, c] = sum_hw q * pixel_weight[b, hw]
 //   per_pixel[b, hw]  = sum_c  q * channel_weight[b, c]
 // gate_apply_backward (q = grad_out * x) and bam_combine_backward (q = grad_out * x * s(1 - s))
-// use it. `Q` gives q for a vector of elements along the contiguous axis and for one element.
+// use it. `Q` gives q for a vector of elements along the contiguous axis (`vec`) and for a
+// row's tail of n < IO<T>::kStep elements starting at (b, c, hw) (`tail`, into q[0..n)).
 #pragma once
 
 #include "common.h"
@@ -56,10 +57,13 @@ void reduce_both_axes_nchw(const T* grad_out, const T* x, const Shape& s, const 
           (V::loadu(acc + i + L) + q1 * vcw).store(acc + i + L);
         }
         A rc = sum_lanes(r0 + r1);
-        for (; i < len; ++i) {
-          const A qi = q.scalar(static_cast<A>(grad_out[off + i]), static_cast<A>(x[off + i]), b, c, h0 + i);
-          rc += qi * pw[i];
-          acc[i] += qi * cw;
+        if (i < len) {
+          A qt[S];
+          q.tail(grad_out + off + i, x + off + i, len - i, b, c, h0 + i, /*along_hw=*/true, qt);
+          for (int64_t j = 0; i < len; ++i, ++j) {
+            rc += qt[j] * pw[i];
+            acc[i] += qt[j] * cw;
+          }
         }
         pp[t * C + c] = rc;
       }
@@ -105,10 +109,13 @@ void reduce_both_axes_channels_last(const T* grad_out, const T* x, const Shape& 
           (V::loadu(acc + i + L) + q1 * vw).store(acc + i + L);
         }
         A rh = sum_lanes(r0 + r1);
-        for (; i < C; ++i) {
-          const A qi = q.scalar(static_cast<A>(grad_out[off + i]), static_cast<A>(x[off + i]), b, i, hw);
-          rh += qi * cw[i];
-          acc[i] += qi * w;
+        if (i < C) {
+          A qt[S];
+          q.tail(grad_out + off + i, x + off + i, C - i, b, i, hw, /*along_hw=*/false, qt);
+          for (int64_t j = 0; i < C; ++i, ++j) {
+            rh += qt[j] * cw[i];
+            acc[i] += qt[j] * w;
+          }
         }
         r.per_pixel[b * HW + hw] = rh;
       }
