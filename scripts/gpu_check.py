@@ -44,7 +44,7 @@ BUDGET_DRY = {"tests": 150, "gating": 150, "sdpa": 150, "profile": 150}
 TOTAL_GPU = 480
 GRACE = 20  # seconds a stage may run past its budget before it is killed
 
-# Shapes of the gating stage: the block benchmarks' shapes (benchmarks/gating_bench.py).
+# Shapes of the gating stage: the README's three block shapes (benchmarks/gating_bench.py README_SHAPES).
 GATING_SHAPES_GPU = [(8, 256, 56, 56), (32, 64, 112, 112), (16, 512, 28, 28)]
 GATING_SHAPES_DRY = [(2, 16, 6, 5)]
 # SDPA: FlashAttention's benchmark grid (model width 2048, 16k tokens per batch).
