@@ -16,9 +16,12 @@ def _cbam_resnet50():
                              block_args=dict(attn_layer="cbam"), zero_init_last=False)
 
 
-# Training mode runs in float64: BatchNorm over a batch of 2 at the last stage (2x2 maps)
-# amplifies float32 rounding differences of two equivalent computations far beyond any fixed
-# tolerance, which would hide a real bug as well as it would flag one.
+# Gradients are compared in float64 only. Through a whole model, float32 rounding of two
+# equivalent computations can move a pre-activation that sits within rounding of zero across a
+# ReLU (seen in SE-ResNet-50 on an AVX2-only CPU: one element at 3e-7 flips, a stem gradient
+# moves by ~5% of the largest), and training-mode BatchNorm over a batch of 2 at the last stage
+# (2x2 maps) amplifies float32 rounding far beyond any fixed tolerance; either would hide a real
+# bug as well as it would flag one. The op tests compare float32 gradients block by block.
 @pytest.mark.parametrize("train,dtype", [(False, torch.float32), (False, torch.float64),
                                          (True, torch.float64)], ids=["eval-fp32", "eval-fp64", "train-fp64"])
 def test_cbam_resnet50_same_logits_and_grads(train, dtype):
@@ -35,6 +38,8 @@ def test_cbam_resnet50_same_logits_and_grads(train, dtype):
     y_ref = ref(x)
     y = model(x)
     assert_close(y, y_ref, name="logits")
+    if dtype != torch.float64:
+        return
     y_ref.square().mean().backward()
     y.square().mean().backward()
     for (n, p), (n2, q) in zip(model.named_parameters(), ref.named_parameters()):

@@ -78,11 +78,16 @@ MODELS = {
 }
 
 
-@pytest.mark.parametrize("train,dtype", [(False, torch.float32), (True, torch.float64)], ids=["eval-fp32", "train-fp64"])
+@pytest.mark.parametrize("train,dtype", [(False, torch.float32), (False, torch.float64), (True, torch.float64)],
+                         ids=["eval-fp32", "eval-fp64", "train-fp64"])
 @pytest.mark.parametrize("name", list(MODELS))
 def test_whole_models_same_logits_and_grads(name, train, dtype):
-    """Training mode in float64: BatchNorm over a batch of 2 amplifies float32 rounding of two
-    equivalent computations beyond any fixed tolerance."""
+    """Gradients are compared in float64 only: through a whole model, float32 rounding of two
+    equivalent computations moves a pre-activation that sits within rounding of zero across a
+    ReLU (seresnet50, 64x64 input: one element of 65536 at 3e-7 flips on a CPU whose vector
+    width changes the summation order), which changes a stem gradient by ~5% of the largest;
+    and training-mode BatchNorm over a batch of 2 amplifies float32 rounding beyond any fixed
+    tolerance. The op tests compare float32 gradients block by block."""
     torch.manual_seed(0)
     ref = MODELS[name]().train(train).to(dtype)
     n_before = len(list(ref.modules()))
@@ -96,6 +101,8 @@ def test_whole_models_same_logits_and_grads(name, train, dtype):
     torch.manual_seed(1)
     y = model(x)
     assert_close(y, y_ref, name="logits")
+    if dtype != torch.float64:
+        return
     y_ref.square().mean().backward()
     y.square().mean().backward()
     for (n, p), q in zip(model.named_parameters(), ref.parameters()):
