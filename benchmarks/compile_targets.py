@@ -16,13 +16,17 @@ Two steps, each in its own process:
    (``GPUTarget("cuda", 80, 32)``, ``GPUTarget("cuda", 90, 32)``), rebuilds Triton's own
    specialisation of the arguments for that target and runs ``triton.compile(ASTSource(...))``
    (ptxas included), then reads shared memory (metadata), registers and spill bytes (ptxas'
-   log). A record fails on a compile error, shared memory above the architecture's per-block
-   limit, or register spills.
+   log). A record fails on a compile error, no ptxas figures, or, if it must fit (a launch, or
+   the fixed config a tuned launch falls back to), shared memory above the architecture's
+   per-block limit or register spills. An autotune candidate that spills or needs too much
+   shared memory is reported, not failed: on a GPU the pruner compiles each candidate before it
+   is timed and drops such a one, so it is never chosen.
 
 Usage::
 
     python benchmarks/compile_targets.py run --full --markdown out.md   # every record
     python benchmarks/compile_targets.py run --sample 12 --seed 7       # a seeded sample
+    python benchmarks/compile_targets.py run --full --only must-fit --kernel _attn_fwd_kernel
 
 ``run`` prints per-kernel results and writes a JSON report (``--report``) and optionally the
 Markdown table (``--markdown``) that ``benchmarks/RESULTS.md`` quotes.
@@ -79,7 +83,11 @@ class _Recorder:
         self.launches = 0
         self.case = ""
 
-    def add(self, fn, args, kwargs):
+    def add(self, fn, args, kwargs, role="launch"):
+        """Record a launch. ``role``: "launch" (a kernel launched with these settings), "candidate"
+        (an autotune config the pruner's estimates keep; on a GPU the pruner compiles it first and
+        drops it if it does not fit) or "fallback" (the fixed config a tuned launch falls back to
+        when no candidate fits). Only a record that is nothing but a candidate may not fit."""
         rec = {"module": fn.__module__, "qualname": fn.__qualname__,
                "args": [_encode(a) for a in args],
                "kwargs": {k: _encode(v) for k, v in sorted(kwargs.items())}}
@@ -93,7 +101,11 @@ class _Recorder:
         self.launches += 1
         if key not in self.records:
             rec["case"] = self.case
+            rec["roles"] = []
             self.records[key] = rec
+        roles = self.records[key]["roles"]
+        if role not in roles:
+            roles.append(role)
 
 
 @contextlib.contextmanager
@@ -134,7 +146,11 @@ def _as_on_gpu(recorder):
         pruned = self.prune_configs(kwargs)
         kwargs = {k: v for k, v in kwargs.items() if k not in ("grid", "warmup")}
         for cfg in pruned:
-            recorder.add(self.fn.fn, args, {**kwargs, **cfg.all_kwargs()})
+            recorder.add(self.fn.fn, args, {**kwargs, **cfg.all_kwargs()}, role="candidate")
+        fallback = getattr(self.early_config_prune, "fallback", None)
+        if fallback is not None:
+            recorder.add(self.fn.fn, args, {**kwargs, **fallback(self.nargs, **kwargs).all_kwargs()},
+                         role="fallback")
         self.nargs = None
 
     saved_run = interpreter.InterpretedFunction.run
@@ -365,7 +381,7 @@ def compile_one(rec: dict, arch: int) -> dict:
                           if len(k) == 1 and fn.params[k[0]].is_constexpr},
            "num_warps": options.num_warps, "num_stages": options.num_stages,
            "dtypes": sorted({v for v in signature.values() if isinstance(v, str) and v.startswith("*")}),
-           "case": rec.get("case", "")}
+           "case": rec.get("case", ""), "roles": rec.get("roles") or ["launch"]}
     log = io.StringIO()
     t0 = time.time()
     knobs.nvidia.dump_ptxas_log = True
@@ -402,13 +418,32 @@ def problems(r: dict, arch: int) -> list:
     return found
 
 
+def must_fit(r: dict) -> bool:
+    """A launch, or the fixed config a tuned launch falls back to, must fit; a config that is
+    only an autotune candidate need not: on a GPU the pruner compiles it before timing it and
+    drops it if it spills registers or exceeds the shared memory per block."""
+    return set(r.get("roles") or ["launch"]) != {"candidate"}
+
+
+def dropped_on_device(r: dict) -> bool:
+    """An autotune candidate the pruner's compile check drops on the device (it compiled, and
+    spills or needs too much shared memory)."""
+    return (not must_fit(r) and not r.get("error") and bool(r.get("problems"))
+            and all(p.startswith(("register spills", "shared memory")) for p in r["problems"]))
+
+
+def failed(r: dict) -> bool:
+    """A compile error, no ptxas figures, or a config that must fit and does not."""
+    return bool(r.get("error") or r.get("problems")) and not dropped_on_device(r)
+
+
 def _compile_worker(payload):
     rec, arch = payload
     try:
         return compile_one(rec, arch)
     except Exception as e:  # noqa: BLE001 - a failure to set up the compile is a finding too
         return {"kernel": rec["qualname"], "module": rec["module"], "arch": arch, "case": rec.get("case", ""),
-                "error": f"{type(e).__name__}: {str(e)[:2000]}", "problems": [], "seconds": 0.0}
+                "roles": rec.get("roles") or ["launch"], "error": f"{type(e).__name__}: {str(e)[:2000]}", "problems": [], "seconds": 0.0}
 
 
 def compile_records(records, archs, jobs: int):
@@ -437,7 +472,7 @@ def summarize(results):
     for (mod, kern, arch), rs in sorted(groups.items()):
         ok = [r for r in rs if not r.get("error")]
         row = {"module": mod, "kernel": kern, "arch": arch, "compiled": len(ok), "errors": len(rs) - len(ok),
-               "failed": sum(1 for r in rs if r.get("error") or r.get("problems")),
+               "failed": sum(1 for r in rs if failed(r)), "dropped": sum(1 for r in rs if dropped_on_device(r)),
                "seconds": round(sum(r.get("seconds", 0.0) for r in rs), 1)}
         if ok:
             big = max(ok, key=lambda r: r["shared"])
@@ -459,19 +494,20 @@ def _config_text(r):
 def markdown(rows, meta) -> str:
     lines = [
         "| module | kernel | arch | configs | shared KiB (min-max) | registers (min-max) | "
-        "spilling configs (max bytes) | largest shared-memory config | failed |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "spilling configs (max bytes) | largest shared-memory config | candidates dropped on the device | failed |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if r["compiled"]:
             lines.append(
                 f"| {r['module']} | `{r['kernel']}` | sm_{r['arch']} | {r['compiled']} | "
                 f"{r['shared_min'] / 1024:.1f}-{r['shared_max'] / 1024:.1f} | {r['regs_min']}-{r['regs_max']} | "
-                f"{r['spilling']} ({r['max_spill']}) | {r['biggest']} | {r['failed']} |")
+                f"{r['spilling']} ({r['max_spill']}) | {r['biggest']} | {r['dropped']} | {r['failed']} |")
         else:
-            lines.append(f"| {r['module']} | `{r['kernel']}` | sm_{r['arch']} | 0 | - | - | - | - | {r['failed']} |")
+            lines.append(f"| {r['module']} | `{r['kernel']}` | sm_{r['arch']} | 0 | - | - | - | - | 0 | {r['failed']} |")
     head = (f"{meta['records']} distinct launch configurations (captured from {meta['launches']} launches) x "
-            f"{len(meta['archs'])} targets = {meta['compiles']} compiles, {meta['failed']} failed; "
+            f"{len(meta['archs'])} targets = {meta['compiles']} compiles, {meta['failed']} failed, "
+            f"{meta['dropped']} autotune candidates that the pruner's compile check drops on the device; "
             f"{meta['seconds']:.0f} s of compile time ({meta['jobs']} worker(s), {meta['cpu']}); "
             f"triton {meta['triton']}, ptxas {meta['ptxas']}.")
     return head + "\n\n" + "\n".join(lines) + "\n"
@@ -510,15 +546,21 @@ def run(args) -> int:
         for s in data["skipped"]:
             print(f"capture: skipped: {s}")
         records = data["records"]
+        if args.only:
+            records = [r for r in records if (must_fit(r) == (args.only == "must-fit"))
+                       and (not args.kernel or r["qualname"] in args.kernel)]
+        elif args.kernel:
+            records = [r for r in records if r["qualname"] in args.kernel]
         if not args.full:
             seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2 ** 31)
             print(f"compile: a sample of {args.sample} records, seed {seed} "
                   f"(rerun with --seed {seed}; --full compiles all)", flush=True)
             rng = random.Random(seed)
-            # Every kernel at least once, the rest at random.
+            # Every kernel at least once (an autotuned one both as a candidate and as a config that
+            # must fit), the rest at random.
             by_kernel = defaultdict(list)
             for r in records:
-                by_kernel[(r["module"], r["qualname"])].append(r)
+                by_kernel[(r["module"], r["qualname"], must_fit(r))].append(r)
             chosen = [rng.choice(rs) for _, rs in sorted(by_kernel.items())]
             ids = {id(r) for r in chosen}
             rest = [r for r in records if id(r) not in ids]
@@ -539,13 +581,17 @@ def run(args) -> int:
         with open(res) as f:
             results = json.load(f)
         wall = time.time() - t1
-    failed = [r for r in results if r.get("error") or r.get("problems")]
-    for r in failed:
+    dropped = [r for r in results if dropped_on_device(r)]
+    for r in dropped:
+        print(f"dropped on the device (autotune candidate) sm_{r['arch']} {r['kernel']} ({r['case']}) "
+              f"{r.get('constexprs', '')} w{r.get('num_warps')} s{r.get('num_stages')}: {'; '.join(r['problems'])}")
+    failed_ = [r for r in results if failed(r)]
+    for r in failed_:
         print(f"FAILED sm_{r['arch']} {r['kernel']} ({r['case']}) {r.get('constexprs', '')} "
               f"w{r.get('num_warps')} s{r.get('num_stages')}: {r.get('error') or '; '.join(r['problems'])}")
     rows = summarize(results)
     meta = {"records": len(records), "launches": data["launches"], "archs": list(args.archs),
-            "compiles": len(results), "failed": len(failed), "seconds": wall, "jobs": args.jobs,
+            "compiles": len(results), "failed": len(failed_), "dropped": len(dropped), "seconds": wall, "jobs": args.jobs,
             "cpu": _cpu_model_name(), "triton": __import__("triton").__version__, "ptxas": _ptxas_version()}
     table = markdown(rows, meta)
     print(table)
@@ -556,12 +602,12 @@ def run(args) -> int:
         print(f"NOT LAUNCHED by the capture (extend the driving matrix): {uncovered}")
     if args.report:
         with open(args.report, "w") as f:
-            json.dump({"meta": meta, "rows": rows, "failed": failed, "skipped": data["skipped"],
+            json.dump({"meta": meta, "rows": rows, "failed": failed_, "dropped": dropped, "skipped": data["skipped"],
                        "uncovered": uncovered, "results": results}, f, indent=1)
     if args.markdown:
         with open(args.markdown, "w") as f:
             f.write(table)
-    return 1 if failed or uncovered else 0
+    return 1 if failed_ or uncovered else 0
 
 
 def main(argv=None) -> int:
@@ -581,6 +627,9 @@ def main(argv=None) -> int:
     r.add_argument("--seed", type=int, default=None, help="seed of the sample (default: random, printed)")
     r.add_argument("--jobs", type=int, default=1, help="compile processes (default 1)")
     r.add_argument("--archs", type=int, nargs="+", default=list(ARCHS), help="compute capabilities (80 90)")
+    r.add_argument("--only", choices=("must-fit", "candidates"),
+                   help="only the records that must fit (launches, fallbacks) or only autotune candidates")
+    r.add_argument("--kernel", nargs="+", help="only these kernels (names as in the table)")
     r.add_argument("--report", help="write the JSON report here")
     r.add_argument("--markdown", help="write the Markdown table here")
     a = p.parse_args(argv)

@@ -60,8 +60,10 @@ Algorithm (FlashAttention-2; Dao 2023):
   contiguous. Batch, head and row indices are widened to int64 before they meet a stride, and
   grids are one-dimensional (batch * heads * blocks on axis 0, no 65535 limit).
 - **Tiles.** On a GPU the tile sizes, warps and pipeline stages are autotuned per (Nq, Nk
-  rounded up to powers of two, D, Dv, dtypes, causal, mask) among configs pruned to fit shared
-  memory and registers (head dim 256 gets 64x32 tiles or smaller). Under
+  rounded up to powers of two, D, Dv, dtypes, causal, mask) among configs pruned by an estimate
+  of shared memory and registers (head dim 256 gets 64x32 tiles or smaller), then compiled for
+  the device before they are timed: a config that spills registers or exceeds the shared memory
+  per block is dropped (ptxas decides, not the estimate); if none is left, the fixed config. Under
   ``torch.use_deterministic_algorithms(True)`` and under ``TRITON_INTERPRET=1`` one fixed
   config chosen from the shapes only is used instead, so the summation order never depends on
   timing measured in another process. (Autotuned or not, a launch with the same config gives
@@ -75,6 +77,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton.runtime.errors import OutOfResources
 
 from ._launch import device_guard as _device_guard
 from ._launch import interpret as _interpret
@@ -101,7 +104,8 @@ _PRE_BLOCK_M = 64           # rows per program of the delta pre-pass
 # H100/H200 227 KiB; the A100's when no device answers, e.g. compiling ahead of time), against
 # estimates that undercount what Triton allocates by up to a quarter (an estimated 180 KiB
 # forward tile took 224 KiB on sm_80 and 256 KiB on sm_90), hence the margin. Registers: 255 per
-# thread; the estimate counts float32 accumulator/tile words per thread.
+# thread; the estimate counts float32 accumulator/tile words per thread. Both only spare compiles:
+# on a GPU each candidate the estimates keep is compiled and dropped if ptxas spills registers.
 _SMEM_FALLBACK = 163 * 1024
 _SMEM_MARGIN = 1.25
 _REG_BUDGET = 160
@@ -302,29 +306,64 @@ def _smem_budget(q) -> int:
         return _SMEM_FALLBACK
 
 
-def _make_pruner(smem, regs, fixed):
-    """An ``early_config_prune`` keeping the configs whose estimated shared memory and register
-    use fit, at most 8 (the largest tiles first); the fixed config if none fits."""
+def _fits_compiled(kernel, named_args: Dict, kwargs: Dict, cfg) -> Optional[bool]:
+    """Whether ``cfg`` fits the GPU of the launch, by compiling it there: True when ptxas spilled
+    no register and the shared memory fits the block limit, False when it did not; None where
+    there is nothing to ask (no CUDA tensor, the interpreter) or the compile could not say.
+
+    ptxas is the only exact judge of register allocation; an estimate is off somewhere among
+    the architectures, dtypes, head dims and mask kinds. Autotuning compiles every candidate it
+    benchmarks anyway and Triton keeps the binary, so asking first costs little.
+    """
+    q = named_args.get("Q")
+    if _interpret() or not isinstance(q, Tensor) or q.device.type != "cuda":
+        return None
+    opts = {k: v for k, v in kwargs.items() if k not in ("grid", "warmup")}
+    try:
+        with _device_guard(q):
+            compiled = kernel.run(*named_args.values(), grid=(1,), warmup=True, **opts, **cfg.all_kwargs())
+            compiled._init_handles()
+    except OutOfResources:
+        return False
+    except Exception:  # noqa: BLE001 - a probe that cannot tell leaves the choice to the tuner
+        return None
+    spills = getattr(compiled, "n_spills", None)
+    return None if spills is None else spills == 0
+
+
+def _make_pruner(smem, regs, fixed, kernel_name: str):
+    """An ``early_config_prune`` keeping at most 8 configs (the largest tiles first) whose
+    estimated shared memory and registers fit and which, on a GPU, compile there without
+    register spills or too much shared memory (:func:`_fits_compiled`); the fixed config if none
+    does. ``prune.fallback(named_args, **kwargs)`` is that fixed config."""
+
+    def fallback(named_args, **kwargs):
+        f = fixed(kwargs["BLOCK_D"], kwargs["BLOCK_DV"], _esize(named_args, kwargs))
+        return triton.Config({"BLOCK_M": f.block_m, "BLOCK_N": f.block_n},
+                             num_warps=f.num_warps, num_stages=f.num_stages)
 
     def prune(configs, named_args, **kwargs):
         bd, bdv = kwargs["BLOCK_D"], kwargs["BLOCK_DV"]
         es = _esize(named_args, kwargs)
         budget = _smem_budget(named_args.get("Q"))
-        keep = []
+        estimated = []
         # float32 runs tl.dot on the FMA path, operands in registers: only the fixed tile, chosen
         # from ptxas' figures, compiles without spills; the tuner gets it alone.
         for cfg in configs if es == 2 else []:
             c = _Fixed(cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.num_warps, cfg.num_stages)
             if smem(c, bd, bdv, es) * _SMEM_MARGIN <= budget and regs(c, bd, bdv, es) <= _REG_BUDGET:
+                estimated.append(cfg)
+        estimated.sort(key=lambda cfg: -cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_N"])
+        kernel = globals()[kernel_name]
+        keep = []
+        for cfg in estimated:
+            if len(keep) == 8:
+                break
+            if _fits_compiled(kernel, named_args, kwargs, cfg) is not False:
                 keep.append(cfg)
-        keep.sort(key=lambda cfg: -cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_N"])
-        keep = keep[:8]
-        if not keep:
-            f = fixed(bd, bdv, es)
-            keep = [triton.Config({"BLOCK_M": f.block_m, "BLOCK_N": f.block_n},
-                                  num_warps=f.num_warps, num_stages=f.num_stages)]
-        return keep
+        return keep or [fallback(named_args, **kwargs)]
 
+    prune.fallback = fallback
     return prune
 
 
@@ -680,15 +719,15 @@ def _attn_bwd_dq_kernel(Q, K, V, M, DO, STATS, DELTA, DQ, DMASK,
 
 _attn_fwd_tuned = triton.autotune(
     _FWD_CONFIGS, key=_TUNE_KEY,
-    prune_configs_by={"early_config_prune": _make_pruner(_smem_fwd, _regs_fwd, _fixed_fwd)},
+    prune_configs_by={"early_config_prune": _make_pruner(_smem_fwd, _regs_fwd, _fixed_fwd, "_attn_fwd_kernel")},
 )(_attn_fwd_kernel)
 _attn_bwd_dkv_tuned = triton.autotune(
     _DKV_CONFIGS, key=_TUNE_KEY,
-    prune_configs_by={"early_config_prune": _make_pruner(_smem_dkv, _regs_dkv, _fixed_dkv)},
+    prune_configs_by={"early_config_prune": _make_pruner(_smem_dkv, _regs_dkv, _fixed_dkv, "_attn_bwd_dkv_kernel")},
 )(_attn_bwd_dkv_kernel)
 _attn_bwd_dq_tuned = triton.autotune(
     _DQ_CONFIGS, key=_TUNE_KEY + ["NEED_DMASK"],
-    prune_configs_by={"early_config_prune": _make_pruner(_smem_dq, _regs_dq, _fixed_dq)},
+    prune_configs_by={"early_config_prune": _make_pruner(_smem_dq, _regs_dq, _fixed_dq, "_attn_bwd_dq_kernel")},
 )(_attn_bwd_dq_kernel)
 
 

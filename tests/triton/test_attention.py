@@ -387,11 +387,11 @@ def test_tile_plans_fit_the_gpu(tk, monkeypatch):
     monkeypatch.setattr(tk, "_interpret", lambda: False)
     q16 = torch.empty(1, dtype=F16)
     q32 = torch.empty(1, dtype=F32)
-    plans = [(tk._fixed_fwd, tk._smem_fwd, tk._regs_fwd, tk._FWD_CONFIGS),
-             (tk._fixed_dkv, tk._smem_dkv, tk._regs_dkv, tk._DKV_CONFIGS),
-             (tk._fixed_dq, tk._smem_dq, tk._regs_dq, tk._DQ_CONFIGS)]
-    for fixed, smem, regs, configs in plans:
-        prune = tk._make_pruner(smem, regs, fixed)
+    plans = [(tk._fixed_fwd, tk._smem_fwd, tk._regs_fwd, tk._attn_fwd_tuned),
+             (tk._fixed_dkv, tk._smem_dkv, tk._regs_dkv, tk._attn_bwd_dkv_tuned),
+             (tk._fixed_dq, tk._smem_dq, tk._regs_dq, tk._attn_bwd_dq_tuned)]
+    for fixed, smem, regs, tuned in plans:
+        prune, configs = tuned.early_config_prune, tuned.configs
         for bd in (16, 32, 64, 128, 256):
             for bdv in (16, 64, 256):
                 for q in (q16, q32):
@@ -410,6 +410,52 @@ def test_tile_plans_fit_the_gpu(tk, monkeypatch):
                             assert regs(t, bd, bdv, es) <= tk._REG_BUDGET
                     if bd == 256:
                         assert f.block_m * f.block_n <= 64 * 32
+
+
+def test_pruner_drops_configs_that_do_not_compile_within_the_device(tk, monkeypatch):
+    """On a GPU each candidate the estimates keep is compiled first; one that spills registers or
+    exceeds the shared memory per block (False) is dropped, one the probe cannot judge (None)
+    stays, at most 8 are kept, largest tiles first, and when every candidate is dropped the
+    pruner falls back to the fixed tile (``prune.fallback``)."""
+    monkeypatch.setattr(tk, "_interpret", lambda: False)
+    q16 = torch.empty(1, dtype=F16)
+    for tuned, name in ((tk._attn_fwd_tuned, "_attn_fwd_kernel"),
+                        (tk._attn_bwd_dkv_tuned, "_attn_bwd_dkv_kernel"),
+                        (tk._attn_bwd_dq_tuned, "_attn_bwd_dq_kernel")):
+        prune = tuned.early_config_prune
+        kw = dict(BLOCK_D=64, BLOCK_DV=64, HAS_MASK=True, grid=None, warmup=False)
+        tile = lambda c: (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+        monkeypatch.setattr(tk, "_fits_compiled", lambda *a: None)
+        by_estimate = [tile(c) for c in prune(tuned.configs, {"Q": q16}, **kw)]
+        assert len(by_estimate) > 2, name
+
+        asked = []
+
+        def probe(kernel, named_args, kwargs, cfg):
+            assert kernel is getattr(tk, name) and named_args["Q"] is q16
+            assert kwargs["BLOCK_D"] == 64 and kwargs["HAS_MASK"] is True
+            asked.append(tile(cfg))
+            return False if tile(cfg) == by_estimate[0] else (None if tile(cfg) == by_estimate[1] else True)
+
+        monkeypatch.setattr(tk, "_fits_compiled", probe)
+        kept = [tile(c) for c in prune(tuned.configs, {"Q": q16}, **kw)]
+        assert by_estimate[0] not in kept and by_estimate[1] in kept, name
+        assert kept == [t for t in asked if t != by_estimate[0]][:8]
+        assert kept[: len(by_estimate) - 1] == by_estimate[1:]
+
+        monkeypatch.setattr(tk, "_fits_compiled", lambda *a: False)
+        (only,) = prune(tuned.configs, {"Q": q16}, **kw)
+        assert tile(only) == tile(prune.fallback({"Q": q16}, **kw)) == tuple(
+            {"_attn_fwd_kernel": tk._fixed_fwd, "_attn_bwd_dkv_kernel": tk._fixed_dkv,
+             "_attn_bwd_dq_kernel": tk._fixed_dq}[name](64, 64, 2)), name
+
+
+def test_compile_probe_answers_none_off_the_gpu(tk):
+    """Without a CUDA tensor (CPU, the interpreter) the probe cannot compile for a device and
+    leaves the choice to the estimates."""
+    cfg = tk._attn_fwd_tuned.configs[0]
+    q = torch.empty(1, dtype=F16)
+    assert tk._fits_compiled(tk._attn_fwd_kernel, {"Q": q}, {"BLOCK_D": 16, "BLOCK_DV": 16}, cfg) is None
 
 
 # ------------------------------------------------------------------------------------------
