@@ -131,21 +131,32 @@ def _check(fn: str, q: Tensor, k: Tensor, mask: Optional[Tensor], is_causal: boo
 
 
 class _Plan:
-    """Shape-only tiling: BLOCK_M queries x BLOCK_N keys x DP (padded head dim)."""
+    """Tiling from the shapes and the precision of the products (float32 ``ieee`` or not):
+    BLOCK_M queries x BLOCK_N keys x DP (padded head dim)."""
 
-    def __init__(self, n_q: int, n_k: int, d: int, block_m: Optional[int], block_n: Optional[int]):
+    def __init__(self, n_q: int, n_k: int, d: int, block_m: Optional[int], block_n: Optional[int],
+                 ieee: bool = False):
         self.dp = max(16, triton.next_power_of_2(d))
-        bm = block_m or (64 if self.dp <= 128 else 32)
-        bn = block_n or 64
+        if ieee:
+            # float32 products take tl.dot's FMA path with the operands in registers: 64 x 64
+            # tiles spill on sm_80 and sm_90 at every head dim from 16 (stats, with a mask) to
+            # 256 (up to 7.5 KB a thread); 32 x 32 (16 x 32 for head dim 256) compile without
+            # spills for every mask kind on both (ptxas, benchmarks/compile_targets.py).
+            bm = block_m or (32 if self.dp <= 128 else 16)
+            bn = block_n or 32
+        else:
+            bm = block_m or (64 if self.dp <= 128 else 32)
+            bn = block_n or 64
         for name, b in (("block_m", bm), ("block_n", bn)):
             if b < 16 or b & (b - 1):
                 raise ValueError(_err("plan", f"{name} must be a power of two >= 16, got {b}"))
         # no bigger than the (padded) sequence, but at least 16 (tl.dot's smallest tile)
         self.block_m = max(16, min(bm, triton.next_power_of_2(n_q)))
         self.block_n = max(16, min(bn, triton.next_power_of_2(n_k)))
-        # 8 warps from a 64 x 64 tile of a 64-wide head on: with 4, ptxas spills the float32
-        # score tile of the received pass (about 480 bytes a thread on sm_80 and sm_90)
-        self.num_warps = 8 if self.dp * max(self.block_m, self.block_n) >= 64 * 64 else 4
+        # 8 warps from a 64 x 64 tile of a 64-wide head on (with 4, ptxas spilled the float32
+        # score tile of the received pass, about 480 bytes a thread on sm_80 and sm_90), and
+        # for float32 from a 64-wide head on
+        self.num_warps = 8 if self.dp * max(self.block_m, self.block_n) >= 64 * 64 or (ieee and self.dp >= 64) else 4
 
 
 def _mask_args(q: Tensor, mask: Optional[Tensor]):
@@ -311,7 +322,7 @@ def row_lse(q: Tensor, k: Tensor, mask: Optional[Tensor] = None, is_causal: bool
     rows with no key kept (pass 1 alone)."""
     _check("row_lse", q, k, mask, is_causal)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    plan = _Plan(q.shape[2], k.shape[2], q.shape[3], block_m, block_n)
+    plan = _Plan(q.shape[2], k.shape[2], q.shape[3], block_m, block_n, _ieee(q))
     stats = _stats(q, k, mask, is_causal, _causal_off(q, k, causal_lower_right), scale, plan)
     return stats[..., 0] + stats[..., 1]
 
@@ -327,7 +338,7 @@ def received(q: Tensor, k: Tensor, mask: Optional[Tensor] = None, is_causal: boo
     B, H, N_Q, D = q.shape
     N_K = k.shape[2]
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    plan = _Plan(N_Q, N_K, D, block_m, block_n)
+    plan = _Plan(N_Q, N_K, D, block_m, block_n, _ieee(q))
     out = torch.empty(B, H, N_K, dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out
