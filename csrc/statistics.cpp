@@ -41,7 +41,11 @@ inline void reduce_row(const T* p, const A* scale, int64_t n, A& sum, A& mx, A& 
   }
 }
 
-// Running sum / max / tie count per element: acc[i] (+)= scale * p[i] over a segment.
+// Running sum / max / tie count per element: acc[i] (+)= scale[k] * p[k * stride + i] for the
+// rows k = 0..K-1 in turn, over a segment of n elements. The accumulators are read and written
+// once per K rows rather than once per row: in the NCHW pass across channels (spatial_stats),
+// one row at a time, their three loads and three stores, not the row's own bytes, set the
+// speed. Rows are added in order, so the result is bitwise that of K single-row passes.
 template <typename A>
 struct RunningStats {
   A* sum;
@@ -49,32 +53,50 @@ struct RunningStats {
   A* count;
 };
 
-template <typename T, typename A = typename AccT<T>::type>
-inline void accumulate_row(const T* p, Operand<A> scale, int64_t n, RunningStats<A> acc) {
+template <int K, typename T, typename A = typename AccT<T>::type>
+inline void accumulate_rows(const T* p, int64_t stride, const A* scale, int64_t n, RunningStats<A> acc) {
   using V = Vectorized<A>;
   constexpr int64_t L = V::size();
   constexpr int64_t S = IO<T>::kStep;
   int64_t i = 0;
   for (; i + S <= n; i += S) {
-    V a, b;
-    IO<T>::load(p + i, a, b);
-    a = a * scale.load(i);
-    b = b * scale.load(i + L);
-    for (int h = 0; h < 2; ++h) {
-      const int64_t j = i + h * L;
-      const V y = h ? b : a;
-      (V::loadu(acc.sum + j) + y).store(acc.sum + j);
-      V m = V::loadu(acc.max + j), c = V::loadu(acc.count + j);
-      max_count_add_vec(m, c, y);
-      m.store(acc.max + j);
-      c.store(acc.count + j);
+    V s0 = V::loadu(acc.sum + i), s1 = V::loadu(acc.sum + i + L);
+    V m0 = V::loadu(acc.max + i), m1 = V::loadu(acc.max + i + L);
+    V c0 = V::loadu(acc.count + i), c1 = V::loadu(acc.count + i + L);
+    for (int k = 0; k < K; ++k) {
+      V a, b;
+      IO<T>::load(p + k * stride + i, a, b);
+      const V sc(scale[k]);
+      a = a * sc;
+      b = b * sc;
+      s0 += a;
+      s1 += b;
+      max_count_add_vec(m0, c0, a);
+      max_count_add_vec(m1, c1, b);
     }
+    s0.store(acc.sum + i);
+    s1.store(acc.sum + i + L);
+    m0.store(acc.max + i);
+    m1.store(acc.max + i + L);
+    c0.store(acc.count + i);
+    c1.store(acc.count + i + L);
   }
   for (; i < n; ++i) {
-    const A y = static_cast<A>(p[i]) * scale.at(i);
-    acc.sum[i] += y;
-    max_count_add(acc.max[i], acc.count[i], y);
+    for (int k = 0; k < K; ++k) {
+      const A y = static_cast<A>(p[k * stride + i]) * scale[k];
+      acc.sum[i] += y;
+      max_count_add(acc.max[i], acc.count[i], y);
+    }
   }
+}
+
+// accumulate_rows over `rows` rows, four at a time; scale[r] is row r's factor.
+template <typename T, typename A = typename AccT<T>::type>
+inline void accumulate_row_block(const T* p, int64_t stride, const A* scale, int64_t rows, int64_t n,
+                                 RunningStats<A> acc) {
+  int64_t r = 0;
+  for (; r + 4 <= rows; r += 4) accumulate_rows<4, T, A>(p + r * stride, stride, scale + r, n, acc);
+  for (; r < rows; ++r) accumulate_rows<1, T, A>(p + r * stride, stride, scale + r, n, acc);
 }
 
 // The outputs of a statistics pass: mean, max and tie count per row.
@@ -123,9 +145,10 @@ void channel_stats_channels_last(const T* x, const Shape& s, Stats<A> out) {
       const int64_t b = t / nch, k = t % nch;
       const int64_t h0 = k * kPixChunk, h1 = std::min(HW, h0 + kPixChunk);
       const RunningStats<A> acc{ps + t * C, pm + t * C, pc + t * C};
-      for (int64_t hw = h0; hw < h1; ++hw) {
-        accumulate_row<T, A>(x + (b * HW + hw) * C, fixed(A(1)), C, acc);
-      }
+      // One pixel at a time: four at once (as spatial_stats does across channels) measured
+      // 5-25% slower here in float32.
+      const A one = 1;
+      for (int64_t hw = h0; hw < h1; ++hw) accumulate_rows<1, T, A>(x + (b * HW + hw) * C, C, &one, C, acc);
     }
   });
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
@@ -162,10 +185,7 @@ void spatial_stats_nchw(const T* x, const A* gc, const Shape& s, Stats<A> out) {
         m[i] = -std::numeric_limits<A>::infinity();
         n[i] = 0;
       }
-      for (int64_t c = 0; c < C; ++c) {
-        accumulate_row<T, A>(x + (b * C + c) * HW + h0, fixed(gc[b * C + c]), len,
-                             RunningStats<A>{sum, m, n});
-      }
+      accumulate_row_block<T, A>(x + b * C * HW + h0, HW, gc + b * C, C, len, RunningStats<A>{sum, m, n});
       for (int64_t i = 0; i < len; ++i) out.set(b * HW + h0 + i, sum[i], static_cast<A>(C), m[i], n[i]);
     }
   });
