@@ -45,7 +45,9 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 # pixel block (not below _MIN_BLOCK_HW for NCHW, to keep loads coalesced, nor below
 # _MIN_PROGRAM_ELEMS elements of work per program) until there are about _TARGET_PROGRAMS
 # programs, enough to fill the 132 SMs of an H100 several times. Reductions over H*W are split
-# into ranges of at least _MIN_TILES_PER_SPLIT tiles with the same target.
+# into ranges of at least _MIN_TILES_PER_SPLIT tiles with the same target. A float64 tile holds
+# half as many elements (each takes two registers): at 4096, 32x128 channels_last tiles of the
+# statistics kernels spilled registers on sm_80 and sm_90 (ptxas, 4-24 B a thread).
 _TILE = 4096
 _MAX_BLOCK_HW = 1024
 _MIN_BLOCK_HW = 128
@@ -150,14 +152,20 @@ def _num_warps(block_c: int, block_hw: int) -> int:
     return 8 if block_c * block_hw >= 4096 else 4
 
 
+def _tile_elems(L: _Layout) -> int:
+    """Elements per tile: _TILE, half of it for float64."""
+    return _TILE // 2 if L.acc == torch.float64 else _TILE
+
+
 def _stream_tile(L: _Layout) -> Tuple[int, int]:
     """The tile of element-wise kernels and of kernels that loop over pixels."""
+    tile = _tile_elems(L)
     if L.cl:
         bc = min(_np2(L.C), _MAX_BLOCK_C)
-        bhw = min(_np2(L.HW), max(1, _TILE // bc))
+        bhw = min(_np2(L.HW), max(1, tile // bc))
     else:
         bhw = min(_np2(L.HW), _MAX_BLOCK_HW)
-        bc = min(_np2(L.C), max(1, _TILE // bhw))
+        bc = min(_np2(L.C), max(1, tile // bhw))
     return bc, bhw
 
 
@@ -166,12 +174,13 @@ def _c_loop_tile(L: _Layout) -> Tuple[int, int]:
     block shrinks until B * HW / BLOCK_HW reaches about _TARGET_PROGRAMS, but a program keeps
     at least about _MIN_PROGRAM_ELEMS elements of work (C * BLOCK_HW)."""
     want = max(_np2(triton.cdiv(L.B * L.HW, _TARGET_PROGRAMS)), _np2(triton.cdiv(_MIN_PROGRAM_ELEMS, L.C)))
+    tile = _tile_elems(L)
     if L.cl:
         bc = min(_np2(L.C), _MAX_BLOCK_C)
-        bhw = min(_np2(L.HW), max(1, _TILE // bc), max(want, _MIN_BLOCK_HW_CL))
+        bhw = min(_np2(L.HW), max(1, tile // bc), max(want, _MIN_BLOCK_HW_CL))
     else:
         bhw = min(_np2(L.HW), _MAX_BLOCK_HW, max(want, _MIN_BLOCK_HW))
-        bc = min(_np2(L.C), max(1, _TILE // bhw))
+        bc = min(_np2(L.C), max(1, tile // bhw))
     return bc, bhw
 
 

@@ -216,47 +216,47 @@ class _Fixed(NamedTuple):
     num_stages: int
 
 
-# The fixed GPU tiles below were chosen from offline sm_90 compiles (triton.compile for
-# GPUTarget("cuda", 90, 32), registers and spill bytes read with cuobjdump -res-usage): the
-# largest tiles that compile without register spills, or with the fewest (float32 takes the
-# FMA path of tl.dot with input_precision="ieee", whose operands live in registers, hence its
-# smaller tiles). Not timed on a GPU; the autotuner times its own candidates.
+# The fixed GPU tiles, by the larger padded head dim: (fp16/bf16 tile, float32 tile), each
+# (BLOCK_M, BLOCK_N, num_warps, num_stages). Chosen from ahead-of-time compiles for sm_80 and
+# sm_90 (triton.compile for GPUTarget("cuda", 80 | 90, 32), registers and spill bytes from
+# ptxas' log): the largest tile that compiles without register spills and within the shared
+# memory of both, for every launch the kernel can get at that head dim (causal, additive,
+# boolean and trainable masks, a float32 mask beside half-precision q/k/v). float32 takes the
+# FMA path of tl.dot (input_precision="ieee"), whose operands live in registers, hence its
+# smaller tiles. Not timed on a GPU; the autotuner times its own candidates.
+_FIXED_FWD = {16: ((128, 32, 8, 3), (64, 32, 8, 2)), 32: ((128, 32, 8, 3), (64, 32, 8, 2)),
+              64: ((128, 64, 8, 3), (32, 64, 8, 3)), 128: ((128, 32, 8, 3), (32, 32, 8, 2)),
+              256: ((64, 32, 8, 2), (16, 16, 4, 1))}
+# dK/dV: block_m queries per step, block_n keys per program.
+_FIXED_DKV = {16: ((64, 64, 8, 3), (16, 32, 8, 2)), 32: ((32, 128, 8, 3), (16, 32, 8, 2)),
+              64: ((128, 32, 8, 3), (16, 32, 8, 2)), 128: ((32, 64, 8, 3), (32, 16, 8, 1)),
+              256: ((32, 32, 8, 2), (32, 16, 8, 2))}
+# dQ: block_m queries per program, block_n keys per step.
+_FIXED_DQ = {16: ((128, 32, 8, 3), (64, 32, 8, 2)), 32: ((128, 32, 8, 3), (64, 32, 8, 2)),
+             64: ((32, 128, 8, 3), (32, 64, 8, 3)), 128: ((64, 32, 8, 3), (32, 16, 8, 3)),
+             256: ((32, 32, 8, 2), (16, 32, 8, 1))}
+
+
+def _fixed_tile(table, interp_tile, bd: int, bdv: int, esize: int) -> _Fixed:
+    if _interpret():
+        return _Fixed(*interp_tile, 4, 1)
+    half, single = table[max(bd, bdv)]  # powers of two in 16..MAX_HEAD_DIM (_block_d)
+    return _Fixed(*(half if esize == 2 else single))
 
 
 def _fixed_fwd(bd: int, bdv: int, esize: int) -> _Fixed:
-    """The forward tile when not autotuning: from the (padded) head dims and element size only."""
-    if _interpret():
-        return _Fixed(*_INTERP_FWD, 4, 1)
-    dmax = max(bd, bdv)
-    if dmax <= 64:
-        return _Fixed(128, 64, 8, 3) if esize == 2 else _Fixed(64, 32, 8, 2)
-    if dmax <= 128:
-        return _Fixed(128, 32, 8, 3) if esize == 2 else _Fixed(32, 32, 8, 2)
-    return _Fixed(64, 32, 8, 2) if esize == 2 else _Fixed(16, 16, 4, 1)
+    """The forward tile when not autotuning: from the padded head dims and element size only."""
+    return _fixed_tile(_FIXED_FWD, _INTERP_FWD, bd, bdv, esize)
 
 
 def _fixed_dkv(bd: int, bdv: int, esize: int) -> _Fixed:
     """dK/dV tile (block_m: queries per step, block_n: keys per program)."""
-    if _interpret():
-        return _Fixed(*_INTERP_DKV, 4, 1)
-    dmax = max(bd, bdv)
-    if dmax <= 64:
-        return _Fixed(64, 64, 8, 3) if esize == 2 else _Fixed(16, 32, 8, 2)
-    if dmax <= 128:
-        return _Fixed(32, 64, 8, 3) if esize == 2 else _Fixed(32, 32, 8, 2)
-    return _Fixed(32, 32, 8, 2) if esize == 2 else _Fixed(16, 32, 8, 1)
+    return _fixed_tile(_FIXED_DKV, _INTERP_DKV, bd, bdv, esize)
 
 
 def _fixed_dq(bd: int, bdv: int, esize: int) -> _Fixed:
     """dQ tile (block_m: queries per program, block_n: keys per step)."""
-    if _interpret():
-        return _Fixed(*_INTERP_DQ, 4, 1)
-    dmax = max(bd, bdv)
-    if dmax <= 64:
-        return _Fixed(128, 32, 8, 3) if esize == 2 else _Fixed(64, 32, 8, 2)
-    if dmax <= 128:
-        return _Fixed(64, 32, 4, 2) if esize == 2 else _Fixed(32, 16, 4, 2)
-    return _Fixed(32, 32, 8, 2) if esize == 2 else _Fixed(32, 16, 8, 1)
+    return _fixed_tile(_FIXED_DQ, _INTERP_DQ, bd, bdv, esize)
 
 
 def _esize(named_args: Dict, kwargs: Dict) -> int:

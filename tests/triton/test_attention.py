@@ -381,9 +381,11 @@ def test_autotuned_path(tk, device, monkeypatch):
 
 
 def test_tile_plans_fit_the_gpu(tk, monkeypatch):
-    """The fixed GPU tiles fit the shared-memory estimate for every head dim, the autotune
-    pruning keeps only configs within both budgets (a fallback when none fits), and D = 256
-    gets small tiles."""
+    """The fixed fp16/bf16 GPU tiles fit the shared-memory estimate for every head dim, the
+    autotune pruning keeps only configs within both budgets (a fallback when none fits), and
+    D = 256 gets small tiles. (float32's fixed tiles are judged by ptxas alone, in
+    test_compile_targets.py: on the FMA path of tl.dot the estimate overstates their shared
+    memory, 164 KiB for a 32x16 dQ tile at D = 256 where the compiled kernel takes 134 KiB.)"""
     monkeypatch.setattr(tk, "_interpret", lambda: False)
     q16 = torch.empty(1, dtype=F16)
     q32 = torch.empty(1, dtype=F32)
@@ -397,7 +399,8 @@ def test_tile_plans_fit_the_gpu(tk, monkeypatch):
                 for q in (q16, q32):
                     es = q.element_size()
                     f = fixed(bd, bdv, es)
-                    assert smem(f, bd, bdv, es) <= tk._SMEM_FALLBACK, (fixed.__name__, bd, bdv, es)
+                    if es == 2:
+                        assert smem(f, bd, bdv, es) <= tk._SMEM_FALLBACK, (fixed.__name__, bd, bdv, es)
                     kept = prune(configs, {"Q": q}, BLOCK_D=bd, BLOCK_DV=bdv)
                     assert 1 <= len(kept) <= 8
                     if es == 4:  # float32: the fixed tile alone
