@@ -221,9 +221,12 @@ class _Fixed(NamedTuple):
 # sm_90 (triton.compile for GPUTarget("cuda", 80 | 90, 32), registers and spill bytes from
 # ptxas' log): the largest tile that compiles without register spills and within the shared
 # memory of both, for every launch the kernel can get at that head dim (causal, additive,
-# boolean and trainable masks, a float32 mask beside half-precision q/k/v). float32 takes the
-# FMA path of tl.dot (input_precision="ieee"), whose operands live in registers, hence its
-# smaller tiles. Not timed on a GPU; the autotuner times its own candidates.
+# boolean and trainable masks, a float32 mask beside half-precision q/k/v, grouped-query heads).
+# float32 takes the FMA path of tl.dot (input_precision="ieee"), whose operands live in
+# registers, hence its smaller tiles; there ptxas' verdict is not monotonic in the tile (dK/dV
+# at D128 spills at 32x16 with 3 stages, not with 1). Chosen with Triton 3.8 / ptxas 12.9;
+# tests/triton/test_compile_targets.py re-judges them. Not timed on a GPU; the autotuner times
+# its own candidates.
 _FIXED_FWD = {16: ((128, 32, 8, 3), (64, 32, 8, 2)), 32: ((128, 32, 8, 3), (64, 32, 8, 2)),
               64: ((128, 64, 8, 3), (32, 64, 8, 3)), 128: ((128, 32, 8, 3), (32, 32, 8, 2)),
               256: ((64, 32, 8, 2), (16, 16, 4, 1))}

@@ -7,9 +7,10 @@ for a compile error; the fixed config every tuned launch falls back to must fit.
 
 The launches are captured from the public ops under the interpreter (kernels, argument dtypes,
 constexprs, autotune configurations after pruning, fixed tiles), then compiled with ptxas in a
-process without TRITON_INTERPRET. Compiling all of them takes hours on two cores, so a run
-compiles one randomly chosen configuration of every kernel for both targets (for a tuned kernel,
-one candidate and one configuration that must fit); the seed is printed. Environment:
+process without TRITON_INTERPRET. Compiling all of them takes most of an hour on two cores (the
+records that must fit alone, about 20 minutes), so a run compiles one randomly chosen
+configuration of every kernel for both targets (for a tuned kernel, one candidate and one
+configuration that must fit); the seed is printed. Environment:
 
 - ``ATTNKERN_COMPILE_CHECK=0``: skip the compile check (it runs by default, about 90 s on two
   cores);
