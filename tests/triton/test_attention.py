@@ -385,7 +385,7 @@ def test_tile_plans_fit_the_gpu(tk, monkeypatch):
     autotune pruning keeps only configs within both budgets (a fallback when none fits), and
     D = 256 gets small tiles. (float32's fixed tiles are judged by ptxas alone, in
     test_compile_targets.py: on the FMA path of tl.dot the estimate overstates their shared
-    memory, 164 KiB for a 32x16 dQ tile at D = 256 where the compiled kernel takes 134 KiB.)"""
+    memory: 164 KiB for the 32x16, 2-stage dK/dV tile at D = 256, which compiles to 98 KiB.)"""
     monkeypatch.setattr(tk, "_interpret", lambda: False)
     q16 = torch.empty(1, dtype=F16)
     q32 = torch.empty(1, dtype=F32)
