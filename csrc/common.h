@@ -147,13 +147,61 @@ inline void max_count_merge(A& mx, A& cnt, A m2, A c2) {
   }
 }
 
+// (vmx, vcnt) <- the running max and tie count with v, lane by lane. NaN does NOT propagate
+// here: a pass over a row is bound by this update (a sum, then this, per vector), and at::vec's
+// NaN-propagating maximum and its mask-as-vector comparisons made it 12 AVX-512 instructions where
+// mask registers need 5. A NaN element makes the pass's sum NaN, and every pass then takes its
+// max from `first_nan` (a rescan, only when the sum is NaN). Without NaN the results are
+// bitwise those of the NaN-propagating update.
 template <typename V>
-inline void max_count_add_vec(V& vmx, V& vcnt, const V& v) {
+inline void max_count_add_vec(V& vmx, V& vcnt, const V& v) {  // the baseline copy: plain loops
   const V one(1);
   const V gt = v > vmx;
   const V eq = v == vmx;
   vcnt = V::blendv(vcnt + (eq & one), one, gt);
   vmx = at::vec::maximum(vmx, v);
+}
+
+#if defined(CPU_CAPABILITY_AVX512)
+inline void max_count_add_vec(Vectorized<float>& vmx, Vectorized<float>& vcnt, const Vectorized<float>& v) {
+  const __m512 m = vmx, x = v, one = _mm512_set1_ps(1.f);
+  const __mmask16 gt = _mm512_cmp_ps_mask(x, m, _CMP_GT_OQ), eq = _mm512_cmp_ps_mask(x, m, _CMP_EQ_OQ);
+  const __m512 c = _mm512_mask_add_ps(vcnt, eq, vcnt, one);
+  vcnt = _mm512_mask_mov_ps(c, gt, one);
+  vmx = _mm512_max_ps(m, x);
+}
+inline void max_count_add_vec(Vectorized<double>& vmx, Vectorized<double>& vcnt, const Vectorized<double>& v) {
+  const __m512d m = vmx, x = v, one = _mm512_set1_pd(1.);
+  const __mmask8 gt = _mm512_cmp_pd_mask(x, m, _CMP_GT_OQ), eq = _mm512_cmp_pd_mask(x, m, _CMP_EQ_OQ);
+  const __m512d c = _mm512_mask_add_pd(vcnt, eq, vcnt, one);
+  vcnt = _mm512_mask_mov_pd(c, gt, one);
+  vmx = _mm512_max_pd(m, x);
+}
+#elif defined(CPU_CAPABILITY_AVX2)
+inline void max_count_add_vec(Vectorized<float>& vmx, Vectorized<float>& vcnt, const Vectorized<float>& v) {
+  const __m256 m = vmx, x = v, one = _mm256_set1_ps(1.f);
+  const __m256 gt = _mm256_cmp_ps(x, m, _CMP_GT_OQ), eq = _mm256_cmp_ps(x, m, _CMP_EQ_OQ);
+  vcnt = _mm256_blendv_ps(_mm256_add_ps(vcnt, _mm256_and_ps(eq, one)), one, gt);
+  vmx = _mm256_max_ps(m, x);
+}
+inline void max_count_add_vec(Vectorized<double>& vmx, Vectorized<double>& vcnt, const Vectorized<double>& v) {
+  const __m256d m = vmx, x = v, one = _mm256_set1_pd(1.);
+  const __m256d gt = _mm256_cmp_pd(x, m, _CMP_GT_OQ), eq = _mm256_cmp_pd(x, m, _CMP_EQ_OQ);
+  vcnt = _mm256_blendv_pd(_mm256_add_pd(vcnt, _mm256_and_pd(eq, one)), one, gt);
+  vmx = _mm256_max_pd(m, x);
+}
+#endif
+
+// The first NaN among y_k = p[k * stride] * scale[k] (scale[k] = 1 when scale is null),
+// k = 0..n-1, if any. A pass whose sum came out NaN calls this to decide its max: NaN when an
+// element was NaN (as torch.amax), the vector max otherwise (the sum was inf - inf).
+template <typename T, typename A>
+inline std::optional<A> first_nan(const T* p, int64_t stride, const A* scale, int64_t n) {
+  for (int64_t k = 0; k < n; ++k) {
+    const A y = static_cast<A>(p[k * stride]) * (scale ? scale[k] : A(1));
+    if (std::isnan(y)) return y;
+  }
+  return std::nullopt;
 }
 
 // (m, c) <- the max and tie count of the pairs (m, c) and (m2, c2), lane by lane.
