@@ -20,14 +20,62 @@ struct BothAxes {
   A* per_pixel;             // [B, HW]
 };
 
-// NCHW: task (b, pixel block) loops over channels; per_pixel accumulates per pixel across
-// channels, per_channel gets one partial per (block, c), summed in block order.
-template <typename T, typename Q, typename A = typename AccT<T>::type>
-void reduce_both_axes_nchw(const T* grad_out, const T* x, const Shape& s, const BothAxes<A>& r,
-                           const Q& q) {
+// NCHW, K channel rows of the task's pixel block at a time: per_pixel's accumulators and the
+// pixel weights are loaded once per K rows (their loads and stores, not the rows' own bytes, set
+// the speed one row at a time). Each channel keeps its own reduction, and each pixel receives
+// its channels' terms in channel order: the order of additions is that of one row at a time.
+template <int K, typename T, typename Q, typename A>
+inline void reduce_rows_both_axes(const T* grad_out, const T* x, int64_t HW, int64_t len, int64_t b,
+                                  int64_t c0, int64_t h0, const A* pw, const A* cw, A* acc, A* rc,
+                                  const Q& q) {
   using V = Vectorized<A>;
   constexpr int64_t L = V::size();
   constexpr int64_t S = IO<T>::kStep;
+  V r0[K], r1[K];
+  for (int k = 0; k < K; ++k) r0[k] = r1[k] = V(0);
+  int64_t i = 0;
+  for (; i + S <= len; i += S) {
+    const V w0 = V::loadu(pw + i), w1 = V::loadu(pw + i + L);
+    V a0 = V::loadu(acc + i), a1 = V::loadu(acc + i + L);
+#pragma GCC unroll 8
+    for (int k = 0; k < K; ++k) {
+      const int64_t off = k * HW + i;
+      V d0, d1, x0, x1;
+      IO<T>::load(grad_out + off, d0, d1);
+      IO<T>::load(x + off, x0, x1);
+      const V q0 = q.vec(d0, x0, b, c0 + k, h0 + i, /*along_hw=*/true);
+      const V q1 = q.vec(d1, x1, b, c0 + k, h0 + i + L, true);
+      r0[k] += q0 * w0;
+      r1[k] += q1 * w1;
+      const V vcw(cw[k]);
+      a0 += q0 * vcw;
+      a1 += q1 * vcw;
+    }
+    a0.store(acc + i);
+    a1.store(acc + i + L);
+  }
+  for (int k = 0; k < K; ++k) {
+    A r = sum_lanes(r0[k] + r1[k]);
+    if (i < len) {
+      A qt[S];
+      const int64_t off = k * HW + i;
+      q.tail(grad_out + off, x + off, len - i, b, c0 + k, h0 + i, /*along_hw=*/true, qt);
+      for (int64_t j = 0; i + j < len; ++j) {
+        r += qt[j] * pw[i + j];
+        acc[i + j] += qt[j] * cw[k];
+      }
+    }
+    rc[k] = r;
+  }
+}
+
+// NCHW: task (b, pixel block) loops over channels (four at a time where the block is part of
+// a row); per_pixel accumulates per pixel across channels, per_channel gets one partial per
+// (block, c), summed in block order.
+template <typename T, typename Q, typename A = typename AccT<T>::type>
+void reduce_both_axes_nchw(const T* grad_out, const T* x, const Shape& s, const BothAxes<A>& r,
+                           const Q& q) {
+  constexpr int K = 4;
   const int64_t B = s.B, C = s.C, HW = s.HW;
   const int64_t blk = pix_block(B, HW), nbl = ceil_div(HW, blk);
   Tensor part = at::empty({B, nbl, C}, at::TensorOptions().dtype(s.acc));
@@ -39,33 +87,19 @@ void reduce_both_axes_nchw(const T* grad_out, const T* x, const Shape& s, const 
       const int64_t h0 = k * blk, len = std::min(HW - h0, blk);
       for (int64_t i = 0; i < len; ++i) acc[i] = 0;
       const A* pw = r.pixel_weight + b * HW + h0;
-      for (int64_t c = 0; c < C; ++c) {
+      int64_t c = 0;
+      // Where the block is the whole row, consecutive channel rows are one contiguous stream:
+      // one row at a time keeps it so (grouping measured 0.45-0.7x at 28x28); where it is not,
+      // every row is its own stream anyway and grouping measured 1.15-2x (56x56, 112x112).
+      for (; len < HW && c + K <= C; c += K) {
         const int64_t off = (b * C + c) * HW + h0;
-        const A cw = r.channel_weight[b * C + c];
-        const V vcw(cw);
-        V r0(0), r1(0);
-        int64_t i = 0;
-        for (; i + S <= len; i += S) {
-          V d0, d1, x0, x1;
-          IO<T>::load(grad_out + off + i, d0, d1);
-          IO<T>::load(x + off + i, x0, x1);
-          const V q0 = q.vec(d0, x0, b, c, h0 + i, /*along_hw=*/true);
-          const V q1 = q.vec(d1, x1, b, c, h0 + i + L, true);
-          r0 += q0 * V::loadu(pw + i);
-          r1 += q1 * V::loadu(pw + i + L);
-          (V::loadu(acc + i) + q0 * vcw).store(acc + i);
-          (V::loadu(acc + i + L) + q1 * vcw).store(acc + i + L);
-        }
-        A rc = sum_lanes(r0 + r1);
-        if (i < len) {
-          A qt[S];
-          q.tail(grad_out + off + i, x + off + i, len - i, b, c, h0 + i, /*along_hw=*/true, qt);
-          for (int64_t j = 0; i < len; ++i, ++j) {
-            rc += qt[j] * pw[i];
-            acc[i] += qt[j] * cw;
-          }
-        }
-        pp[t * C + c] = rc;
+        reduce_rows_both_axes<K, T, Q, A>(grad_out + off, x + off, HW, len, b, c, h0, pw,
+                                          r.channel_weight + b * C + c, acc, pp + t * C + c, q);
+      }
+      for (; c < C; ++c) {
+        const int64_t off = (b * C + c) * HW + h0;
+        reduce_rows_both_axes<1, T, Q, A>(grad_out + off, x + off, HW, len, b, c, h0, pw,
+                                          r.channel_weight + b * C + c, acc, pp + t * C + c, q);
       }
       for (int64_t i = 0; i < len; ++i) r.per_pixel[b * HW + h0 + i] = acc[i];
     }

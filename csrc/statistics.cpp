@@ -249,7 +249,7 @@ inline void spatial_max_accumulate(const T* x, int64_t n, const A* gc, A wm, A w
 
 // NCHW: K channel rows of one image at a time, sharing the loads of the per-pixel terms:
 // out[k] = sum over the row of x_k * (w_mean + w_max * [x_k * gc[k] == smax]). Each row keeps its
-// own accumulators and order, so the result is bitwise that of one row at a time.
+// own accumulators, in the order of one row at a time.
 template <int K, typename T, typename A = typename AccT<T>::type>
 inline void spatial_max_dot_rows(const T* x, int64_t n, const A* gc, const A* wm, const A* wx,
                                  const A* smax, A* out) {

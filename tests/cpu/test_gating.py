@@ -42,8 +42,9 @@ def test_large_batch_across_parallel_chunks(ext):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_long_rows_with_a_partial_channel_group(ext, dtype):
-    # NCHW rows of 2048+ pixels go four channels at a time in spatial_stats_backward (and every
-    # NCHW spatial_stats goes eight at a time): 7 and 11 channels end in partial groups
+    # NCHW channels in groups: four at a time in spatial_stats_backward (rows of 2048+ pixels)
+    # and in gate_apply_backward / bam_combine_backward (rows split into pixel blocks, as at
+    # batch 1 here), eight in spatial_stats: 7 and 11 channels end in partial groups
     check_primitives(ext, (2, 7, 45, 50), "contiguous", dtype)
     check_primitives(ext, (1, 11, 64, 33), "contiguous", dtype, ties=True)
 
