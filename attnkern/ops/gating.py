@@ -530,17 +530,26 @@ class BlockPasses:
     ``gating_input_grad``, ``bam_input_grad``): the math of every gradient is written once, in
     the kernels and in :mod:`attnkern.reference.gating`.
 
+    Without autograd (``torch.no_grad``, ``torch.inference_mode``), eager calls go to the
+    primitives directly.
+
     Call :meth:`channel_stats` first: its node is the one autograd runs last.
     """
 
     def __init__(self, primitives=None):
         self.traced = torch.compiler.is_compiling()
-        self.tape = None if self.traced else Tape(as_primitives(primitives))
+        # Eager without autograd (torch.no_grad, torch.inference_mode): the primitives are called
+        # directly. The nodes would record nothing, and their Python (Function.apply, the token
+        # tensor) cost about 20 us a block, most of a batch-1 block's time.
+        self.direct = None if self.traced or torch.is_grad_enabled() else as_primitives(primitives)
+        self.tape = None if self.traced or self.direct else Tape(as_primitives(primitives))
         self.token: Optional[Tensor] = None
 
     def channel_stats(self, x: Tensor) -> Tuple[Tensor, Tensor]:
         """(mean, max) over H, W: [B, C] each, accumulation dtype."""
-        if self.traced:
+        if self.direct:
+            mean, mx, _ = self.direct.channel_stats(x)
+        elif self.traced:
             mean, mx, _ = _ops.channel_stats(x)
         else:
             mean, mx, _, self.token = ChannelStatsNode.apply(x, self.tape)
@@ -548,7 +557,9 @@ class BlockPasses:
 
     def spatial_stats(self, x: Tensor, gc: Tensor) -> Tuple[Tensor, Tensor]:
         """(mean, max) over C of x * gc: [B, H*W] each."""
-        if self.traced:
+        if self.direct:
+            mean, mx, _ = self.direct.spatial_stats(x, gc)
+        elif self.traced:
             mean, mx, _ = _ops.spatial_stats(x, gc)
         else:
             mean, mx, _ = SpatialStatsNode.apply(x, gc, self.token, self.tape)
@@ -556,12 +567,16 @@ class BlockPasses:
 
     def gate_apply(self, x: Tensor, gc: Optional[Tensor], gs: Optional[Tensor]) -> Tensor:
         """x * gc[:, :, None, None] * gs (either gate may be None), in x's dtype and layout."""
+        if self.direct:
+            return self.direct.gate_apply(x, gc, gs)
         if self.traced:
             return _ops.gate_apply(x, gc, gs)
         return ApplyNode.apply(x, gc, gs, self.token, self.tape)
 
     def bam_combine(self, x: Tensor, mc: Tensor, ms: Tensor, product: bool) -> Tensor:
         """x * (1 + sigmoid(mc + ms)) (``product``: mc * ms inside the sigmoid)."""
+        if self.direct:
+            return self.direct.bam_combine(x, mc, ms, product)
         if self.traced:
             return _ops.bam_combine(x, mc, ms, product)
         return BamCombineNode.apply(x, mc, ms, self.token, self.tape, product)
