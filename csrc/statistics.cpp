@@ -46,12 +46,12 @@ inline void reduce_row(const T* p, const A* scale, int64_t n, A& sum, A& mx, A& 
 }
 
 // Running sum / max / tie count per element: acc[i] (+)= scale[k] * p[k * stride + i] for the
-// rows k = 0..K-1 in turn, over a segment of n elements (scale[k] = 1 when scale is null). A NaN
-// element leaves its sum NaN but not necessarily its max: the caller fixes the max up once the
-// pass is over (first_nan). The accumulators are read and written
-// once per K rows rather than once per row: in the NCHW pass across channels (spatial_stats),
-// one row at a time, their three loads and three stores, not the row's own bytes, set the
-// speed. Rows are added in order, so the result is bitwise that of K single-row passes.
+// rows k = 0..K-1 in turn, over a segment of n elements (scale[k] = 1 when scale is null). The
+// accumulators are read and written once per K rows rather than once per row: in the NCHW pass
+// across channels (spatial_stats), one row at a time, their three loads and three stores, not
+// the row's own bytes, set the speed. Rows are added in order, as K single-row passes add them.
+// A NaN element leaves its sum NaN but not necessarily its max: the caller fixes the max up
+// once the pass is over (first_nan).
 template <typename A>
 struct RunningStats {
   A* sum;
