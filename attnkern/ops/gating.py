@@ -542,12 +542,12 @@ class BlockPasses:
         # directly. The nodes would record nothing, and their Python (Function.apply, the token
         # tensor) cost about 20 us a block, most of a batch-1 block's time.
         self.direct = None if self.traced or torch.is_grad_enabled() else as_primitives(primitives)
-        self.tape = None if self.traced or self.direct else Tape(as_primitives(primitives))
+        self.tape = None if self.traced or self.direct is not None else Tape(as_primitives(primitives))
         self.token: Optional[Tensor] = None
 
     def channel_stats(self, x: Tensor) -> Tuple[Tensor, Tensor]:
         """(mean, max) over H, W: [B, C] each, accumulation dtype."""
-        if self.direct:
+        if self.direct is not None:
             mean, mx, _ = self.direct.channel_stats(x)
         elif self.traced:
             mean, mx, _ = _ops.channel_stats(x)
@@ -557,7 +557,7 @@ class BlockPasses:
 
     def spatial_stats(self, x: Tensor, gc: Tensor) -> Tuple[Tensor, Tensor]:
         """(mean, max) over C of x * gc: [B, H*W] each."""
-        if self.direct:
+        if self.direct is not None:
             mean, mx, _ = self.direct.spatial_stats(x, gc)
         elif self.traced:
             mean, mx, _ = _ops.spatial_stats(x, gc)
@@ -567,7 +567,7 @@ class BlockPasses:
 
     def gate_apply(self, x: Tensor, gc: Optional[Tensor], gs: Optional[Tensor]) -> Tensor:
         """x * gc[:, :, None, None] * gs (either gate may be None), in x's dtype and layout."""
-        if self.direct:
+        if self.direct is not None:
             return self.direct.gate_apply(x, gc, gs)
         if self.traced:
             return _ops.gate_apply(x, gc, gs)
@@ -575,7 +575,7 @@ class BlockPasses:
 
     def bam_combine(self, x: Tensor, mc: Tensor, ms: Tensor, product: bool) -> Tensor:
         """x * (1 + sigmoid(mc + ms)) (``product``: mc * ms inside the sigmoid)."""
-        if self.direct:
+        if self.direct is not None:
             return self.direct.bam_combine(x, mc, ms, product)
         if self.traced:
             return _ops.bam_combine(x, mc, ms, product)

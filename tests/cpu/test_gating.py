@@ -40,7 +40,7 @@ def test_large_batch_across_parallel_chunks(ext):
     check_primitives(ext, (16, 48, 33, 35), "contiguous", torch.float32)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
 def test_long_rows_with_a_partial_channel_group(ext, dtype):
     # NCHW channels in groups: four at a time in spatial_stats_backward (rows of 2048+ pixels)
     # and in gate_apply_backward / bam_combine_backward (rows split into pixel blocks, as at
