@@ -49,6 +49,15 @@ def test_long_rows_with_a_partial_channel_group(ext, dtype):
     check_primitives(ext, (1, 11, 64, 33), "contiguous", dtype, ties=True)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_channels_last_chunks_with_a_partial_vector(ext, dtype):
+    # channels_last passes over pixels: 8 chunks of up to 64 pixels per image, prefetching
+    # ahead until the last rows of the tensor; 37 channels end in a partial vector, which the
+    # merge of the chunks takes one channel at a time
+    check_primitives(ext, (2, 37, 20, 23), "channels_last", dtype)
+    check_primitives(ext, (2, 37, 20, 23), "channels_last", dtype, ties=True)
+
+
 def test_deterministic(ext):
     check_deterministic(ext)
 
