@@ -39,20 +39,101 @@ struct BamLogits {
   }
 };
 
+// The gate s = sigmoid(z) for a vector along the contiguous axis, or for a row's tail. With
+// z = mc + ms, exp(-z) = exp(-mc) * exp(-ms): those two exps are taken once per [B, C] and
+// [B, HW] entry (bam_gate), and a gate then costs a multiply, an add and a divide where it cost
+// an exp per element, which bound the passes (the same time in bf16 as in float32). An image
+// whose logits exceed kSeparableLogit in magnitude, where the product could overflow or lose
+// precision to subnormals, or hold a NaN, takes the sigmoid of z per element. So does the
+// product form z = mc * ms.
+template <typename A>
+struct BamGate {
+  using V = Vectorized<A>;
+  static constexpr double kSeparableLogit = 40;  // e^80 and e^-80 are normal floats
+  BamLogits<A> z;
+  const A* exp_neg_mc = nullptr;  // [B, C]; null: every image per element
+  const A* exp_neg_ms = nullptr;  // [B, HW]
+  const A* separable = nullptr;   // [B]: 1 where the image takes the split form
+  inline bool split(int64_t b) const { return exp_neg_mc && separable[b] != A(0); }
+  // 1 / (1 + e^-mc * e^-ms) from a channel factor and a pixel factor
+  static inline V from_factors(const V& fc, const V& fs) { return V(1) / (V(1) + fc * fs); }
+  inline V vec(int64_t b, int64_t c, int64_t hw, bool along_hw) const {
+    if (!split(b)) return sigmoid(z.vec(b, c, hw, along_hw));
+    if (along_hw) return from_factors(V(exp_neg_mc[b * z.C + c]), V::loadu(exp_neg_ms + b * z.HW + hw));
+    return from_factors(V::loadu(exp_neg_mc + b * z.C + c), V(exp_neg_ms[b * z.HW + hw]));
+  }
+  // The gates of n < 2 * V::size() elements along the contiguous axis from (b, c, hw), into
+  // s[0..n): the vector form on a padded copy, so that every element gets the same function.
+  inline void tail(int64_t b, int64_t c, int64_t hw, bool along_hw, int64_t n, A* s) const {
+    if (!split(b)) {
+      z.tail(b, c, hw, along_hw, n, s);
+      sigmoid_tail(s, n, s);
+      return;
+    }
+    if (n <= 0) return;
+    constexpr int64_t L = V::size();
+    A f[2 * L], g[2 * L];
+    for (int64_t j = 0; j < 2 * L; ++j) {
+      const int64_t k = std::min(j, n - 1);  // padding repeats the last element
+      f[j] = along_hw ? exp_neg_mc[b * z.C + c] : exp_neg_mc[b * z.C + c + k];
+      g[j] = along_hw ? exp_neg_ms[b * z.HW + hw + k] : exp_neg_ms[b * z.HW + hw];
+    }
+    from_factors(V::loadu(f), V::loadu(g)).store(f);
+    from_factors(V::loadu(f + L), V::loadu(g + L)).store(f + L);
+    std::copy_n(f, n, s);
+  }
+};
+
+// e^-m over m[0..n) into e, and whether every |m| <= bound (false with a NaN).
+template <typename A>
+inline bool exp_neg_within(const A* m, int64_t n, double bound, A* e) {
+  using V = Vectorized<A>;
+  constexpr int64_t L = V::size();
+  int64_t i = 0;
+  for (; i + L <= n; i += L) V::loadu(m + i).neg().exp().store(e + i);
+  for (; i < n; ++i) e[i] = std::exp(-m[i]);
+  bool within = true;
+  for (i = 0; i < n; ++i) within &= std::abs(m[i]) <= static_cast<A>(bound);
+  return within;
+}
+
+// The gate of BAM's combine: the split form (BamGate) for the sum z = mc + ms, its factors kept
+// in `scratch`.
+template <typename A>
+BamGate<A> bam_gate(const BamLogits<A>& z, int64_t B, Tensor& scratch) {
+  BamGate<A> gate{z};
+  if (z.product) return gate;
+  const int64_t C = z.C, HW = z.HW;
+  scratch = at::empty({B * (C + HW + 1)}, at::TensorOptions().dtype(c10::CppTypeToScalarType<A>::value));
+  A* fc = scratch.data_ptr<A>();
+  A* fs = fc + B * C;
+  A* split = fs + B * HW;
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const bool channels = exp_neg_within(z.mc + b * C, C, gate.kSeparableLogit, fc + b * C);
+      const bool pixels = exp_neg_within(z.ms + b * HW, HW, gate.kSeparableLogit, fs + b * HW);
+      split[b] = channels && pixels ? A(1) : A(0);
+    }
+  });
+  gate.exp_neg_mc = fc;
+  gate.exp_neg_ms = fs;
+  gate.separable = split;
+  return gate;
+}
+
 // q = grad_out * x * s * (1 - s), s = sigmoid(z): the logits' gradient per element.
 template <typename A>
 struct BamLogitGrad {
   using V = Vectorized<A>;
-  BamLogits<A> z;
+  BamGate<A> gate;
   inline V vec(const V& d, const V& x, int64_t b, int64_t c, int64_t hw, bool along_hw) const {
-    const V s = sigmoid(z.vec(b, c, hw, along_hw));
+    const V s = gate.vec(b, c, hw, along_hw);
     return d * x * s * (V(1) - s);
   }
   template <typename T>
   inline void tail(const T* d, const T* x, int64_t n, int64_t b, int64_t c, int64_t hw, bool along_hw,
                    A* q) const {
-    z.tail(b, c, hw, along_hw, n, q);
-    sigmoid_tail(q, n, q);
+    gate.tail(b, c, hw, along_hw, n, q);
     for (int64_t j = 0; j < n; ++j) {
       q[j] = static_cast<A>(d[j]) * static_cast<A>(x[j]) * q[j] * (A(1) - q[j]);
     }
@@ -67,7 +148,7 @@ struct RowStart {
 
 // out = src * (1 + s) + mean_term over a row: src is x (forward) or grad_out (input gradient).
 template <typename T, typename A = typename AccT<T>::type>
-inline void bam_row(const T* src, T* out, int64_t n, const BamLogits<A>& z, RowStart at,
+inline void bam_row(const T* src, T* out, int64_t n, const BamGate<A>& gate, RowStart at,
                     Operand<A> mean_term) {
   using V = Vectorized<A>;
   constexpr int64_t L = V::size();
@@ -80,8 +161,7 @@ inline void bam_row(const T* src, T* out, int64_t n, const BamLogits<A>& z, RowS
     V r[2];
     for (int h = 0; h < 2; ++h) {
       const int64_t j = i + h * L;
-      const V s = sigmoid(z.vec(at.b, at.along_hw ? at.c : at.c + j, at.along_hw ? at.hw + j : at.hw,
-                                at.along_hw));
+      const V s = gate.vec(at.b, at.along_hw ? at.c : at.c + j, at.along_hw ? at.hw + j : at.hw, at.along_hw);
       r[h] = (h ? bb : a) * (one + s);
       if (mean_term.vec) {
         r[h] = r[h] + mean_term.load(j);
@@ -93,8 +173,7 @@ inline void bam_row(const T* src, T* out, int64_t n, const BamLogits<A>& z, RowS
   }
   if (i < n) {
     A st[S];
-    z.tail(at.b, at.along_hw ? at.c : at.c + i, at.along_hw ? at.hw + i : at.hw, at.along_hw, n - i, st);
-    sigmoid_tail(st, n - i, st);
+    gate.tail(at.b, at.along_hw ? at.c : at.c + i, at.along_hw ? at.hw + i : at.hw, at.along_hw, n - i, st);
     for (int64_t j = 0; i < n; ++i, ++j) {
       A r = static_cast<A>(src[i]) * (A(1) + st[j]);
       r += mean_term.at(i);
@@ -105,19 +184,19 @@ inline void bam_row(const T* src, T* out, int64_t n, const BamLogits<A>& z, RowS
 
 // out = src * (1 + s) (+ mean_cmean[b, c] when given), both layouts.
 template <typename T, typename A>
-void bam_rows(const T* src, T* out, const BamLogits<A>& z, const A* mean_term, const Shape& s) {
+void bam_rows(const T* src, T* out, const BamGate<A>& gate, const A* mean_term, const Shape& s) {
   const int64_t B = s.B, C = s.C, HW = s.HW;
   if (!s.channels_last) {
     at::parallel_for(0, B * C, 1, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r)
-        bam_row<T, A>(src + r * HW, out + r * HW, HW, z, RowStart{r / C, r % C, 0, true},
+        bam_row<T, A>(src + r * HW, out + r * HW, HW, gate, RowStart{r / C, r % C, 0, true},
                       fixed(mean_term ? mean_term[r] : A(0)));
     });
   } else {
     at::parallel_for(0, B * HW, 64, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t b = r / HW;
-        bam_row<T, A>(src + r * C, out + r * C, C, z, RowStart{b, 0, r % HW, false},
+        bam_row<T, A>(src + r * C, out + r * C, C, gate, RowStart{b, 0, r % HW, false},
                       mean_term ? along(mean_term + b * C) : fixed(A(0)));
       }
     });
@@ -140,7 +219,8 @@ Tensor bam_combine(const Tensor& x, const Tensor& mc, const Tensor& ms, bool pro
   Tensor out = at::empty_like(x);
   ATTNKERN_DISPATCH(x, fn, [&] {
     const BamLogits<A> z{mc.data_ptr<A>(), ms.data_ptr<A>(), s.C, s.HW, product};
-    bam_rows<scalar_t, A>(x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), z, nullptr, s);
+    Tensor factors;
+    bam_rows<scalar_t, A>(x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), bam_gate<A>(z, s.B, factors), nullptr, s);
   });
   return out;
 }
@@ -158,10 +238,11 @@ std::tuple<Tensor, Tensor> bam_combine_backward(const Tensor& grad_out, const Te
     // grad_mc = sum_hw q (* ms with product), grad_ms = sum_c q (* mc with product)
     Tensor pixel_weight = product ? ms : at::ones({s.B, s.HW}, opts);
     Tensor channel_weight = product ? mc : at::ones({s.B, s.C}, opts);
+    Tensor factors;
     const BothAxes<A> r{pixel_weight.data_ptr<A>(), channel_weight.data_ptr<A>(), grad_mc.data_ptr<A>(),
                         grad_ms.data_ptr<A>()};
     reduce_both_axes<scalar_t>(grad_out.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), s, r,
-                               BamLogitGrad<A>{z});
+                               BamLogitGrad<A>{bam_gate<A>(z, s.B, factors)});
   });
   return {grad_mc, grad_ms};
 }
@@ -182,7 +263,8 @@ Tensor bam_input_grad(const Tensor& x, const OptTensor& grad_out, const Tensor& 
       dx.copy_(mean_term.view({s.B, s.C, 1, 1}).expand(x.sizes()).to(x.scalar_type()));
       return;
     }
-    bam_rows<scalar_t, A>(grad_out->data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), z,
+    Tensor factors;
+    bam_rows<scalar_t, A>(grad_out->data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), bam_gate<A>(z, s.B, factors),
                           mean_term.data_ptr<A>(), s);
   });
   return dx;

@@ -5,7 +5,9 @@ import torch
 
 from attnkern import _cpu
 from tests.cases import all_cases
-from tests.primitives import check_deterministic, check_primitives, check_rejects_non_dense
+from attnkern.reference import gating as ref
+from tests.cases import make_input
+from tests.primitives import _close_big, _close_small, check_deterministic, check_primitives, check_rejects_non_dense
 
 
 # the ISAs of the copies this CPU runs ("DEFAULT" only when the build is missing: the fixture fails)
@@ -56,6 +58,34 @@ def test_channels_last_chunks_with_a_partial_vector(ext, dtype):
     # merge of the chunks takes one channel at a time
     check_primitives(ext, (2, 37, 20, 23), "channels_last", dtype)
     check_primitives(ext, (2, 37, 20, 23), "channels_last", dtype, ties=True)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_bam_logits_beyond_the_split_form(ext, layout, dtype):
+    # z = mc + ms: the kernels take e^-mc * e^-ms unless an image has a logit beyond +-40.
+    # Image 1 pairs mc = -100 with ms = +100 (z = 0, gate 1/2), where e^100 overflows float32;
+    # image 2 has large logits of one sign only. Image 0 is ordinary.
+    B, C, H, W = 3, 19, 7, 9
+    x = make_input((B, C, H, W), layout, dtype)
+    x = x.contiguous(memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format)
+    dout = make_input((B, C, H, W), layout, dtype, seed=3)
+    dout = dout.contiguous(memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format)
+    a = torch.float64 if dtype == torch.float64 else torch.float32
+    g = torch.Generator().manual_seed(11)
+    mc, ms = torch.randn(B, C, generator=g, dtype=a), torch.randn(B, H * W, generator=g, dtype=a)
+    mc[1, ::2] -= 100
+    ms[1, ::3] += 100
+    mc[2, 5] = 45
+    ms[2, :10] -= 60
+    f32 = lambda t: t.to(a)  # noqa: E731
+    _close_big(ext, "bam_combine", (x, mc, ms, False), (f32(x), mc, ms, False), dtype, "bam out")
+    got = ext.bam_combine_backward(dout, x, mc, ms, False)
+    exp = ref.bam_combine_backward(f32(dout), f32(x), mc, ms, False)
+    _close_small(got[0], exp[0], "dmc", dtype)
+    _close_small(got[1], exp[1], "dms", dtype)
+    _close_big(ext, "bam_input_grad", (x, dout, mc, ms, False, None), (f32(x), f32(dout), mc, ms, False, None),
+               dtype, "bam dx")
 
 
 def test_deterministic(ext):
