@@ -114,8 +114,8 @@ inline void accumulate_row_block(const T* p, int64_t stride, const A* scale, int
                                  RunningStats<A> acc, int64_t prefetch_rows = 0, int64_t rows_readable = 0) {
   const auto rows_at = [&](int64_t r) { return p + r * stride; };
   const auto scale_at = [&](int64_t r) { return scale ? scale + r : nullptr; };
-  // rows [r0, r1) K at a time while rows r + prefetch_rows + K exist to be asked for, then
-  // without asking
+  // K rows at a time, asking for the K rows prefetch_rows further on while those exist; the
+  // rest without asking
   int64_t r = 0;
   const int64_t last_ahead = prefetch_rows > 0 ? std::min(rows, rows_readable - prefetch_rows) : 0;
   for (; r + K <= last_ahead; r += K)
