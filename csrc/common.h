@@ -337,15 +337,29 @@ inline Tensor no_grad_of(const Tensor& x, at::ScalarType acc) {
   return at::empty({0}, x.options().dtype(acc));
 }
 
-// out[b, c] = sum over k of part[b, k, c], in order k = 0, 1, ... (deterministic).
+// out[b, c] = sum over k of part[b, k, c], in order k = 0, 1, ... (deterministic), a vector of
+// channels at a time (the same order per channel as one channel at a time).
 template <typename A>
 void sum_partials(const A* part, int64_t B, int64_t K, int64_t C, A* out) {
-  at::parallel_for(0, B * C, 64, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const int64_t b = r / C, c = r % C;
-      A sum = 0;
-      for (int64_t k = 0; k < K; ++k) sum += part[(b * K + k) * C + c];
-      out[r] = sum;
+  using V = Vectorized<A>;
+  constexpr int64_t L = V::size();
+  constexpr int64_t kSpan = 4 * L;  // channels per task
+  const int64_t spans = (C + kSpan - 1) / kSpan;
+  at::parallel_for(0, B * spans, 16, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / spans, c0 = (t % spans) * kSpan, c1 = std::min(C, c0 + kSpan);
+      const A* p = part + b * K * C;
+      int64_t c = c0;
+      for (; c + L <= c1; c += L) {
+        V sum(0);
+        for (int64_t k = 0; k < K; ++k) sum += V::loadu(p + k * C + c);
+        sum.store(out + b * C + c);
+      }
+      for (; c < c1; ++c) {
+        A sum = 0;
+        for (int64_t k = 0; k < K; ++k) sum += p[k * C + c];
+        out[b * C + c] = sum;
+      }
     }
   });
 }
