@@ -5,7 +5,9 @@ backward, SGD with momentum), fp32, NCHW and channels_last, four variants:
 - ``naive``: the model as timm builds it;
 - ``fused``: ``attnkern.convert`` of it;
 - ``compile``: ``torch.compile`` of timm's model;
-- ``fused-compile``: ``torch.compile(attnkern.convert(model))``.
+- ``fused-compile``: ``torch.compile(attnkern.convert(model))``;
+- ``fused-compile-kernels`` (only when asked for, see below): the same with
+  ``ATTNKERN_COMPILE=kernels``, attnkern's kernels kept as opaque ops in the compiled graph.
 
 The four run interleaved in one process (round r times each variant once, in an order that
 rotates every round), so machine noise falls on all of them alike; each variant's median over
@@ -18,6 +20,8 @@ CUDA ``max_memory_allocated`` above the memory allocated before.
 
     pytest --benchmark benchmarks/test_bench_models.py [-k cbam_resnet50-inference]
     ATTNKERN_BENCH_ROUNDS=5 (timed rounds, default 5)
+    ATTNKERN_BENCH_MODEL_VARIANTS=compile,fused-compile-kernels,fused (default: the first four;
+        ``naive`` is always run, every ratio being taken against it or ``compile``)
 
 Each (model, pass, layout) case takes minutes on a 2-core CPU (compilation included).
 """
@@ -43,7 +47,11 @@ MODELS = {
 }
 PASSES = {"inference": (16, 256), "train": (8, 224)}  # batch, image size
 LAYOUTS = ("nchw", "channels_last")
-VARIANTS = ("naive", "fused", "compile", "fused-compile")
+ALL_VARIANTS = ("naive", "fused", "compile", "fused-compile", "fused-compile-kernels")
+VARIANTS = tuple(dict.fromkeys(
+    ["naive", "compile"] + os.environ.get("ATTNKERN_BENCH_MODEL_VARIANTS", "fused,fused-compile").split(",")))
+if not set(VARIANTS) <= set(ALL_VARIANTS):
+    raise ValueError(f"ATTNKERN_BENCH_MODEL_VARIANTS: each of {ALL_VARIANTS}, got {VARIANTS}")
 ROUNDS = int(os.environ.get("ATTNKERN_BENCH_ROUNDS", "5"))
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -90,7 +98,13 @@ def _variant(base: torch.nn.Module, variant: str) -> torch.nn.Module:
     m = copy.deepcopy(base)
     if variant.startswith("fused"):
         m = attnkern.convert(m)
-    return torch.compile(m) if variant.endswith("compile") else m
+    return torch.compile(m) if "compile" in variant else m
+
+
+def _policy(variant: str) -> str:
+    """ATTNKERN_COMPILE for a variant's calls: read while dynamo traces, and it recompiles
+    when the value changes, so every call sets its own."""
+    return "kernels" if variant.endswith("-kernels") else "auto"
 
 
 def _step(model: torch.nn.Module, x: torch.Tensor, train: bool) -> Callable[[], None]:
@@ -130,8 +144,14 @@ def test_whole_model(benchmark, recorder, model_name, pass_, layout):
     steps: Dict[str, Callable[[], None]] = {}
     shape = (batch, 3, size, size)
     op = f"model {model_name} {pass_} {layout}"
+    policy_before = os.environ.get("ATTNKERN_COMPILE")
     for v in VARIANTS:
-        steps[v] = _step(_variant(base, v).train(train), x, train)
+        step = _step(_variant(base, v).train(train), x, train)
+
+        def with_policy(step=step, policy=_policy(v)):
+            os.environ["ATTNKERN_COMPILE"] = policy
+            step()
+        steps[v] = with_policy
         t0 = time.perf_counter()
         steps[v]()  # torch.compile compiles here, outside the timed rounds
         _sync()
@@ -164,7 +184,11 @@ def test_whole_model(benchmark, recorder, model_name, pass_, layout):
         recorder.row(op, v, pass_, shape, torch.float32, "images_per_s", batch / med[v], device=DEVICE)
         recorder.row(op, v, pass_, shape, torch.float32, "peak_mb", peaks[v], device=DEVICE)
     summary = ", ".join(f"{v} {batch / med[v]:.2f} img/s" for v in VARIANTS)
-    ratios = (f"fused/naive {med['naive'] / med['fused']:.2f}x, "
-              f"fused-compile/compile {med['compile'] / med['fused-compile']:.2f}x")
+    ratios = ", ".join([f"{v}/naive {med['naive'] / med[v]:.2f}x" for v in VARIANTS if v.startswith("fused")]
+                       + [f"{v}/compile {med['compile'] / med[v]:.2f}x" for v in VARIANTS if v.startswith("fused")])
+    if policy_before is None:
+        os.environ.pop("ATTNKERN_COMPILE", None)
+    else:
+        os.environ["ATTNKERN_COMPILE"] = policy_before
     print(f"\n{op}: {summary}; {ratios}")
     assert all(t > 0 for ts in times.values() for t in ts)
