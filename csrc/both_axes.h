@@ -109,8 +109,10 @@ void reduce_both_axes_nchw(const T* grad_out, const T* x, const Shape& s, const 
 
 // channels_last: task (b, pixel chunk), one pixel at a time, the rows of both inputs ~32 KB
 // further on prefetched (pixels two or four at a time, sharing the partials' loads and stores,
-// measured no faster); per pixel, per_pixel is a reduction along the contiguous channels;
-// per_channel accumulates across the chunk's pixels into a partial, summed in chunk order.
+// measured no faster); per pixel, per_pixel is a reduction along the contiguous channels, its
+// lanes merged kLaneGroup pixels at a time (sum_lanes_of_rows: the same sums as one
+// pixel at a time); per_channel accumulates across the chunk's pixels into a partial, summed in
+// chunk order.
 template <typename T, typename Q, typename A = typename AccT<T>::type>
 void reduce_both_axes_channels_last(const T* grad_out, const T* x, const Shape& s,
                                     const BothAxes<A>& r, const Q& q) {
@@ -130,14 +132,13 @@ void reduce_both_axes_channels_last(const T* grad_out, const T* x, const Shape& 
       A* acc = pp + t * C;
       std::fill_n(acc, C, A(0));
       const A* cw = r.channel_weight + b * C;
-      for (int64_t hw = h0; hw < h1; ++hw) {
+      // pixel hw's vector part: acc[0..i) += q * w, and the lanes of its per-pixel sum
+      const auto pixel_lanes = [&](int64_t hw) {
         const int64_t off = (b * HW + hw) * C;
         const int64_t pf = b * HW + hw + ahead < B * HW ? ahead * C : 0;  // 0: nothing to ask for
-        const A w = r.pixel_weight[b * HW + hw];
-        const V vw(w);
+        const V vw(r.pixel_weight[b * HW + hw]);
         V r0(0), r1(0);
-        int64_t i = 0;
-        for (; i + S <= C; i += S) {
+        for (int64_t i = 0; i + S <= C; i += S) {
           if (pf) {
             for (int64_t o = 0; o < S; o += kLine) {
               prefetch_l2(grad_out + off + pf + i + o);
@@ -154,17 +155,38 @@ void reduce_both_axes_channels_last(const T* grad_out, const T* x, const Shape& 
           (V::loadu(acc + i) + q0 * vw).store(acc + i);
           (V::loadu(acc + i + L) + q1 * vw).store(acc + i + L);
         }
-        A rh = sum_lanes(r0 + r1);
-        if (i < C) {
+        return r0 + r1;
+      };
+      // the channels past the last full vector step, added to the merged lanes rh
+      const int64_t i_tail = C / S * S;
+      const auto pixel_tail = [&](int64_t hw, A rh) {
+        if (i_tail < C) {
+          const int64_t off = (b * HW + hw) * C;
+          const A w = r.pixel_weight[b * HW + hw];
           A qt[S];
-          q.tail(grad_out + off + i, x + off + i, C - i, b, i, hw, /*along_hw=*/false, qt);
-          for (int64_t j = 0; i < C; ++i, ++j) {
+          q.tail(grad_out + off + i_tail, x + off + i_tail, C - i_tail, b, i_tail, hw, /*along_hw=*/false, qt);
+          for (int64_t i = i_tail, j = 0; i < C; ++i, ++j) {
             rh += qt[j] * cw[i];
             acc[i] += qt[j] * w;
           }
         }
         r.per_pixel[b * HW + hw] = rh;
+      };
+      int64_t hw = h0;
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+      // kLaneGroup pixels at a time share the merges of their lanes (bitwise those of sum_lanes)
+      if constexpr (kLaneGroup<A> > 1) {
+        constexpr int G = kLaneGroup<A>;
+        for (; hw + G <= h1; hw += G) {
+          V lanes[G];
+          for (int g = 0; g < G; ++g) lanes[g] = pixel_lanes(hw + g);
+          A rh[G];
+          sum_lanes_of_rows(lanes, rh);
+          for (int g = 0; g < G; ++g) pixel_tail(hw + g, rh[g]);
+        }
       }
+#endif
+      for (; hw < h1; ++hw) pixel_tail(hw, sum_lanes(pixel_lanes(hw)));
     }
   });
   sum_partials<A>(pp, B, nch, C, r.per_channel);

@@ -9,10 +9,11 @@ namespace cpu {
 inline namespace CPU_CAPABILITY {  // one copy per vector ISA (cpu_capability.h)
 namespace {
 
-// Sum, max and tie count of p[0..n) (times scale[0..n) when given), reduced in a fixed order.
-// The max is NaN when an element is (max_count_add_vec leaves that to the caller).
+// The lane vectors of p[0..n) (times scale[0..n) when given): per lane, the sum (s), and the
+// max (m) and tie count (c) of the elements a vector loop visits; returns how many it visited.
 template <typename T, typename A = typename AccT<T>::type>
-inline void reduce_row(const T* p, const A* scale, int64_t n, A& sum, A& mx, A& cnt) {
+inline int64_t row_lanes(const T* p, const A* scale, int64_t n, Vectorized<A>& s, Vectorized<A>& m,
+                         Vectorized<A>& c) {
   using V = Vectorized<A>;
   constexpr int64_t L = V::size();
   constexpr int64_t S = IO<T>::kStep;
@@ -31,11 +32,17 @@ inline void reduce_row(const T* p, const A* scale, int64_t n, A& sum, A& mx, A& 
     max_count_add_vec(m0, c0, a);
     max_count_add_vec(m1, c1, b);
   }
-  sum = sum_lanes(s0 + s1);
-  mx = -std::numeric_limits<A>::infinity();
-  cnt = 0;
+  s = s0 + s1;
   max_count_merge_vec(m0, c0, m1, c1);
-  merge_lanes(m0, c0, mx, cnt);
+  m = m0;
+  c = c0;
+  return i;
+}
+
+// Adds the elements p[i..n) that row_lanes left to the merged (sum, mx, cnt) and fixes up the
+// max when an element was NaN (max_count_add_vec leaves that to the caller).
+template <typename T, typename A = typename AccT<T>::type>
+inline void finish_row(const T* p, const A* scale, int64_t i, int64_t n, A& sum, A& mx, A& cnt) {
   for (; i < n; ++i) {
     A y = static_cast<A>(p[i]);
     if (scale) y *= scale[i];
@@ -45,6 +52,19 @@ inline void reduce_row(const T* p, const A* scale, int64_t n, A& sum, A& mx, A& 
   if (std::isnan(sum)) {
     if (const auto nan = first_nan<T, A>(p, 1, scale, n)) mx = *nan;
   }
+}
+
+// Sum, max and tie count of p[0..n) (times scale[0..n) when given), reduced in a fixed order.
+// The max is NaN when an element is.
+template <typename T, typename A = typename AccT<T>::type>
+inline void reduce_row(const T* p, const A* scale, int64_t n, A& sum, A& mx, A& cnt) {
+  Vectorized<A> s, m, c;
+  const int64_t i = row_lanes<T, A>(p, scale, n, s, m, c);
+  sum = sum_lanes(s);
+  mx = -std::numeric_limits<A>::infinity();
+  cnt = 0;
+  merge_lanes(m, c, mx, cnt);
+  finish_row<T, A>(p, scale, i, n, sum, mx, cnt);
 }
 
 // Running sum / max / tie count per element: acc[i] (+)= scale[k] * p[k * stride + i] for the
@@ -252,14 +272,36 @@ void spatial_stats_nchw(const T* x, const A* gc, const Shape& s, Stats<A> out) {
   });
 }
 
-// channels_last: one contiguous row of C per (b, hw).
+// channels_last: one contiguous row of C per (b, hw). kLaneGroup rows at a time share their
+// lane merges (merge_lanes_of_rows), bitwise the results of one row at a time.
 template <typename T, typename A>
 void spatial_stats_channels_last(const T* x, const A* gc, const Shape& s, Stats<A> out) {
-  at::parallel_for(0, s.B * s.HW, 64, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
+  const int64_t C = s.C, HW = s.HW;
+  const auto row = [&](int64_t r) { return x + r * C; };
+  const auto scale = [&](int64_t r) { return gc + (r / HW) * C; };
+  at::parallel_for(0, s.B * HW, 64, [&](int64_t r0, int64_t r1) {
+    int64_t r = r0;
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+    if constexpr (kLaneGroup<A> > 1) {
+      constexpr int G = kLaneGroup<A>;
+      for (; r + G <= r1; r += G) {
+        Vectorized<A> vs[G], vm[G], vc[G];
+        int64_t done = 0;
+        for (int k = 0; k < G; ++k) done = row_lanes<T, A>(row(r + k), scale(r + k), C, vs[k], vm[k], vc[k]);
+        A sum[G], mx[G], cnt[G];
+        sum_lanes_of_rows(vs, sum);
+        merge_lanes_of_rows(vm, vc, mx, cnt);
+        for (int k = 0; k < G; ++k) {
+          finish_row<T, A>(row(r + k), scale(r + k), done, C, sum[k], mx[k], cnt[k]);
+          out.set(r + k, sum[k], static_cast<A>(C), mx[k], cnt[k]);
+        }
+      }
+    }
+#endif
+    for (; r < r1; ++r) {
       A sum, m, c;
-      reduce_row<T, A>(x + r * s.C, gc + (r / s.HW) * s.C, s.C, sum, m, c);
-      out.set(r, sum, static_cast<A>(s.C), m, c);
+      reduce_row<T, A>(row(r), scale(r), C, sum, m, c);
+      out.set(r, sum, static_cast<A>(C), m, c);
     }
   });
 }

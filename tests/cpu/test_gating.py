@@ -60,6 +60,49 @@ def test_channels_last_chunks_with_a_partial_vector(ext, dtype):
     check_primitives(ext, (2, 37, 20, 23), "channels_last", dtype, ties=True)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
+def test_channels_last_pixel_same_in_a_lane_group_as_alone(ext, dtype):
+    # channels_last reductions along a pixel's channels merge their vector lanes 8 or 16 pixels
+    # at a time (spatial_stats; the per-pixel gradients of the passes over both axes, here
+    # gate_apply_backward's): each pixel must come out bitwise as it does alone. (BAM's per-pixel
+    # gradient is not compared: its gate takes exp over the image's logits, whose last bits
+    # depend on where a logit falls in ATen's vector exp.) 2 x 45 pixels make full groups and a
+    # rest; 37 channels end in a partial vector; a NaN, an inf, a -0.0 max and ties sit inside
+    # groups.
+    B, C, H, W = 2, 37, 5, 9
+    a = torch.float64 if dtype == torch.float64 else torch.float32
+    cl = lambda t: t.contiguous(memory_format=torch.channels_last)  # noqa: E731
+    x = make_input((B, C, H, W), "contiguous", dtype)
+    x[0, :, 1, 2] = -x[0, :, 1, 2].abs() - 1
+    x[0, 4, 1, 2] = -0.0                    # a pixel whose max is -0.0, tied with +0.0
+    x[0, 9, 1, 2] = 0.0
+    x[0, ::3, 2, 3] = 0.75                  # ties
+    x[1, 6, 0, 4] = float("nan")
+    x[1, 30, 3, 1] = float("inf")
+    x = cl(x)
+    dout = cl(make_input((B, C, H, W), "contiguous", dtype, seed=3))
+    g = torch.Generator().manual_seed(5)
+    gc = torch.rand(B, C, generator=g, dtype=a)
+    gc[:, ::4] = 1.0
+    gs = torch.randn(B, H * W, generator=g, dtype=a)
+    stats = ext.spatial_stats(x, gc)
+    grad_gs = ext.gate_apply_backward(dout, x, gc, gs, True, True)[1]
+    same = lambda u, v: u.view(-1).view(torch.uint8).equal(v.view(-1).view(torch.uint8))  # noqa: E731
+    for b in range(B):
+        for h in range(H):
+            for w in range(W):
+                # "alone": in a channels_last tensor of two pixels (one pixel would be NCHW too)
+                w0 = min(w, W - 2)
+                i, j, k = h * W + w, h * W + w0, w - w0
+                xp, dp = x[b:b + 1, :, h:h + 1, w0:w0 + 2], dout[b:b + 1, :, h:h + 1, w0:w0 + 2]
+                assert xp.is_contiguous(memory_format=torch.channels_last) and not xp.is_contiguous()
+                alone = ext.spatial_stats(xp, gc[b:b + 1])
+                for got, exp, name in zip(stats, alone, ("mean", "max", "count")):
+                    assert same(got[b, i:i + 1], exp[0, k:k + 1]), (name, b, h, w)
+                g1 = ext.gate_apply_backward(dp, xp, gc[b:b + 1], gs[b:b + 1, j:j + 2], True, True)[1]
+                assert same(grad_gs[b, i:i + 1], g1.reshape(-1)[k:k + 1]), ("grad_gs", b, h, w)
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_bam_logits_beyond_the_split_form(ext, layout, dtype):
