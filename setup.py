@@ -15,11 +15,18 @@ from torch.utils.cpp_extension import BuildExtension, CppExtension
 
 # The vector ISAs every kernel source is compiled for besides the baseline, with the flags
 # ATen compiles its own kernels with for the same at::vec width (csrc/cpu_capability.h chooses
-# among the copies at run time, so one build runs on any x86-64 CPU).
+# among the copies at run time, so one build runs on any x86-64 CPU). AVX512_BF16 is the
+# AVX512 copy with the AVX512_BF16 instructions (Cooper Lake, Sapphire Rapids and later Xeons,
+# AMD Zen 4 and later): one instruction rounds 32 floats to bfloat16, where AVX-512 alone
+# takes 16.
+_AVX512 = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c"]
 VECTOR_CAPABILITIES = {
     "AVX2": ["-mavx2", "-mfma", "-mf16c"],
-    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c"],
+    "AVX512": _AVX512,
+    "AVX512_BF16": _AVX512 + ["-mavx512bf16"],
 }
+# The at::vec width of a copy, where its name is not that width's CPU_CAPABILITY_<NAME> macro.
+VECTOR_WIDTH = {"AVX512_BF16": "AVX512"}
 # csrc/cpu_capability.cpp (the choice itself) is built once, for the baseline.
 KERNEL_SOURCES = sorted(f for f in glob.glob("csrc/*.cpp") if os.path.basename(f) != "cpu_capability.cpp")
 
@@ -30,9 +37,11 @@ def base_flags():
 
 
 def capability_flags(name):
-    """The flags that make an object the `name` copy of the kernels ('DEFAULT', 'AVX2', 'AVX512'):
-    at::vec's CPU_CAPABILITY macros and the ISA's -m flags."""
-    return [f"-DCPU_CAPABILITY={name}", f"-DCPU_CAPABILITY_{name}"] + VECTOR_CAPABILITIES.get(name, [])
+    """The flags that make an object the `name` copy of the kernels ('DEFAULT', 'AVX2', 'AVX512',
+    'AVX512_BF16'): at::vec's CPU_CAPABILITY macros (the copy's namespace, and its at::vec width)
+    and the ISA's -m flags."""
+    width = [f"-DCPU_CAPABILITY_{VECTOR_WIDTH[name]}"] if name in VECTOR_WIDTH else []
+    return [f"-DCPU_CAPABILITY={name}", f"-DCPU_CAPABILITY_{name}"] + width + VECTOR_CAPABILITIES.get(name, [])
 
 
 def vector_capabilities():
@@ -43,7 +52,7 @@ def vector_capabilities():
 class BuildExtensionPerCapability(BuildExtension):
     """torch's BuildExtension that also compiles the kernel sources once per vector capability
     (into build_temp/<capability>/) and links those objects after the baseline ones, DEFAULT,
-    AVX2, AVX512 in that order (see csrc/cpu_capability.h for why the order matters)."""
+    AVX2, AVX512, AVX512_BF16 in that order (see csrc/cpu_capability.h for why the order matters)."""
 
     def build_extension(self, ext):
         baseline = [f for f in ext.extra_compile_args["cxx"] if not f.startswith("-DCPU_CAPABILITY")]

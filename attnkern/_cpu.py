@@ -89,10 +89,12 @@ def cpu_model() -> str:
 
 def cpu_capability() -> str:
     """The vector ISA whose copy of the C++ kernels runs: ``"DEFAULT"`` (the x86-64 baseline),
-    ``"AVX2"`` or ``"AVX512"``. The library holds one copy per ISA; the widest one this CPU runs
-    is chosen on first use, lowered by ``ATTNKERN_CPU_CAPABILITY`` or, when that is unset,
-    ``ATEN_CPU_CAPABILITY`` (``default``, ``avx2``, ``avx512``; a value this CPU cannot run
-    falls back to the widest it can, with a warning). Raises RuntimeError when the kernels are
+    ``"AVX2"``, ``"AVX512"`` or ``"AVX512_BF16"`` (AVX-512 with the BF16 conversions: its
+    bfloat16 stores round in one instruction). The library holds one copy per ISA; the widest
+    one this CPU runs is chosen on first use, lowered by ``ATTNKERN_CPU_CAPABILITY`` (``default``,
+    ``avx2``, ``avx512``, ``avx512_bf16``) or, when that is unset, ``ATEN_CPU_CAPABILITY``
+    (``default``, ``avx2``, ``avx512``: ATen's widest, which keeps ``AVX512_BF16``); a value
+    this CPU cannot run falls back to the widest it can, with a warning. Raises RuntimeError when the kernels are
     not built, or when ``ATTNKERN_CPU_CAPABILITY`` names no capability."""
     return require().cpu_capability()
 
@@ -105,7 +107,7 @@ def cpu_capabilities() -> list:
 
 def set_cpu_capability(name: str) -> str:
     """Runs the C++ kernels' ``name`` copy from now on (``"default"``, ``"avx2"``, ``"avx512"``,
-    any case) and returns the capability active before. Raises RuntimeError for a name that is
-    not one of :func:`cpu_capabilities`. For tests and measurements; users set
+    ``"avx512_bf16"``, any case) and returns the capability active before. Raises RuntimeError
+    for a name that is not one of :func:`cpu_capabilities`. For tests and measurements; users set
     ``ATTNKERN_CPU_CAPABILITY``."""
     return require()._set_cpu_capability(name)

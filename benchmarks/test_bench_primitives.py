@@ -2,7 +2,7 @@
 and the share of the bandwidth of a copy into an existing tensor of the same size, per
 primitive, layout (NCHW, channels_last) and dtype (float32, bfloat16), at the block
 benchmarks' shapes and at batch 1, for each vector ISA's copy of the kernels this CPU runs
-(AVX2, AVX512; ``ATTNKERN_BENCH_CAPABILITIES=AVX2`` measures a subset).
+(AVX2, AVX512, AVX512_BF16; ``ATTNKERN_BENCH_CAPABILITIES=AVX2`` measures a subset).
 
 Bytes moved count the big tensors each primitive must read and write ([B, C] and [B, H*W]
 statistics are negligible): channel_stats and spatial_stats read x once; gate_apply and

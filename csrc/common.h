@@ -5,11 +5,11 @@
 // over without a copy: NCHW (each channel's H*W pixels contiguous) or channels_last (each
 // pixel's C channels contiguous); each primitive is a pair of loops, one per layout, under one
 // checked entry. Inner loops are at::vec::Vectorized over the contiguous dimension; each
-// kernel source is compiled once per vector ISA (baseline, AVX2, AVX-512) and the widest one the
-// CPU runs is chosen at run time (cpu_capability.h); bf16/fp16 are widened to fp32 in registers;
-// all arithmetic is in the accumulation dtype (fp32, fp64 for fp64 input). Vector widths differ
-// between ISAs, so the order of a reduction's additions (not its determinism) depends on the
-// ISA.
+// kernel source is compiled once per vector ISA (baseline, AVX2, AVX-512, AVX-512 with BF16) and
+// the widest one the CPU runs is chosen at run time (cpu_capability.h); bf16/fp16 are widened to
+// fp32 in registers; all arithmetic is in the accumulation dtype (fp32, fp64 for fp64 input).
+// Vector widths differ between ISAs, so the order of a reduction's additions (not its
+// determinism) depends on the ISA.
 //
 // Determinism: work is split into tasks that depend only on the shapes (never on the thread
 // count); reductions that cross tasks write per-task partials that are combined in a fixed
@@ -94,8 +94,22 @@ struct IOReduced {
     at::vec::convert_from_float<T>(a, b).store(p);
   }
 };
+#if defined(CPU_CAPABILITY_AVX512_BF16)
+// The AVX512_BF16 copy rounds a store's 32 floats to bfloat16 in one instruction
+// (VCVTNE2PS2BF16), where at::vec's conversion takes 16: the bfloat16 passes that write a big
+// tensor were bound by it. Both round to nearest even. The instruction also flushes subnormal
+// floats (below 1.2e-38) to zero, and writes a NaN as a quiet NaN of the same sign where at::vec
+// writes 0xFFFF; a row's tail, stored element by element, keeps c10's rounding.
+template <>
+struct IO<at::BFloat16> : IOReduced<at::BFloat16> {
+  static inline void store(at::BFloat16* p, const V& a, const V& b) {
+    _mm512_storeu_si512(p, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(b, a)));
+  }
+};
+#else
 template <>
 struct IO<at::BFloat16> : IOReduced<at::BFloat16> {};
+#endif
 template <>
 struct IO<at::Half> : IOReduced<at::Half> {};
 

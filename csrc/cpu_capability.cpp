@@ -28,6 +28,8 @@ std::atomic<int> active{-1};
 
 const char* name_of(Capability c) {
   switch (c) {
+    case Capability::AVX512_BF16:
+      return "AVX512_BF16";
     case Capability::AVX512:
       return "AVX512";
     case Capability::AVX2:
@@ -55,7 +57,10 @@ Capability cpu_supports() {
   const bool avx512 = (b & (1u << 16)) && (b & (1u << 17)) && (b & (1u << 30)) &&
                       (b & (1u << 31)) &&    // F, DQ, BW, VL
                       (xcr0 & 0xE0) == 0xE0;  // and opmask, ZMM state saved
-  return avx512 ? Capability::AVX512 : Capability::AVX2;
+  if (!avx512) return Capability::AVX2;
+  // AVX512_BF16: CPUID leaf 7, subleaf 1, EAX bit 5
+  if (__get_cpuid_count(7, 1, &a, &b, &c, &d) && (a & (1u << 5))) return Capability::AVX512_BF16;
+  return Capability::AVX512;
 #else
   return Capability::DEFAULT;
 #endif
@@ -67,12 +72,14 @@ std::optional<Capability> parse(const std::string& value) {
   if (v == "default") return Capability::DEFAULT;
   if (v == "avx2") return Capability::AVX2;
   if (v == "avx512") return Capability::AVX512;
+  if (v == "avx512_bf16") return Capability::AVX512_BF16;
   return std::nullopt;
 }
 
 // ATTNKERN_CPU_CAPABILITY (a value that is not a capability is an error), else
-// ATEN_CPU_CAPABILITY (values of other architectures are ignored, as ATen ignores them on x86),
-// lowered to what runs here.
+// ATEN_CPU_CAPABILITY (values of other architectures are ignored, as ATen ignores them on x86;
+// its widest value, avx512, allows the AVX512_BF16 copy, which ATen has no name for), lowered
+// to what runs here.
 Capability from_environment() {
   const Capability usable = cpu_supports();
   const char* var = "ATTNKERN_CPU_CAPABILITY";
@@ -80,12 +87,13 @@ Capability from_environment() {
   std::optional<Capability> wanted;
   if (value != nullptr && *value != '\0') {
     wanted = parse(value);
-    TORCH_CHECK(wanted.has_value(), var, " must be one of default, avx2, avx512 (any case), got '",
-                value, "'");
+    TORCH_CHECK(wanted.has_value(), var, " must be one of default, avx2, avx512, avx512_bf16 (any case), ",
+                "got '", value, "'");
   } else {
     var = "ATEN_CPU_CAPABILITY";
     value = std::getenv(var);
     if (value != nullptr) wanted = parse(value);
+    if (wanted == Capability::AVX512 && usable == Capability::AVX512_BF16) wanted = usable;
   }
   if (!wanted.has_value()) return usable;
   if (static_cast<int>(*wanted) > static_cast<int>(usable)) {
@@ -108,7 +116,7 @@ std::vector<std::string> usable_names() {
 std::string set_capability(const std::string& name) {
   const std::optional<Capability> c = parse(name);
   TORCH_CHECK(c.has_value(), "attnkern::_set_cpu_capability: capability must be one of default, avx2, "
-              "avx512 (any case), got '", name, "'");
+              "avx512, avx512_bf16 (any case), got '", name, "'");
   TORCH_CHECK(static_cast<int>(*c) <= static_cast<int>(cpu_supports()), "attnkern::_set_cpu_capability: ",
               name_of(*c), " does not run on this CPU (usable: ", c10::Join(", ", usable_names()), ")");
   const Capability before = active_capability();

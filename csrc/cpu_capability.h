@@ -2,9 +2,11 @@
 // ATen's DispatchStub does for its own kernels).
 //
 // setup.py compiles every kernel source once per capability: DEFAULT (the x86-64 baseline, or
-// any other CPU), AVX2 (with FMA and F16C) and AVX512 (F, BW, VL and DQ), each with its own -m
-// flags and its CPU_CAPABILITY / CPU_CAPABILITY_<NAME> macros, which select at::vec's
-// Vectorized width. Everything a kernel source defines lives in the inline namespace
+// any other CPU), AVX2 (with FMA and F16C), AVX512 (F, BW, VL and DQ) and AVX512_BF16 (AVX512
+// and the BF16 conversions: the AVX512 copy whose bfloat16 stores round 32 floats in one
+// instruction), each with its own -m flags and its CPU_CAPABILITY / CPU_CAPABILITY_<NAME>
+// macros, which select at::vec's Vectorized width (AVX512_BF16 also defines
+// CPU_CAPABILITY_AVX512: the same width, and every AVX512 code path). Everything a kernel source defines lives in the inline namespace
 // attnkern::cpu::CPU_CAPABILITY (as at::vec does), so the copies share no symbol of ours. Each
 // op's table holds its checked entry's copies (ATTNKERN_CPU_KERNEL); the dispatcher calls the
 // table (ATTNKERN_ACTIVE_CPU_KERNEL), which runs the copy for the active capability.
@@ -17,12 +19,12 @@
 //
 // Inline functions of other headers (c10, the standard library) are compiled in every copy
 // under the same name, and the linker keeps the first one it sees: setup.py and CMakeLists.txt
-// link the DEFAULT objects first, then AVX2, then AVX512, so the copy kept of such a function
-// is never built for a wider ISA than any of its callers.
+// link the DEFAULT objects first, then AVX2, AVX512 and AVX512_BF16, so the copy kept of such a
+// function is never built for a wider ISA than any of its callers.
 #pragma once
 
 #ifndef CPU_CAPABILITY
-#error "compile attnkern's kernels with -DCPU_CAPABILITY=DEFAULT, AVX2 or AVX512 (setup.py does)"
+#error "compile attnkern's kernels with -DCPU_CAPABILITY=DEFAULT, AVX2, AVX512 or AVX512_BF16 (setup.py does)"
 #endif
 
 #include <c10/util/Exception.h>
@@ -33,8 +35,8 @@
 namespace attnkern {
 namespace cpu {
 
-enum class Capability : int { DEFAULT = 0, AVX2 = 1, AVX512 = 2 };
-constexpr int kCapabilities = 3;
+enum class Capability : int { DEFAULT = 0, AVX2 = 1, AVX512 = 2, AVX512_BF16 = 3 };
+constexpr int kCapabilities = 4;
 
 // The capability whose kernels run now (cpu_capability.cpp).
 Capability active_capability();
@@ -83,8 +85,11 @@ struct ActiveKernel<table, R(Args...)> {
   namespace AVX512 {                                                                     \
   [[gnu::weak]] decltype(DEFAULT::name) name;                                            \
   }                                                                                      \
+  namespace AVX512_BF16 {                                                                \
+  [[gnu::weak]] decltype(DEFAULT::name) name;                                            \
+  }                                                                                      \
   constinit const KernelTable<decltype(DEFAULT::name)> name##_kernels{                   \
-      {&DEFAULT::name, &AVX2::name, &AVX512::name}};                                     \
+      {&DEFAULT::name, &AVX2::name, &AVX512::name, &AVX512_BF16::name}};                 \
   }                                                                                      \
   }
 

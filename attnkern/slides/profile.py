@@ -133,7 +133,8 @@ def _rss_mb() -> float:
 
 
 def _cpu_kernels() -> Optional[str]:
-    """The vector ISA of the C++ kernels' copy that runs (DEFAULT, AVX2, AVX512), or None."""
+    """The vector ISA of the C++ kernels' copy that runs (DEFAULT, AVX2, AVX512,
+    AVX512_BF16), or None."""
     return _cpu.cpu_capability() if _cpu.extension() is not None else None
 
 

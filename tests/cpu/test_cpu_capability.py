@@ -13,7 +13,7 @@ import pytest
 
 from attnkern import _cpu
 
-ORDER = ["DEFAULT", "AVX2", "AVX512"]
+ORDER = ["DEFAULT", "AVX2", "AVX512", "AVX512_BF16"]
 X86_64 = platform.machine().lower() in ("x86_64", "amd64")
 
 
@@ -33,6 +33,8 @@ def _expected_capabilities():
         caps.append("AVX2")
         if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags:
             caps.append("AVX512")
+            if "avx512_bf16" in flags:
+                caps.append("AVX512_BF16")
     return caps
 
 
@@ -65,7 +67,7 @@ def test_widest_by_default(ext):
     assert _chosen()[0] == _expected_capabilities()[-1]
 
 
-@pytest.mark.parametrize("value", ["default", "DEFAULT", "avx2", "Avx512"])
+@pytest.mark.parametrize("value", ["default", "DEFAULT", "avx2", "Avx512", "avx512_bf16"])
 def test_attnkern_variable_lowers_the_choice(ext, value):
     wanted = value.upper()
     chosen, stderr = _chosen(ATTNKERN_CPU_CAPABILITY=value)
@@ -82,12 +84,18 @@ def test_aten_variable_is_honoured_and_ours_wins(ext):
         assert _chosen(ATEN_CPU_CAPABILITY="default", ATTNKERN_CPU_CAPABILITY="avx2")[0] == "AVX2"
     # ATen's values for other architectures mean nothing here, as in ATen
     assert _chosen(ATEN_CPU_CAPABILITY="zvector")[0] == _expected_capabilities()[-1]
+    # ATen's widest value, avx512, names no narrower copy than AVX512_BF16 (ATen has no name
+    # for it), and warns only where the CPU has no AVX-512
+    if "AVX512" in _expected_capabilities():
+        chosen, stderr = _chosen(ATEN_CPU_CAPABILITY="avx512")
+        assert chosen == _expected_capabilities()[-1]
+        assert "ATEN_CPU_CAPABILITY" not in stderr
 
 
 def test_bad_value_is_a_clear_error(ext):
     r = _active_in_fresh_process(ATTNKERN_CPU_CAPABILITY="sse9")
     assert r.returncode != 0
-    assert "ATTNKERN_CPU_CAPABILITY must be one of default, avx2, avx512" in r.stderr
+    assert "ATTNKERN_CPU_CAPABILITY must be one of default, avx2, avx512, avx512_bf16" in r.stderr
     assert "sse9" in r.stderr
 
 
@@ -99,7 +107,7 @@ def test_set_at_run_time(ext):
             assert _cpu.cpu_capability() == name
     finally:
         _cpu.set_cpu_capability(before)
-    with pytest.raises(RuntimeError, match="must be one of default, avx2, avx512"):
+    with pytest.raises(RuntimeError, match="must be one of default, avx2, avx512, avx512_bf16"):
         _cpu.set_cpu_capability("neon")
     missing = [c for c in ORDER if c not in _cpu.cpu_capabilities()]
     for name in missing:
@@ -112,16 +120,24 @@ def test_set_at_run_time(ext):
 # The instructions in the library: every function outside a vector copy must run on the
 # x86-64 baseline (no VEX or EVEX instruction: it may run on any CPU, e.g. the static
 # initialisers when the library loads, and the copies of shared inline functions the linker
-# kept), and the AVX2 copy must not use AVX-512.
+# kept), the AVX2 copy must not use AVX-512, and only the AVX512_BF16 copy may use the BF16
+# instructions.
 # ---------------------------------------------------------------------------------------------
 
 _FUNCTION = re.compile(r"^[0-9a-f]+ <(.+)>:$")
 _INSN = re.compile(r"^\s+[0-9a-f]+:\s+(\S+)\s*(.*)$")
+_BF16 = ("vcvtne2ps2bf16", "vcvtneps2bf16", "vdpbf16ps")
+# the widest instructions each copy may hold
+_ALLOWED = {None: None, "AVX2": "AVX", "AVX512": "AVX512", "AVX512_BF16": "AVX512_BF16"}
+_RANK = {None: 0, "AVX": 1, "AVX512": 2, "AVX512_BF16": 3}
 
 
 def _needs(mnemonic, operands):
-    """The widest ISA an instruction needs: 'AVX512', 'AVX' (any VEX instruction) or None."""
+    """The widest ISA an instruction needs: 'AVX512_BF16', 'AVX512', 'AVX' (any VEX instruction)
+    or None."""
     operands = re.sub(r"<.*>", "", operands)  # a symbol named in a call or jump
+    if mnemonic.startswith(_BF16):
+        return "AVX512_BF16"
     if "%zmm" in operands or re.search(r"%k[0-7]\b", operands) or "{" in operands or \
             re.search(r"%[xy]mm(1[6-9]|2[0-9]|3[01])\b", operands) or mnemonic.startswith("k"):
         return "AVX512"
@@ -131,9 +147,9 @@ def _needs(mnemonic, operands):
 
 
 def _copy_of(name):
-    """The vector copy a function belongs to (its name or a type in it is in an AVX2 or AVX512
-    namespace: ours or at::vec's), or None."""
-    return next((cap for cap in ("AVX512", "AVX2")
+    """The vector copy a function belongs to (its name or a type in it is in an AVX2, AVX512 or
+    AVX512_BF16 namespace: ours or at::vec's), or None."""
+    return next((cap for cap in ("AVX512_BF16", "AVX512", "AVX2")
                  if f"{cap}::" in name or f"{len(cap)}{cap}" in name), None)  # demangled or not
 
 
@@ -156,9 +172,11 @@ def test_no_instruction_wider_than_its_copy(ext):
             continue
         copy = _copy_of(function)
         found[copy] += 1
-        if copy is None or (copy == "AVX2" and need == "AVX512"):
+        found["BF16 instructions"] += need == "AVX512_BF16"
+        if _RANK[need] > _RANK[_ALLOWED[copy]]:
             wrong[function].add(m.group(1))
-    assert not wrong, "functions that run on every CPU or in the AVX2 copy use wider instructions:\n" + \
+    assert not wrong, "functions that use instructions wider than their copy's ISA:\n" + \
         "\n".join(f"{f}: {sorted(i)[:8]}" for f, i in sorted(wrong.items())[:20])
-    # the copies are there and vectorised
-    assert found["AVX2"] > 0 and found["AVX512"] > 0, dict(found)
+    # the copies are there and vectorised, and the BF16 copy rounds with the BF16 instructions
+    assert found["AVX2"] > 0 and found["AVX512"] > 0 and found["AVX512_BF16"] > 0, dict(found)
+    assert found["BF16 instructions"] > 0, dict(found)

@@ -137,3 +137,58 @@ def test_deterministic(ext):
 
 def test_rejects_bad_arguments(ext):
     check_rejects_non_dense(ext)
+
+
+@pytest.mark.skipif("AVX512_BF16" not in CAPABILITIES, reason="this CPU has no AVX512_BF16")
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_bf16_stores_round_as_the_avx512_copy(layout):
+    # The AVX512_BF16 copy is the AVX512 copy with one change: its bfloat16 stores round with
+    # VCVTNE2PS2BF16. Both round to nearest even, so every output the passes write in bfloat16
+    # must have the AVX512 copy's bits (no subnormal or NaN output here: there the two differ).
+    # Ties to even both ways: x holds powers of two 2^k on even rows and gc[:, ::2] = 1 + 2^-8,
+    # so x * gc falls halfway between two bfloat16 values with an even last bit; on odd rows x
+    # is (1 + 2^-7) 2^k, whose last bit is odd, and the residual 2^(k - 8) puts x + residual
+    # halfway again. 37 channels and 5x9 pixels end rows in tails.
+    ext = _cpu.require()
+    B, C, H, W = 2, 37, 5, 9
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    x = make_input((B, C, H, W), "contiguous", torch.bfloat16)
+    res = make_input((B, C, H, W), "contiguous", torch.bfloat16, seed=4)
+    scale = torch.exp2(torch.randint(-6, 6, (B, C, H, W), generator=torch.Generator().manual_seed(2)).float())
+    sign = torch.where(x < 0, -1.0, 1.0)
+    x[:, :, ::2] = (sign * scale)[:, :, ::2].to(torch.bfloat16)
+    x[:, :, 1::2] = (sign * scale * (1 + 2.0 ** -7))[:, :, 1::2].to(torch.bfloat16)
+    res[:, :, 1::2] = (sign * scale * 2.0 ** -8)[:, :, 1::2].to(torch.bfloat16)
+    x, res = x.contiguous(memory_format=fmt), res.contiguous(memory_format=fmt)
+    dout = make_input((B, C, H, W), "contiguous", torch.bfloat16, seed=3).contiguous(memory_format=fmt)
+    g = torch.Generator().manual_seed(5)
+    gc = torch.rand(B, C, generator=g) + 0.5
+    gc[:, ::2] = 1 + 2.0 ** -8
+    gs = torch.rand(B, H * W, generator=g) + 0.5
+    gs[:, ::3] = 1.0
+    _, smax, scount = ext.spatial_stats(x, gc)
+    _, cmax, ccount = ext.channel_stats(x)
+    dsm, dsx, dcm, dcx = (torch.randn(n, generator=g).reshape(B, -1) for n in (B * H * W, B * H * W, B * C, B * C))
+    mc, ms = torch.randn(B, C, generator=g), torch.randn(B, H * W, generator=g)
+    passes = {
+        "gate_apply": lambda: ext.gate_apply(x, gc, gs),
+        "gate_apply_residual_": lambda: ext.gate_apply_residual_(x.clone(), gc, gs, res, True),
+        "gate_apply_residual_ without gates": lambda: ext.gate_apply_residual_(x.clone(), None, None, res, False),
+        "gating_input_grad": lambda: ext.gating_input_grad(x, dout, gc, gs, smax, scount, dsm, dsx, cmax, ccount,
+                                                           dcm, dcx),
+        "bam_combine": lambda: ext.bam_combine(x, mc, ms, False),
+        "bam_input_grad": lambda: ext.bam_input_grad(x, dout, mc, ms, False, dcm),
+    }
+    before = _cpu.cpu_capability()
+    try:
+        for name, run in passes.items():
+            _cpu.set_cpu_capability("AVX512")
+            want = run()
+            _cpu.set_cpu_capability("AVX512_BF16")
+            got = run()
+            assert got.dtype == torch.bfloat16 and got.is_contiguous(memory_format=fmt), name
+            assert torch.isfinite(want).all(), name
+            assert got.view(torch.int16).equal(want.view(torch.int16)), \
+                f"{name}: {(got.view(torch.int16) != want.view(torch.int16)).sum().item()} outputs differ"
+    finally:
+        _cpu.set_cpu_capability(before)
