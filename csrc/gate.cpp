@@ -119,6 +119,17 @@ struct InputGradTerms {
   bool grad_out, spatial, channel_max;
 };
 
+// dx for one vector of elements from x, grad_out (d) and the terms at those elements.
+template <bool kGradOut, bool kSpatial, bool kChannelMax, typename V>
+inline V input_grad_vec(const V& x, const V& d, const V& gc, const V& gs, const V& w_smean, const V& w_smax,
+                        const V& smax, const V& u_cmean, const V& u_cmax, const V& cmax) {
+  V r = u_cmean;
+  if constexpr (kGradOut) r = r + (d * gc) * gs;
+  if constexpr (kSpatial) r = r + gc * (w_smean + ((x * gc == smax) & w_smax));
+  if constexpr (kChannelMax) r = r + ((x == cmax) & u_cmax);
+  return r;
+}
+
 template <typename T, typename A, bool kGradOut, bool kSpatial, bool kChannelMax>
 inline void input_grad_row(const T* x, const T* grad_out, T* dx, int64_t n, const InputGradRow<A>& t) {
   using V = Vectorized<A>;
@@ -132,15 +143,9 @@ inline void input_grad_row(const T* x, const T* grad_out, T* dx, int64_t n, cons
     V out[2];
     for (int h = 0; h < 2; ++h) {
       const int64_t j = i + h * L;
-      const V g = t.gc.load(j);
-      V r = t.u_cmean.load(j);
-      if constexpr (kGradOut) r = r + ((h ? db : da) * g) * t.gs.load(j);
-      if constexpr (kSpatial) {
-        const V y = (h ? xb : xa) * g;
-        r = r + g * (t.w_smean.load(j) + ((y == t.smax.load(j)) & t.w_smax.load(j)));
-      }
-      if constexpr (kChannelMax) r = r + (((h ? xb : xa) == t.cmax.load(j)) & t.u_cmax.load(j));
-      out[h] = r;
+      out[h] = input_grad_vec<kGradOut, kSpatial, kChannelMax>(
+          h ? xb : xa, h ? db : da, t.gc.load(j), t.gs.load(j), t.w_smean.load(j), t.w_smax.load(j),
+          t.smax.load(j), t.u_cmean.load(j), t.u_cmax.load(j), t.cmax.load(j));
     }
     IO<T>::store(dx + i, out[0], out[1]);
   }
@@ -180,16 +185,76 @@ inline Operand<A> row_or_zero(const A* p, int64_t offset) {
   return p ? along(p + offset) : fixed(A(0));
 }
 
+// NCHW, K channel rows r..r+K-1 of one image at a time (n pixels each): the per-pixel terms
+// (gs, and w_smean, w_smax, smax when kSpatial) are loaded once for the K rows, the channels'
+// scalars broadcast per row. Each element gets input_grad_vec as one row at a time gives it.
+template <int K, typename T, typename A, bool kGradOut, bool kSpatial, bool kChannelMax>
+inline void input_grad_rows_nchw(const T* x, const T* grad_out, T* dx, int64_t n, int64_t r, int64_t p,
+                                 const InputGradArrays<A>& a) {
+  using V = Vectorized<A>;
+  constexpr int64_t L = V::size();
+  constexpr int64_t S = IO<T>::kStep;
+  const V zero(0);
+  int64_t i = 0;
+  for (; i + S <= n; i += S) {
+    V gs[2], wm[2] = {zero, zero}, wx[2] = {zero, zero}, sm[2] = {zero, zero};
+    for (int h = 0; h < 2; ++h) {
+      const int64_t j = p + i + h * L;
+      gs[h] = V::loadu(a.gs + j);
+      if constexpr (kSpatial) {
+        wm[h] = V::loadu(a.w_smean + j);
+        wx[h] = V::loadu(a.w_smax + j);
+        sm[h] = V::loadu(a.smax + j);
+      }
+    }
+#pragma GCC unroll 4
+    for (int k = 0; k < K; ++k) {
+      const int64_t o = k * n + i, rk = r + k;
+      V xv[2], dv[2];
+      if constexpr (kSpatial || kChannelMax) IO<T>::load(x + o, xv[0], xv[1]);
+      if constexpr (kGradOut) IO<T>::load(grad_out + o, dv[0], dv[1]);
+      const V gc(a.gc[rk]), ucm(a.u_cmean[rk]), ucx(a.u_cmax[rk]), cm(kChannelMax ? a.cmax[rk] : A(0));
+      V out[2];
+      for (int h = 0; h < 2; ++h)
+        out[h] = input_grad_vec<kGradOut, kSpatial, kChannelMax>(xv[h], dv[h], gc, gs[h], wm[h], wx[h], sm[h],
+                                                                  ucm, ucx, cm);
+      IO<T>::store(dx + o, out[0], out[1]);
+    }
+  }
+  if (i < n) {  // the rows' tails, a row at a time
+    for (int k = 0; k < K; ++k) {
+      const int64_t o = k * n + i, rk = r + k;
+      const InputGradRow<A> t{fixed(a.gc[rk]), along(a.gs + p + i), row_or_zero(a.w_smean, p + i),
+                              row_or_zero(a.w_smax, p + i), row_or_zero(a.smax, p + i), fixed(a.u_cmean[rk]),
+                              fixed(a.u_cmax[rk]), at_or_zero(a.cmax, rk)};
+      input_grad_row<T, A, kGradOut, kSpatial, kChannelMax>(x + o, grad_out ? grad_out + o : nullptr, dx + o,
+                                                            n - i, t);
+    }
+  }
+}
+
+// NCHW: four channel rows at a time where rows are long (kSharedTermsMinPixels), sharing the
+// per-pixel terms' loads: those are four arrays of H*W floats with the spatial terms, 48 KB at
+// 56x56, read from L2 once per row otherwise. Shorter rows, one at a time.
 template <typename T, typename A, bool kGradOut, bool kSpatial, bool kChannelMax>
 void input_grad_nchw(const T* x, const T* grad_out, T* dx, const InputGradArrays<A>& a, const Shape& s) {
-  at::parallel_for(0, s.B * s.C, 1, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const int64_t o = r * s.HW, p = (r / s.C) * s.HW;
-      const InputGradRow<A> t{fixed(a.gc[r]),        along(a.gs + p),        row_or_zero(a.w_smean, p),
-                              row_or_zero(a.w_smax, p), row_or_zero(a.smax, p), fixed(a.u_cmean[r]),
-                              fixed(a.u_cmax[r]),    at_or_zero(a.cmax, r)};
-      input_grad_row<T, A, kGradOut, kSpatial, kChannelMax>(x + o, grad_out ? grad_out + o : nullptr,
-                                                            dx + o, s.HW, t);
+  constexpr int K = 4;
+  const int64_t C = s.C, HW = s.HW;
+  const int64_t k = HW >= kSharedTermsMinPixels ? K : 1, groups = ceil_div(C, k);
+  at::parallel_for(0, s.B * groups, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / groups, c0 = (t % groups) * k, c1 = std::min(C, c0 + k), p = b * HW;
+      const int64_t r0 = b * C + c0, o0 = r0 * HW;
+      if (c1 - c0 == K) {
+        input_grad_rows_nchw<K, T, A, kGradOut, kSpatial, kChannelMax>(
+            x + o0, grad_out ? grad_out + o0 : nullptr, dx + o0, HW, r0, p, a);
+      } else {
+        for (int64_t r = r0; r < b * C + c1; ++r) {
+          const int64_t o = r * HW;
+          input_grad_rows_nchw<1, T, A, kGradOut, kSpatial, kChannelMax>(
+              x + o, grad_out ? grad_out + o : nullptr, dx + o, HW, r, p, a);
+        }
+      }
     }
   });
 }
