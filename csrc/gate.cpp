@@ -234,7 +234,7 @@ inline void input_grad_rows_nchw(const T* x, const T* grad_out, T* dx, int64_t n
 }
 
 // NCHW: four channel rows at a time where rows are long (kSharedTermsMinPixels), sharing the
-// per-pixel terms' loads: those are four arrays of H*W floats with the spatial terms, 48 KB at
+// per-pixel terms' loads: those are four arrays of H*W floats with the spatial terms, 49 KB at
 // 56x56, read from L2 once per row otherwise. Shorter rows, one at a time.
 template <typename T, typename A, bool kGradOut, bool kSpatial, bool kChannelMax>
 void input_grad_nchw(const T* x, const T* grad_out, T* dx, const InputGradArrays<A>& a, const Shape& s) {
