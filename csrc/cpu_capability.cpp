@@ -87,8 +87,8 @@ Capability from_environment() {
   std::optional<Capability> wanted;
   if (value != nullptr && *value != '\0') {
     wanted = parse(value);
-    TORCH_CHECK(wanted.has_value(), var, " must be one of default, avx2, avx512, avx512_bf16 (any case), ",
-                "got '", value, "'");
+    TORCH_CHECK(wanted.has_value(), var, " must be one of default, avx2, avx512, avx512_bf16 ",
+                "(any case), got '", value, "'");
   } else {
     var = "ATEN_CPU_CAPABILITY";
     value = std::getenv(var);

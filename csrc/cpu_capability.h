@@ -6,10 +6,11 @@
 // and the BF16 conversions: the AVX512 copy whose bfloat16 stores round 32 floats in one
 // instruction), each with its own -m flags and its CPU_CAPABILITY / CPU_CAPABILITY_<NAME>
 // macros, which select at::vec's Vectorized width (AVX512_BF16 also defines
-// CPU_CAPABILITY_AVX512: the same width, and every AVX512 code path). Everything a kernel source defines lives in the inline namespace
-// attnkern::cpu::CPU_CAPABILITY (as at::vec does), so the copies share no symbol of ours. Each
-// op's table holds its checked entry's copies (ATTNKERN_CPU_KERNEL); the dispatcher calls the
-// table (ATTNKERN_ACTIVE_CPU_KERNEL), which runs the copy for the active capability.
+// CPU_CAPABILITY_AVX512: the same width, and every AVX512 code path). Everything a kernel
+// source defines lives in the inline namespace attnkern::cpu::CPU_CAPABILITY (as at::vec does),
+// so the copies share no symbol of ours. Each op's table holds its checked entry's copies
+// (ATTNKERN_CPU_KERNEL); the dispatcher calls the table (ATTNKERN_ACTIVE_CPU_KERNEL), which runs
+// the copy for the active capability.
 //
 // The active capability is the widest one that this CPU runs (CPUID, and XGETBV for the OS's
 // support of the wider registers), lowered by ATTNKERN_CPU_CAPABILITY or,
@@ -24,7 +25,7 @@
 #pragma once
 
 #ifndef CPU_CAPABILITY
-#error "compile attnkern's kernels with -DCPU_CAPABILITY=DEFAULT, AVX2, AVX512 or AVX512_BF16 (setup.py does)"
+#error "compile attnkern's kernels with -DCPU_CAPABILITY=DEFAULT, AVX2, AVX512 or AVX512_BF16"
 #endif
 
 #include <c10/util/Exception.h>
