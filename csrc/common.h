@@ -79,6 +79,12 @@ struct IO {
     a.store(p);
     b.store(p + V::size());
   }
+  // the first `count` (< kStep) elements, zeros after them
+  static inline void load_partial(const T* p, int64_t count, V& a, V& b) {
+    constexpr int64_t L = V::size();
+    a = V::loadu(p, std::min(count, L));
+    b = count > L ? V::loadu(p + L, count - L) : V(0);
+  }
 };
 
 template <typename T>
@@ -92,6 +98,9 @@ struct IOReduced {
   }
   static inline void store(T* p, const V& a, const V& b) {
     at::vec::convert_from_float<T>(a, b).store(p);
+  }
+  static inline void load_partial(const T* p, int64_t count, V& a, V& b) {
+    std::tie(a, b) = at::vec::convert_to_float<T>(Vectorized<T>::loadu(p, count));
   }
 };
 #if defined(CPU_CAPABILITY_AVX512_BF16)
@@ -112,6 +121,36 @@ struct IO<at::BFloat16> : IOReduced<at::BFloat16> {};
 #endif
 template <>
 struct IO<at::Half> : IOReduced<at::Half> {};
+
+// bfloat16 widened in element pairs, for passes that reduce a row with no operand per element
+// (where a lane holds which element does not matter): the even elements of p[0..kStep) in a,
+// the odd ones in b. A bfloat16 is the top half of its float32, so this takes a shift and a
+// mask, where at::vec's widening in element order takes five instructions, three of them
+// shuffles. load_pairs_partial loads the first `count` elements, zeros after them: a holds
+// (count + 1) / 2 of them, b count / 2, each from lane 0 on.
+template <typename T>
+inline constexpr bool kPairLoads = false;
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+template <>
+inline constexpr bool kPairLoads<at::BFloat16> = true;
+#if defined(CPU_CAPABILITY_AVX512)
+inline void split_pairs(__m512i v, Vectorized<float>& a, Vectorized<float>& b) {
+  a = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+  b = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+}
+#else
+inline void split_pairs(__m256i v, Vectorized<float>& a, Vectorized<float>& b) {
+  a = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+  b = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(static_cast<int>(0xFFFF0000u))));
+}
+#endif
+inline void load_pairs(const at::BFloat16* p, Vectorized<float>& a, Vectorized<float>& b) {
+  split_pairs(Vectorized<at::BFloat16>::loadu(p), a, b);
+}
+inline void load_pairs_partial(const at::BFloat16* p, int64_t count, Vectorized<float>& a, Vectorized<float>& b) {
+  split_pairs(Vectorized<at::BFloat16>::loadu(p, count), a, b);
+}
+#endif
 
 // An operand of a segment loop: one value per element of the segment (`vec`), or one value
 // for the whole segment (`vec == nullptr`, then `scalar`).

@@ -10,10 +10,13 @@ inline namespace CPU_CAPABILITY {  // one copy per vector ISA (cpu_capability.h)
 namespace {
 
 // The lane vectors of p[0..n) (times scale[0..n) when given): per lane, the sum (s), and the
-// max (m) and tie count (c) of the elements a vector loop visits; returns how many it visited.
-template <typename T, typename A = typename AccT<T>::type>
-inline int64_t row_lanes(const T* p, const A* scale, int64_t n, Vectorized<A>& s, Vectorized<A>& m,
-                         Vectorized<A>& c) {
+// max (m) and tie count (c) of the elements a vector loop visits; returns how many it visited
+// (all of them: a last partial step loads the rest zero-padded and updates only their lanes'
+// max and count; sixteen scalar steps with a branch each made a 28x28 row's tail cost as much
+// as its vector body). Unscaled bfloat16 rows load in element pairs (load_pairs).
+template <bool kPairs, typename T, typename A>
+inline int64_t row_lanes_loaded(const T* p, const A* scale, int64_t n, Vectorized<A>& s, Vectorized<A>& m,
+                                Vectorized<A>& c) {
   using V = Vectorized<A>;
   constexpr int64_t L = V::size();
   constexpr int64_t S = IO<T>::kStep;
@@ -22,7 +25,11 @@ inline int64_t row_lanes(const T* p, const A* scale, int64_t n, Vectorized<A>& s
   int64_t i = 0;
   for (; i + S <= n; i += S) {
     V a, b;
-    IO<T>::load(p + i, a, b);
+    if constexpr (kPairs) {
+      load_pairs(p + i, a, b);
+    } else {
+      IO<T>::load(p + i, a, b);
+    }
     if (scale) {
       a = a * V::loadu(scale + i);
       b = b * V::loadu(scale + i + L);
@@ -32,11 +39,44 @@ inline int64_t row_lanes(const T* p, const A* scale, int64_t n, Vectorized<A>& s
     max_count_add_vec(m0, c0, a);
     max_count_add_vec(m1, c1, b);
   }
+  if (const int64_t rest = n - i; rest > 0) {
+    const int64_t rest0 = kPairs ? (rest + 1) / 2 : std::min(rest, L);
+    const int64_t rest1 = kPairs ? rest / 2 : std::max<int64_t>(rest - L, 0);
+    V a, b;
+    if constexpr (kPairs) {
+      load_pairs_partial(p + i, rest, a, b);
+    } else {
+      IO<T>::load_partial(p + i, rest, a, b);
+    }
+    if (scale) {
+      a = a * V::loadu(scale + i, rest0);
+      b = rest1 > 0 ? b * V::loadu(scale + i + L, rest1) : V(0);
+    }
+    s0 += a;
+    s1 += b;
+    V m0n = m0, c0n = c0, m1n = m1, c1n = c1;
+    max_count_add_vec(m0n, c0n, a);
+    max_count_add_vec(m1n, c1n, b);
+    m0 = V::set(m0, m0n, rest0);
+    c0 = V::set(c0, c0n, rest0);
+    m1 = V::set(m1, m1n, rest1);
+    c1 = V::set(c1, c1n, rest1);
+    i = n;
+  }
   s = s0 + s1;
   max_count_merge_vec(m0, c0, m1, c1);
   m = m0;
   c = c0;
   return i;
+}
+
+template <typename T, typename A = typename AccT<T>::type>
+inline int64_t row_lanes(const T* p, const A* scale, int64_t n, Vectorized<A>& s, Vectorized<A>& m,
+                         Vectorized<A>& c) {
+  if constexpr (kPairLoads<T>) {
+    if (!scale) return row_lanes_loaded<true>(p, scale, n, s, m, c);
+  }
+  return row_lanes_loaded<false>(p, scale, n, s, m, c);
 }
 
 // Adds the elements p[i..n) that row_lanes left to the merged (sum, mx, cnt) and fixes up the
@@ -161,14 +201,36 @@ struct Stats {
 // channel_stats
 // ---------------------------------------------------------------------------------------
 
-// NCHW: one contiguous row of H*W per (b, c).
+// NCHW: one contiguous row of H*W per (b, c). kLaneGroup rows at a time share their lane
+// merges (merge_lanes_of_rows), bitwise the results of one row at a time: at 14x14 and 28x28
+// (196 and 784 pixels) a row's own merges cost about as much as its vector loop.
 template <typename T, typename A>
 void channel_stats_nchw(const T* x, const Shape& s, Stats<A> out) {
+  const int64_t HW = s.HW;
+  const auto row = [&](int64_t r) { return x + r * HW; };
   at::parallel_for(0, s.B * s.C, 1, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
+    int64_t r = r0;
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+    if constexpr (kLaneGroup<A> > 1) {
+      constexpr int G = kLaneGroup<A>;
+      for (; r + G <= r1; r += G) {
+        Vectorized<A> vs[G], vm[G], vc[G];
+        int64_t done = 0;
+        for (int k = 0; k < G; ++k) done = row_lanes<T, A>(row(r + k), nullptr, HW, vs[k], vm[k], vc[k]);
+        A sum[G], mx[G], cnt[G];
+        sum_lanes_of_rows(vs, sum);
+        merge_lanes_of_rows(vm, vc, mx, cnt);
+        for (int k = 0; k < G; ++k) {
+          finish_row<T, A>(row(r + k), nullptr, done, HW, sum[k], mx[k], cnt[k]);
+          out.set(r + k, sum[k], static_cast<A>(HW), mx[k], cnt[k]);
+        }
+      }
+    }
+#endif
+    for (; r < r1; ++r) {
       A sum, m, c;
-      reduce_row<T, A>(x + r * s.HW, nullptr, s.HW, sum, m, c);
-      out.set(r, sum, static_cast<A>(s.HW), m, c);
+      reduce_row<T, A>(row(r), nullptr, HW, sum, m, c);
+      out.set(r, sum, static_cast<A>(HW), m, c);
     }
   });
 }

@@ -103,6 +103,34 @@ def test_channels_last_pixel_same_in_a_lane_group_as_alone(ext, dtype):
                 assert same(grad_gs[b, i:i + 1], g1.reshape(-1)[k:k + 1]), ("grad_gs", b, h, w)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
+def test_nchw_channel_row_same_in_a_lane_group_as_alone(ext, dtype):
+    # NCHW channel_stats merges the vector lanes of 8 or 16 channel rows at a time, and loads a
+    # row's last partial vector zero-padded (bfloat16 rows in element pairs): each row must
+    # come out bitwise as it does alone. 3 x 13 rows of 13x7 = 91 pixels (two full float32
+    # vectors under AVX-512 and a partial one) make full groups and a rest; a NaN, an inf, a
+    # -0.0 max tied with +0.0, a row of -inf and ties sit inside groups, some in the partial
+    # vector.
+    B, C, H, W = 3, 13, 13, 7
+    x = make_input((B, C, H, W), "contiguous", dtype)
+    x[0, 2] = -x[0, 2].abs() - 1
+    x[0, 2, 3, 1], x[0, 2, 12, 6] = -0.0, 0.0   # max -0.0 / +0.0, the second in the partial vector
+    x[0, 5, ::2] = 0.75                         # ties, also in the partial vector
+    x[0, 5, 0, 0] = 0.5
+    x[1, 1] = float("-inf")                     # max -inf, every element tied
+    x[1, 7, 12, 5] = float("nan")               # in the partial vector
+    x[2, 3, 4, 4] = float("inf")
+    stats = ext.channel_stats(x)
+    same = lambda u, v: u.view(-1).view(torch.uint8).equal(v.view(-1).view(torch.uint8))  # noqa: E731
+    for b in range(B):
+        for c in range(C):
+            alone = ext.channel_stats(x[b:b + 1, c:c + 1].contiguous())
+            for got, exp, name in zip(stats, alone, ("mean", "max", "count")):
+                assert same(got[b, c:c + 1], exp[0, :1]), (name, b, c)
+    assert torch.equal(stats[2], ref.channel_stats(x)[2]), "tie counts"
+    assert int(stats[2][1, 1]) == H * W and int(stats[2][0, 2]) == 2, "counts of the -inf and -0.0 rows"
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_bam_logits_beyond_the_split_form(ext, layout, dtype):
