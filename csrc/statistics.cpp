@@ -197,41 +197,49 @@ struct Stats {
   }
 };
 
+// The statistics of rows r0..r1, each n contiguous elements from row(r) (times scale(r)[0..n)
+// when that is not null), into out. kLaneGroup rows at a time share their lane merges
+// (merge_lanes_of_rows), bitwise the results of one row at a time; the rest go one at a time.
+template <typename T, typename A, typename RowAt, typename ScaleAt>
+inline void reduce_rows(int64_t r0, int64_t r1, int64_t n, const RowAt& row, const ScaleAt& scale, Stats<A> out) {
+  int64_t r = r0;
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  if constexpr (kLaneGroup<A> > 1) {
+    constexpr int G = kLaneGroup<A>;
+    for (; r + G <= r1; r += G) {
+      Vectorized<A> vs[G], vm[G], vc[G];
+      int64_t done = 0;
+      for (int k = 0; k < G; ++k) done = row_lanes<T, A>(row(r + k), scale(r + k), n, vs[k], vm[k], vc[k]);
+      A sum[G], mx[G], cnt[G];
+      sum_lanes_of_rows(vs, sum);
+      merge_lanes_of_rows(vm, vc, mx, cnt);
+      for (int k = 0; k < G; ++k) {
+        finish_row<T, A>(row(r + k), scale(r + k), done, n, sum[k], mx[k], cnt[k]);
+        out.set(r + k, sum[k], static_cast<A>(n), mx[k], cnt[k]);
+      }
+    }
+  }
+#endif
+  for (; r < r1; ++r) {
+    A sum, m, c;
+    reduce_row<T, A>(row(r), scale(r), n, sum, m, c);
+    out.set(r, sum, static_cast<A>(n), m, c);
+  }
+}
+
 // ---------------------------------------------------------------------------------------
 // channel_stats
 // ---------------------------------------------------------------------------------------
 
-// NCHW: one contiguous row of H*W per (b, c). kLaneGroup rows at a time share their lane
-// merges (merge_lanes_of_rows), bitwise the results of one row at a time: at 14x14 and 28x28
-// (196 and 784 pixels) a row's own merges cost about as much as its vector loop.
+// NCHW: one contiguous row of H*W per (b, c), kLaneGroup rows at a time (reduce_rows): at 14x14
+// and 28x28 (196 and 784 pixels) a row's own lane merges cost about as much as its vector loop.
 template <typename T, typename A>
 void channel_stats_nchw(const T* x, const Shape& s, Stats<A> out) {
   const int64_t HW = s.HW;
   const auto row = [&](int64_t r) { return x + r * HW; };
+  const auto unscaled = [](int64_t) -> const A* { return nullptr; };
   at::parallel_for(0, s.B * s.C, 1, [&](int64_t r0, int64_t r1) {
-    int64_t r = r0;
-#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-    if constexpr (kLaneGroup<A> > 1) {
-      constexpr int G = kLaneGroup<A>;
-      for (; r + G <= r1; r += G) {
-        Vectorized<A> vs[G], vm[G], vc[G];
-        int64_t done = 0;
-        for (int k = 0; k < G; ++k) done = row_lanes<T, A>(row(r + k), nullptr, HW, vs[k], vm[k], vc[k]);
-        A sum[G], mx[G], cnt[G];
-        sum_lanes_of_rows(vs, sum);
-        merge_lanes_of_rows(vm, vc, mx, cnt);
-        for (int k = 0; k < G; ++k) {
-          finish_row<T, A>(row(r + k), nullptr, done, HW, sum[k], mx[k], cnt[k]);
-          out.set(r + k, sum[k], static_cast<A>(HW), mx[k], cnt[k]);
-        }
-      }
-    }
-#endif
-    for (; r < r1; ++r) {
-      A sum, m, c;
-      reduce_row<T, A>(row(r), nullptr, HW, sum, m, c);
-      out.set(r, sum, static_cast<A>(HW), m, c);
-    }
+    reduce_rows<T, A>(r0, r1, HW, row, unscaled, out);
   });
 }
 
@@ -334,37 +342,14 @@ void spatial_stats_nchw(const T* x, const A* gc, const Shape& s, Stats<A> out) {
   });
 }
 
-// channels_last: one contiguous row of C per (b, hw). kLaneGroup rows at a time share their
-// lane merges (merge_lanes_of_rows), bitwise the results of one row at a time.
+// channels_last: one contiguous row of C per (b, hw), kLaneGroup rows at a time (reduce_rows).
 template <typename T, typename A>
 void spatial_stats_channels_last(const T* x, const A* gc, const Shape& s, Stats<A> out) {
   const int64_t C = s.C, HW = s.HW;
   const auto row = [&](int64_t r) { return x + r * C; };
   const auto scale = [&](int64_t r) { return gc + (r / HW) * C; };
   at::parallel_for(0, s.B * HW, 64, [&](int64_t r0, int64_t r1) {
-    int64_t r = r0;
-#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-    if constexpr (kLaneGroup<A> > 1) {
-      constexpr int G = kLaneGroup<A>;
-      for (; r + G <= r1; r += G) {
-        Vectorized<A> vs[G], vm[G], vc[G];
-        int64_t done = 0;
-        for (int k = 0; k < G; ++k) done = row_lanes<T, A>(row(r + k), scale(r + k), C, vs[k], vm[k], vc[k]);
-        A sum[G], mx[G], cnt[G];
-        sum_lanes_of_rows(vs, sum);
-        merge_lanes_of_rows(vm, vc, mx, cnt);
-        for (int k = 0; k < G; ++k) {
-          finish_row<T, A>(row(r + k), scale(r + k), done, C, sum[k], mx[k], cnt[k]);
-          out.set(r + k, sum[k], static_cast<A>(C), mx[k], cnt[k]);
-        }
-      }
-    }
-#endif
-    for (; r < r1; ++r) {
-      A sum, m, c;
-      reduce_row<T, A>(row(r), scale(r), C, sum, m, c);
-      out.set(r, sum, static_cast<A>(C), m, c);
-    }
+    reduce_rows<T, A>(r0, r1, C, row, scale, out);
   });
 }
 
