@@ -79,8 +79,9 @@ inline int64_t row_lanes(const T* p, const A* scale, int64_t n, Vectorized<A>& s
   return row_lanes_loaded<false>(p, scale, n, s, m, c);
 }
 
-// Adds the elements p[i..n) that row_lanes left to the merged (sum, mx, cnt) and fixes up the
-// max when an element was NaN (max_count_add_vec leaves that to the caller).
+// Adds the elements p[i..n) that row_lanes left to the merged (sum, mx, cnt) (it leaves none
+// now: its last step is a partial vector) and fixes up the max when an element was NaN
+// (max_count_add_vec leaves that to the caller).
 template <typename T, typename A = typename AccT<T>::type>
 inline void finish_row(const T* p, const A* scale, int64_t i, int64_t n, A& sum, A& mx, A& cnt) {
   for (; i < n; ++i) {
