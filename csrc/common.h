@@ -87,6 +87,24 @@ struct IO {
   }
 };
 
+// The first `count` (< 16) 16-bit elements at p as a 256-bit vector, zeros after them, for the
+// AVX2 copy: at::vec's partial load of a bfloat16/half vector copies through a stack buffer with
+// a memcpy of variable length (a library call for each row's last step). Whole 32-bit pairs
+// come in one masked load; an odd last element is read on its own, so nothing past p[count - 1]
+// is touched. (AVX-512: at::vec's partial load is already one masked load.)
+#if defined(CPU_CAPABILITY_AVX2) && !defined(CPU_CAPABILITY_AVX512)
+inline __m256i load_first_u16(const void* p, int64_t count) {
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i words = _mm256_set1_epi32(static_cast<int>(count / 2));
+  __m256i v = _mm256_maskload_epi32(static_cast<const int*>(p), _mm256_cmpgt_epi32(words, lane));
+  if (count & 1) {
+    const int last = static_cast<const uint16_t*>(p)[count - 1];
+    v = _mm256_blendv_epi8(v, _mm256_set1_epi32(last), _mm256_cmpeq_epi32(words, lane));
+  }
+  return v;
+}
+#endif
+
 template <typename T>
 struct IOReduced {
   using A = float;
@@ -100,7 +118,11 @@ struct IOReduced {
     at::vec::convert_from_float<T>(a, b).store(p);
   }
   static inline void load_partial(const T* p, int64_t count, V& a, V& b) {
+#if defined(CPU_CAPABILITY_AVX2) && !defined(CPU_CAPABILITY_AVX512)
+    std::tie(a, b) = at::vec::convert_to_float<T>(Vectorized<T>(load_first_u16(p, count)));
+#else
     std::tie(a, b) = at::vec::convert_to_float<T>(Vectorized<T>::loadu(p, count));
+#endif
   }
 };
 #if defined(CPU_CAPABILITY_AVX512_BF16)
@@ -148,9 +170,28 @@ inline void load_pairs(const at::BFloat16* p, Vectorized<float>& a, Vectorized<f
   split_pairs(Vectorized<at::BFloat16>::loadu(p), a, b);
 }
 inline void load_pairs_partial(const at::BFloat16* p, int64_t count, Vectorized<float>& a, Vectorized<float>& b) {
+#if defined(CPU_CAPABILITY_AVX512)
   split_pairs(Vectorized<at::BFloat16>::loadu(p, count), a, b);
+#else
+  split_pairs(load_first_u16(p, count), a, b);
+#endif
 }
 #endif
+
+// Pair order: where a buffer of per-element accumulators that load_pairs steps fill (each
+// step's a, then its b, stored from the step's offset on) holds element i of a segment of n:
+// a step of kStep elements (the last one may be shorter, `size`) keeps its (size + 1) / 2 even
+// elements first and its odd ones after them. The identity when T is not loaded in pairs.
+template <typename T>
+inline int64_t pair_slot(int64_t i, int64_t n) {
+  if constexpr (!kPairLoads<T>) {
+    return i;
+  } else {
+    constexpr int64_t S = IO<T>::kStep;
+    const int64_t r = i & (S - 1), base = i - r, half = (std::min(S, n - base) + 1) / 2;
+    return base + (r & 1) * half + (r >> 1);
+  }
+}
 
 // An operand of a segment loop: one value per element of the segment (`vec`), or one value
 // for the whole segment (`vec == nullptr`, then `scalar`).

@@ -7,7 +7,7 @@ from attnkern import _cpu
 from tests.cases import all_cases
 from attnkern.reference import gating as ref
 from tests.cases import make_input
-from tests.primitives import _close_big, _close_small, check_deterministic, check_primitives, check_rejects_non_dense
+from tests.primitives import _acc, _close_big, _close_small, check_deterministic, check_primitives, check_rejects_non_dense
 
 
 # the ISAs of the copies this CPU runs ("DEFAULT" only when the build is missing: the fixture fails)
@@ -129,6 +129,36 @@ def test_nchw_channel_row_same_in_a_lane_group_as_alone(ext, dtype):
                 assert same(got[b, c:c + 1], exp[0, :1]), (name, b, c)
     assert torch.equal(stats[2], ref.channel_stats(x)[2]), "tie counts"
     assert int(stats[2][1, 1]) == H * W and int(stats[2][0, 2]) == 2, "counts of the -inf and -0.0 rows"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
+def test_per_element_statistics_land_on_their_element_at_every_length(ext, dtype):
+    # NCHW spatial_stats (one running mean / max / count per pixel, over the channels) and
+    # channels_last channel_stats (one per channel, over the pixels) keep their accumulators in
+    # vector steps, bfloat16 ones in element pairs (even elements, then odd), and take a last
+    # partial step for a segment's rest. Every segment length from 1 to 70 covers rests shorter
+    # and longer than a vector under both ISAs; a NaN, ties and an inf sit in the rest.
+    for n in range(1, 71):
+        x = make_input((1, 5, 1, n), "contiguous", dtype, seed=n)
+        x[0, :, 0, 0] = 0.75                    # ties in the first element
+        x[0, 2, 0, n - 1] = float("nan")        # the last element, in the rest
+        x[0, 4, 0, n // 2] = float("inf")
+        gc = torch.rand(1, 5, generator=torch.Generator().manual_seed(n), dtype=_acc(dtype)) + 0.5
+        got, exp = ext.spatial_stats(x, gc), ref.spatial_stats(x, gc)
+        _close_small(got[0], exp[0], f"spatial mean, {n} pixels", dtype)
+        assert torch.equal(got[1].isnan(), exp[1].isnan()), ("spatial max NaN", n)
+        assert torch.equal(got[1].nan_to_num(), exp[1].nan_to_num()), ("spatial max", n)
+        assert torch.equal(got[2], exp[2]), ("spatial count", n)
+
+        x = make_input((1, n, 3, 5), "contiguous", dtype, seed=n).contiguous(memory_format=torch.channels_last)
+        x[0, 0] = 0.75
+        x[0, n - 1, 1, 2] = float("nan")
+        x[0, n // 2, 2, 4] = float("inf")
+        got, exp = ext.channel_stats(x), ref.channel_stats(x)
+        _close_small(got[0], exp[0], f"channel mean, {n} channels", dtype)
+        assert torch.equal(got[1].isnan(), exp[1].isnan()), ("channel max NaN", n)
+        assert torch.equal(got[1].nan_to_num(), exp[1].nan_to_num()), ("channel max", n)
+        assert torch.equal(got[2], exp[2]), ("channel count", n)
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
