@@ -10,12 +10,12 @@ inline namespace CPU_CAPABILITY {  // one copy per vector ISA (cpu_capability.h)
 namespace {
 
 // The lane vectors of p[0..n) (times scale[0..n) when given): per lane, the sum (s), and the
-// max (m) and tie count (c) of the elements a vector loop visits; returns how many it visited
-// (all of them: a last partial step loads the rest zero-padded and updates only their lanes'
-// max and count; sixteen scalar steps with a branch each made a 28x28 row's tail cost as much
-// as its vector body). Unscaled bfloat16 rows load in element pairs (load_pairs).
+// max (m) and tie count (c) of the elements it holds. A last partial step loads the rest
+// zero-padded and updates only their lanes' max and count (sixteen scalar steps with a branch
+// each made a 28x28 row's tail cost as much as its vector body). Unscaled bfloat16 rows load in
+// element pairs (load_pairs).
 template <bool kPairs, typename T, typename A>
-inline int64_t row_lanes_loaded(const T* p, const A* scale, int64_t n, Vectorized<A>& s, Vectorized<A>& m,
+inline void row_lanes_loaded(const T* p, const A* scale, int64_t n, Vectorized<A>& s, Vectorized<A>& m,
                                 Vectorized<A>& c) {
   using V = Vectorized<A>;
   constexpr int64_t L = V::size();
@@ -61,35 +61,26 @@ inline int64_t row_lanes_loaded(const T* p, const A* scale, int64_t n, Vectorize
     c0 = V::set(c0, c0n, rest0);
     m1 = V::set(m1, m1n, rest1);
     c1 = V::set(c1, c1n, rest1);
-    i = n;
   }
   s = s0 + s1;
   max_count_merge_vec(m0, c0, m1, c1);
   m = m0;
   c = c0;
-  return i;
 }
 
 template <typename T, typename A = typename AccT<T>::type>
-inline int64_t row_lanes(const T* p, const A* scale, int64_t n, Vectorized<A>& s, Vectorized<A>& m,
-                         Vectorized<A>& c) {
+inline void row_lanes(const T* p, const A* scale, int64_t n, Vectorized<A>& s, Vectorized<A>& m,
+                      Vectorized<A>& c) {
   if constexpr (kPairLoads<T>) {
     if (!scale) return row_lanes_loaded<true>(p, scale, n, s, m, c);
   }
-  return row_lanes_loaded<false>(p, scale, n, s, m, c);
+  row_lanes_loaded<false>(p, scale, n, s, m, c);
 }
 
-// Adds the elements p[i..n) that row_lanes left to the merged (sum, mx, cnt) (it leaves none
-// now: its last step is a partial vector) and fixes up the max when an element was NaN
-// (max_count_add_vec leaves that to the caller).
+// The max of a row whose lanes are merged: NaN when an element was (max_count_add_vec leaves
+// that to the caller; a NaN sum tells), the merged max otherwise.
 template <typename T, typename A = typename AccT<T>::type>
-inline void finish_row(const T* p, const A* scale, int64_t i, int64_t n, A& sum, A& mx, A& cnt) {
-  for (; i < n; ++i) {
-    A y = static_cast<A>(p[i]);
-    if (scale) y *= scale[i];
-    sum += y;
-    max_count_add(mx, cnt, y);
-  }
+inline void fix_nan_max(const T* p, const A* scale, int64_t n, A sum, A& mx) {
   if (std::isnan(sum)) {
     if (const auto nan = first_nan<T, A>(p, 1, scale, n)) mx = *nan;
   }
@@ -100,12 +91,12 @@ inline void finish_row(const T* p, const A* scale, int64_t i, int64_t n, A& sum,
 template <typename T, typename A = typename AccT<T>::type>
 inline void reduce_row(const T* p, const A* scale, int64_t n, A& sum, A& mx, A& cnt) {
   Vectorized<A> s, m, c;
-  const int64_t i = row_lanes<T, A>(p, scale, n, s, m, c);
+  row_lanes<T, A>(p, scale, n, s, m, c);
   sum = sum_lanes(s);
   mx = -std::numeric_limits<A>::infinity();
   cnt = 0;
   merge_lanes(m, c, mx, cnt);
-  finish_row<T, A>(p, scale, i, n, sum, mx, cnt);
+  fix_nan_max<T, A>(p, scale, n, sum, mx);
 }
 
 // Running sum / max / tie count per element: acc[i] (+)= scale[k] * p[k * stride + i] for the
@@ -254,13 +245,12 @@ inline void reduce_rows(int64_t r0, int64_t r1, int64_t n, const RowAt& row, con
     constexpr int G = kLaneGroup<A>;
     for (; r + G <= r1; r += G) {
       Vectorized<A> vs[G], vm[G], vc[G];
-      int64_t done = 0;
-      for (int k = 0; k < G; ++k) done = row_lanes<T, A>(row(r + k), scale(r + k), n, vs[k], vm[k], vc[k]);
+      for (int k = 0; k < G; ++k) row_lanes<T, A>(row(r + k), scale(r + k), n, vs[k], vm[k], vc[k]);
       A sum[G], mx[G], cnt[G];
       sum_lanes_of_rows(vs, sum);
       merge_lanes_of_rows(vm, vc, mx, cnt);
       for (int k = 0; k < G; ++k) {
-        finish_row<T, A>(row(r + k), scale(r + k), done, n, sum[k], mx[k], cnt[k]);
+        fix_nan_max<T, A>(row(r + k), scale(r + k), n, sum[k], mx[k]);
         out.set(r + k, sum[k], static_cast<A>(n), mx[k], cnt[k]);
       }
     }
