@@ -117,6 +117,21 @@ struct RunningStats {
   RunningStats at(int64_t i) const { return {sum + i, max + i, count + i}; }
 };
 
+// One row's step (a, b) times *scale (when given) into the running sums (s0, s1), maxima (m0,
+// m1) and tie counts (c0, c1) of accumulate_rows.
+template <typename V>
+inline void add_row_step(V a, V b, const typename V::value_type* scale, V& s0, V& s1, V& m0, V& m1, V& c0, V& c1) {
+  if (scale) {
+    const V sc(*scale);
+    a = a * sc;
+    b = b * sc;
+  }
+  s0 += a;
+  s1 += b;
+  max_count_add_vec(m0, c0, a);
+  max_count_add_vec(m1, c1, b);
+}
+
 // The last partial step of accumulate_rows (rest < kStep elements of each row from p on, into
 // acc from its start), not a scalar loop: the rows loaded zero-padded, the accumulators loaded
 // and stored as rest0 then rest1 elements (as pair_slot places them). Out of line, so that
@@ -146,15 +161,8 @@ C10_NOINLINE void accumulate_rows_rest(const T* p, int64_t stride, const A* scal
     } else {
       IO<T>::load_partial(p + k * stride, rest, a, b);
     }
-    if (scale) {
-      const V sc(scale[k]);
-      a = a * sc;
-      b = b * sc;
-    }
-    s0 += a;
-    s1 += b;
-    max_count_add_vec(m0, c0, a);  // lanes past the rest see zeros and are not stored
-    max_count_add_vec(m1, c1, b);
+    // lanes past the rest see zeros and are not stored
+    add_row_step(a, b, scale ? scale + k : nullptr, s0, s1, m0, m1, c0, c1);
   }
   store2(acc.sum, s0, s1);
   store2(acc.max, m0, m1);
@@ -183,15 +191,7 @@ inline void accumulate_rows(const T* p, int64_t stride, const A* scale, int64_t 
       } else {
         IO<T>::load(p + k * stride + i, a, b);
       }
-      if (scale) {
-        const V sc(scale[k]);
-        a = a * sc;
-        b = b * sc;
-      }
-      s0 += a;
-      s1 += b;
-      max_count_add_vec(m0, c0, a);
-      max_count_add_vec(m1, c1, b);
+      add_row_step(a, b, scale ? scale + k : nullptr, s0, s1, m0, m1, c0, c1);
     }
     s0.store(acc.sum + i);
     s1.store(acc.sum + i + L);
