@@ -125,6 +125,8 @@ BamGate<A> bam_gate(const BamLogits<A>& z, int64_t B, Tensor& scratch) {
 template <typename A>
 struct BamLogitGrad {
   using V = Vectorized<A>;
+  // the gate is read per element: a vector step past a row's end would read past its logits
+  static constexpr bool kElementsOnly = false;
   BamGate<A> gate;
   inline V vec(const V& d, const V& x, int64_t b, int64_t c, int64_t hw, bool along_hw) const {
     const V s = gate.vec(b, c, hw, along_hw);

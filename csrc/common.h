@@ -105,6 +105,16 @@ inline __m256i load_first_u16(const void* p, int64_t count) {
 }
 #endif
 
+// The first `count` (< its size) elements of a vector of a 16-bit type T at p, zeros after them.
+template <typename T>
+inline Vectorized<T> load_first(const T* p, int64_t count) {
+#if defined(CPU_CAPABILITY_AVX2) && !defined(CPU_CAPABILITY_AVX512)
+  return Vectorized<T>(load_first_u16(p, count));
+#else
+  return Vectorized<T>::loadu(p, count);
+#endif
+}
+
 template <typename T>
 struct IOReduced {
   using A = float;
@@ -118,11 +128,7 @@ struct IOReduced {
     at::vec::convert_from_float<T>(a, b).store(p);
   }
   static inline void load_partial(const T* p, int64_t count, V& a, V& b) {
-#if defined(CPU_CAPABILITY_AVX2) && !defined(CPU_CAPABILITY_AVX512)
-    std::tie(a, b) = at::vec::convert_to_float<T>(Vectorized<T>(load_first_u16(p, count)));
-#else
-    std::tie(a, b) = at::vec::convert_to_float<T>(Vectorized<T>::loadu(p, count));
-#endif
+    std::tie(a, b) = at::vec::convert_to_float<T>(load_first(p, count));
   }
 };
 #if defined(CPU_CAPABILITY_AVX512_BF16)
@@ -144,9 +150,9 @@ struct IO<at::BFloat16> : IOReduced<at::BFloat16> {};
 template <>
 struct IO<at::Half> : IOReduced<at::Half> {};
 
-// bfloat16 widened in element pairs, for passes that reduce a row with no operand per element
-// (where a lane holds which element does not matter): the even elements of p[0..kStep) in a,
-// the odd ones in b. A bfloat16 is the top half of its float32, so this takes a shift and a
+// bfloat16 widened in element pairs, for passes that reduce rows (where a lane holds which
+// element matters only to the per-element operands and accumulators, which are then kept in
+// the same order: pair_slot): the even elements of p[0..kStep) in a, the odd ones in b. A bfloat16 is the top half of its float32, so this takes a shift and a
 // mask, where at::vec's widening in element order takes five instructions, three of them
 // shuffles. load_pairs_partial loads the first `count` elements, zeros after them: a holds
 // (count + 1) / 2 of them, b count / 2, each from lane 0 on.
@@ -170,11 +176,7 @@ inline void load_pairs(const at::BFloat16* p, Vectorized<float>& a, Vectorized<f
   split_pairs(Vectorized<at::BFloat16>::loadu(p), a, b);
 }
 inline void load_pairs_partial(const at::BFloat16* p, int64_t count, Vectorized<float>& a, Vectorized<float>& b) {
-#if defined(CPU_CAPABILITY_AVX512)
-  split_pairs(Vectorized<at::BFloat16>::loadu(p, count), a, b);
-#else
-  split_pairs(load_first_u16(p, count), a, b);
-#endif
+  split_pairs(load_first(p, count), a, b);
 }
 #endif
 
@@ -190,6 +192,102 @@ inline int64_t pair_slot(int64_t i, int64_t n) {
     constexpr int64_t S = IO<T>::kStep;
     const int64_t r = i & (S - 1), base = i - r, half = (std::min(S, n - base) + 1) / 2;
     return base + (r & 1) * half + (r >> 1);
+  }
+}
+
+// One step of a row, kStep elements of T from p, as two vectors of its accumulation type: in
+// pairs where T is loaded in pairs (load_pairs) and kPairs allows it, in element order
+// otherwise (IO<T>::load). load_step_partial: the first `count` (< kStep) elements, zeros
+// after them.
+template <typename T, bool kPairs = kPairLoads<T>, typename V>
+inline void load_step(const T* p, V& a, V& b) {
+  if constexpr (kPairs && kPairLoads<T>) {
+    load_pairs(p, a, b);
+  } else {
+    IO<T>::load(p, a, b);
+  }
+}
+template <typename T, bool kPairs = kPairLoads<T>, typename V>
+inline void load_step_partial(const T* p, int64_t count, V& a, V& b) {
+  if constexpr (kPairs && kPairLoads<T>) {
+    load_pairs_partial(p, count, a, b);
+  } else {
+    IO<T>::load_partial(p, count, a, b);
+  }
+}
+
+// A row's last partial step of `rest` (< kStep) elements of T: its first vector holds rest0 of
+// them, its second rest1 (in pairs, the even elements then the odd ones; in element order, the
+// first L then the others). A buffer of per-element values in pair_slot order holds the step's
+// rest0 values, then its rest1 values: load and store move them to and from two vectors,
+// zeros past them.
+template <typename T, bool kPairs = kPairLoads<T>>
+struct RestSplit {
+  using A = typename AccT<T>::type;
+  using V = Vectorized<A>;
+  int64_t rest0, rest1;
+  explicit RestSplit(int64_t rest)
+      : rest0(kPairs && kPairLoads<T> ? (rest + 1) / 2 : std::min<int64_t>(rest, V::size())), rest1(rest - rest0) {}
+  inline void load(const A* q, V& v0, V& v1) const {
+    v0 = V::loadu(q, rest0);
+    v1 = rest1 > 0 ? V::loadu(q + rest0, rest1) : V(0);
+  }
+  inline void store(A* q, const V& v0, const V& v1) const {
+    v0.store(q, rest0);
+    if (rest1 > 0) v1.store(q + rest0, rest1);
+  }
+};
+
+// A per-element operand of rows loaded in pairs, [rows, n] from v, each row put in pair order
+// (element i at pair_slot<T>(i, n)) so that its vector loads line up with the rows' lanes;
+// `storage` keeps the copy. v itself when T is not loaded in pairs. A whole step is one
+// deinterleave of two vectors (element by element, pair_slot's arithmetic made the copy cost
+// a quarter of a 56x56 spatial_stats_backward with 64 channels), a row's rest is element by
+// element.
+template <typename T, typename A>
+inline const A* in_pair_order(const A* v, int64_t rows, int64_t n, Tensor& storage) {
+  if constexpr (!kPairLoads<T>) {
+    return v;
+  } else {
+    using V = Vectorized<A>;
+    constexpr int64_t L = V::size();
+    constexpr int64_t S = IO<T>::kStep;
+    storage = at::empty({rows, n}, at::TensorOptions().dtype(c10::CppTypeToScalarType<A>::value));
+    A* d = storage.data_ptr<A>();
+    for (int64_t r = 0; r < rows; ++r) {
+      const A* src = v + r * n;
+      A* dst = d + r * n;
+      int64_t i = 0;
+      for (; i + S <= n; i += S) {
+        const auto [even, odd] = at::vec::deinterleave2(V::loadu(src + i), V::loadu(src + i + L));
+        even.store(dst + i);
+        odd.store(dst + i + L);
+      }
+      for (; i < n; ++i) dst[pair_slot<T>(i, n)] = src[i];
+    }
+    return d;
+  }
+}
+
+// [rows, n] per-element results at v, each row in pair order, back into element order in place.
+template <typename T, typename A>
+inline void from_pair_order(A* v, int64_t rows, int64_t n) {
+  if constexpr (kPairLoads<T>) {
+    using V = Vectorized<A>;
+    constexpr int64_t L = V::size();
+    constexpr int64_t S = IO<T>::kStep;
+    for (int64_t r = 0; r < rows; ++r) {
+      A* row = v + r * n;
+      int64_t i = 0;
+      for (; i + S <= n; i += S) {
+        const auto [first, second] = at::vec::interleave2(V::loadu(row + i), V::loadu(row + i + L));
+        first.store(row + i);
+        second.store(row + i + L);
+      }
+      A rest[S];
+      std::copy(row + i, row + n, rest);
+      for (int64_t j = i; j < n; ++j) row[j] = rest[pair_slot<T>(j, n) - i];
+    }
   }
 }
 

@@ -89,11 +89,8 @@ void gate_apply_residual_inplace(T* x, const T* residual, const A* gc, const A* 
 template <typename A>
 struct ProductQ {
   using V = Vectorized<A>;
+  static constexpr bool kElementsOnly = true;
   inline V vec(const V& d, const V& x, int64_t, int64_t, int64_t, bool) const { return d * x; }
-  template <typename T>
-  inline void tail(const T* d, const T* x, int64_t n, int64_t, int64_t, int64_t, bool, A* q) const {
-    for (int64_t j = 0; j < n; ++j) q[j] = static_cast<A>(d[j]) * static_cast<A>(x[j]);
-  }
 };
 
 // ---------------------------------------------------------------------------------------

@@ -161,6 +161,46 @@ def test_per_element_statistics_land_on_their_element_at_every_length(ext, dtype
         assert torch.equal(got[2], exp[2]), ("channel count", n)
 
 
+def _check_row_passes(ext, x, gc, dtype, what):
+    # spatial_stats, spatial_stats_backward through its max, and gate_apply_backward, against
+    # the reference
+    got, exp = ext.spatial_stats(x, gc), ref.spatial_stats(x, gc)
+    _close_small(got[0], exp[0], f"spatial mean, {what}", dtype)
+    assert torch.equal(got[1].isnan(), exp[1].isnan()), ("spatial max NaN", what)
+    assert torch.equal(got[1].nan_to_num(), exp[1].nan_to_num()), ("spatial max", what)
+    assert torch.equal(got[2], exp[2]), ("spatial count", what)
+    g = torch.Generator().manual_seed(x.shape[1] * x.shape[3])
+    dsm, dsx = (torch.randn(exp[0].shape, generator=g, dtype=_acc(dtype)) for _ in range(2))
+    _close_small(ext.spatial_stats_backward(x, gc, exp[1], exp[2], dsm, dsx),
+                 ref.spatial_stats_backward(x, gc, exp[1], exp[2], dsm, dsx), f"spatial backward, {what}", dtype)
+    gs = torch.rand(exp[0].shape, generator=g, dtype=_acc(dtype)) + 0.5
+    dout = torch.empty_like(x).copy_(torch.randn(x.shape, generator=g))  # x's strides
+    got, exp = ext.gate_apply_backward(dout, x, gc, gs, True, True), ref.gate_apply_backward(dout, x, gc, gs, True, True)
+    _close_small(got[0], exp[0], f"grad gc, {what}", dtype)
+    _close_small(got[1], exp[1], f"grad gs, {what}", dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
+def test_rows_with_a_per_element_operand_at_every_length(ext, dtype):
+    # channels_last spatial_stats (x * gc over a pixel's channels), spatial_stats_backward and
+    # gate_apply_backward in both layouts read a per-element operand beside each row (gc along
+    # the channels; the per-pixel weights, maxima and gates along the pixels). bfloat16 rows load in element pairs with
+    # the operand put in the same order, and a row's rest is one zero-padded vector step. Every
+    # row length from 1 to 70 covers rests shorter and longer than a vector under both ISAs;
+    # the last row element repeats the first, so maxima tie across the rest.
+    for n in range(1, 71):
+        g = torch.Generator().manual_seed(n)
+        x = make_input((2, n, 3, 5), "contiguous", dtype, seed=n)    # rows of n channels
+        gc = torch.rand(2, n, generator=g, dtype=_acc(dtype)) + 0.5
+        x[:, n - 1], gc[:, n - 1] = x[:, 0], gc[:, 0]
+        _check_row_passes(ext, x.contiguous(memory_format=torch.channels_last), gc, dtype, f"{n} channels")
+
+        x = make_input((2, 6, 1, n), "contiguous", dtype, seed=n)    # rows of n pixels
+        gc = torch.rand(2, 6, generator=g, dtype=_acc(dtype)) + 0.5
+        x[:, 5], gc[:, 5] = x[:, 1], gc[:, 1]
+        _check_row_passes(ext, x, gc, dtype, f"{n} pixels")
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_bam_logits_beyond_the_split_form(ext, layout, dtype):
