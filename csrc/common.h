@@ -152,9 +152,9 @@ struct IO<at::Half> : IOReduced<at::Half> {};
 
 // bfloat16 widened in element pairs, for passes that reduce rows (where a lane holds which
 // element matters only to the per-element operands and accumulators, which are then kept in
-// the same order: pair_slot): the even elements of p[0..kStep) in a, the odd ones in b. A bfloat16 is the top half of its float32, so this takes a shift and a
-// mask, where at::vec's widening in element order takes five instructions, three of them
-// shuffles. load_pairs_partial loads the first `count` elements, zeros after them: a holds
+// the same order: pair_slot): the even elements of p[0..kStep) in a, the odd ones in b. A
+// bfloat16 is the top half of its float32, so this takes a shift and a mask, where at::vec's
+// widening in element order takes five instructions, three of them shuffles. load_pairs_partial loads the first `count` elements, zeros after them: a holds
 // (count + 1) / 2 of them, b count / 2, each from lane 0 on.
 template <typename T>
 inline constexpr bool kPairLoads = false;
@@ -241,9 +241,9 @@ struct RestSplit {
 // A per-element operand of rows loaded in pairs, [rows, n] from v, each row put in pair order
 // (element i at pair_slot<T>(i, n)) so that its vector loads line up with the rows' lanes;
 // `storage` keeps the copy. v itself when T is not loaded in pairs. A whole step is one
-// deinterleave of two vectors (element by element, pair_slot's arithmetic made the copy cost
-// a quarter of a 56x56 spatial_stats_backward with 64 channels), a row's rest is element by
-// element.
+// deinterleave of two vectors, a row's rest element by element (copied element by element
+// with pair_slot's arithmetic, a [B, H*W] operand cost a quarter of an NCHW
+// spatial_stats_backward at 4x64x56x56).
 template <typename T, typename A>
 inline const A* in_pair_order(const A* v, int64_t rows, int64_t n, Tensor& storage) {
   if constexpr (!kPairLoads<T>) {

@@ -131,6 +131,14 @@ def test_nchw_channel_row_same_in_a_lane_group_as_alone(ext, dtype):
     assert int(stats[2][1, 1]) == H * W and int(stats[2][0, 2]) == 2, "counts of the -inf and -0.0 rows"
 
 
+def _check_stats(got, exp, what, dtype):
+    # mean within tolerance; max (NaN where the reference's is) and tie count exactly
+    _close_small(got[0], exp[0], f"mean, {what}", dtype)
+    assert torch.equal(got[1].isnan(), exp[1].isnan()), ("max NaN", what)
+    assert torch.equal(got[1].nan_to_num(), exp[1].nan_to_num()), ("max", what)
+    assert torch.equal(got[2], exp[2]), ("count", what)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
 def test_per_element_statistics_land_on_their_element_at_every_length(ext, dtype):
     # NCHW spatial_stats (one running mean / max / count per pixel, over the channels) and
@@ -144,31 +152,20 @@ def test_per_element_statistics_land_on_their_element_at_every_length(ext, dtype
         x[0, 2, 0, n - 1] = float("nan")        # the last element, in the rest
         x[0, 4, 0, n // 2] = float("inf")
         gc = torch.rand(1, 5, generator=torch.Generator().manual_seed(n), dtype=_acc(dtype)) + 0.5
-        got, exp = ext.spatial_stats(x, gc), ref.spatial_stats(x, gc)
-        _close_small(got[0], exp[0], f"spatial mean, {n} pixels", dtype)
-        assert torch.equal(got[1].isnan(), exp[1].isnan()), ("spatial max NaN", n)
-        assert torch.equal(got[1].nan_to_num(), exp[1].nan_to_num()), ("spatial max", n)
-        assert torch.equal(got[2], exp[2]), ("spatial count", n)
+        _check_stats(ext.spatial_stats(x, gc), ref.spatial_stats(x, gc), f"spatial, {n} pixels", dtype)
 
         x = make_input((1, n, 3, 5), "contiguous", dtype, seed=n).contiguous(memory_format=torch.channels_last)
         x[0, 0] = 0.75
         x[0, n - 1, 1, 2] = float("nan")
         x[0, n // 2, 2, 4] = float("inf")
-        got, exp = ext.channel_stats(x), ref.channel_stats(x)
-        _close_small(got[0], exp[0], f"channel mean, {n} channels", dtype)
-        assert torch.equal(got[1].isnan(), exp[1].isnan()), ("channel max NaN", n)
-        assert torch.equal(got[1].nan_to_num(), exp[1].nan_to_num()), ("channel max", n)
-        assert torch.equal(got[2], exp[2]), ("channel count", n)
+        _check_stats(ext.channel_stats(x), ref.channel_stats(x), f"channel, {n} channels", dtype)
 
 
 def _check_row_passes(ext, x, gc, dtype, what):
     # spatial_stats, spatial_stats_backward through its max, and gate_apply_backward, against
     # the reference
-    got, exp = ext.spatial_stats(x, gc), ref.spatial_stats(x, gc)
-    _close_small(got[0], exp[0], f"spatial mean, {what}", dtype)
-    assert torch.equal(got[1].isnan(), exp[1].isnan()), ("spatial max NaN", what)
-    assert torch.equal(got[1].nan_to_num(), exp[1].nan_to_num()), ("spatial max", what)
-    assert torch.equal(got[2], exp[2]), ("spatial count", what)
+    exp = ref.spatial_stats(x, gc)
+    _check_stats(ext.spatial_stats(x, gc), exp, f"spatial, {what}", dtype)
     g = torch.Generator().manual_seed(x.shape[1] * x.shape[3])
     dsm, dsx = (torch.randn(exp[0].shape, generator=g, dtype=_acc(dtype)) for _ in range(2))
     _close_small(ext.spatial_stats_backward(x, gc, exp[1], exp[2], dsm, dsx),
@@ -184,10 +181,11 @@ def _check_row_passes(ext, x, gc, dtype, what):
 def test_rows_with_a_per_element_operand_at_every_length(ext, dtype):
     # channels_last spatial_stats (x * gc over a pixel's channels), spatial_stats_backward and
     # gate_apply_backward in both layouts read a per-element operand beside each row (gc along
-    # the channels; the per-pixel weights, maxima and gates along the pixels). bfloat16 rows load in element pairs with
-    # the operand put in the same order, and a row's rest is one zero-padded vector step. Every
-    # row length from 1 to 70 covers rests shorter and longer than a vector under both ISAs;
-    # the last row element repeats the first, so maxima tie across the rest.
+    # the channels; the per-pixel weights, maxima and gates along the pixels). bfloat16 rows in
+    # channels_last load in element pairs with the operand put in the same order, and a row's
+    # rest is one zero-padded vector step. Every row length from 1 to 70 covers rests shorter
+    # and longer than a vector under both ISAs; the last row element repeats the first, so
+    # maxima tie across the rest.
     for n in range(1, 71):
         g = torch.Generator().manual_seed(n)
         x = make_input((2, n, 3, 5), "contiguous", dtype, seed=n)    # rows of n channels
