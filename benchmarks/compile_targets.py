@@ -361,12 +361,19 @@ def compile_one(rec: dict, arch: int) -> dict:
     from triton import knobs
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
-    from triton.runtime.jit import _triton_jit_function_registry, create_function_from_signature
+    from triton.runtime.jit import JITFunction, create_function_from_signature
 
     import importlib
 
-    importlib.import_module(rec["module"])
-    fn = _triton_jit_function_registry[f"{rec['module']}:{rec['qualname']}"]
+    # The kernel by its module and name (the records name the JITFunction's wrapped function;
+    # a name bound to an autotuner or heuristics wrapper is unwrapped to its JITFunction).
+    fn = importlib.import_module(rec["module"])
+    for part in rec["qualname"].split("."):
+        fn = getattr(fn, part)
+    while not isinstance(fn, JITFunction) and hasattr(fn, "fn"):
+        fn = fn.fn
+    if not isinstance(fn, JITFunction):
+        raise TypeError(f"{rec['module']}.{rec['qualname']} is not a Triton kernel")
     target = GPUTarget("cuda", arch, 32)
     backend = make_backend(target)
     args = [_decode(a, torch, tl) for a in rec["args"]]
