@@ -182,6 +182,11 @@ def run_variant(model, loader, device: str, progress: bool, label: str, train: b
 
     x0, i0 = next(iter(loader))
     step(to_device(x0), i0)  # warm-up (and compilation) outside the timed pass
+    # The last batch is smaller when the tiles do not divide into batches: warm that size up too,
+    # or torch.compile would compile its graph again (for a new batch size) inside the timed pass.
+    rest = len(loader.dataset) % (loader.batch_size or 1)
+    if rest and len(loader.dataset) > rest:
+        step(to_device(x0[:rest]), i0[:rest])
     prof = None
     if trace:
         from torch.profiler import ProfilerActivity, profile as _prof
