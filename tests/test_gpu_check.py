@@ -82,3 +82,25 @@ def test_dry_run(tmp_path):
     assert all("error" not in ln and all(c.strip() not in ("", "-") for c in ln.split("|")[6:8]) for ln in sd), sd
     # the profile job ran both variants and its table is in the report
     assert re.search(r"\| naive \|", text) and re.search(r"\| fused \|", text), text
+
+
+def test_tile_sweep_dry_run(tmp_path):
+    # benchmarks/gpu_tile_sweep.py on the CPU: every launch of both blocks timed under each
+    # setting, and the module constants it overrides restored afterwards.
+    out = tmp_path / "sweep.jsonl"
+    code = ("import sys; sys.path.insert(0, 'benchmarks'); import gpu_tile_sweep as s; "
+            "from attnkern.triton import _gating_common as c; before = c._MIN_BLOCK_HW; "
+            f"s.main(['--dry-run', '--out', {str(out)!r}]); assert c._MIN_BLOCK_HW == before")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    import json
+
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    settings = {r["setting"] for r in rows}
+    assert settings == {"default", "min_block_hw_128"}
+    for setting in settings:
+        kernels = {(r["block"], r["kernel"]) for r in rows if r["setting"] == setting}
+        assert ("cbam", "_spatial_stats_kernel") in kernels and ("se", "_gate_apply_kernel") in kernels
+    assert all(r["us"] > 0 for r in rows)
+    assert "| cbam | 2x16x6x5 | NCHW | float32 |" in r.stdout
