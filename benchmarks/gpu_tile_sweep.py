@@ -41,41 +41,18 @@ def main(argv=None) -> int:
         os.environ["TRITON_INTERPRET"] = "1"
         os.environ["ATTNKERN_BACKEND"] = "triton"
     import torch
-    from triton.runtime.interpreter import InterpretedFunction
-    from triton.runtime.jit import JITFunction
 
     import attnkern
     from attnkern.triton import _gating_common as common
 
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
+    from gpu_check import _timer, record_block_launches, relaunch  # the GPU check's recording and timer
+
     device = torch.device("cpu" if a.dry_run else "cuda")
-    cls = InterpretedFunction if a.dry_run else JITFunction
-    original = cls.run
-    launches = []
+    seconds = _timer(device)
 
-    def recording_run(self, *args, grid, warmup, **kwargs):
-        launches.append((self, args, grid, kwargs))
-        return original(self, *args, grid=grid, warmup=warmup, **kwargs)
-
-    flush = torch.empty(64 * 2 ** 20, dtype=torch.int32, device=device) if device.type == "cuda" else None
-
-    def timed(fn, reps=10):
-        fn()
-        times = []
-        for _ in range(reps):
-            if device.type == "cuda":
-                e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                flush.zero_()
-                e0.record()
-                fn()
-                e1.record()
-                e1.synchronize()
-                times.append(e0.elapsed_time(e1) * 1e3)
-            else:
-                t0 = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t0) * 1e6)
-        times.sort()
-        return times[len(times) // 2]
+    def timed(fn):
+        return seconds(fn, 10, 1) * 1e6
 
     settings = dict(list(SETTINGS.items())[:2]) if a.dry_run else SETTINGS
     defaults = {k: getattr(common, k) for s in settings.values() for k in s}
@@ -96,17 +73,9 @@ def main(argv=None) -> int:
                                 continue
                             for k, v in defaults.items():
                                 setattr(common, k, over.get(k, v))
-                            launches.clear()
-                            cls.run = recording_run
-                            try:
-                                xg = x.detach().requires_grad_(True)
-                                y = m(xg)
-                                y.backward(torch.ones_like(y))
-                            finally:
-                                cls.run = original
                             total = 0.0
-                            for fn, args, grid, kwargs in list(launches):
-                                us = timed(lambda: original(fn, *args, grid=grid, warmup=False, **kwargs))
+                            for fn, args, grid, kwargs in record_block_launches(m, x):
+                                us = timed(lambda: relaunch(fn, args, grid, kwargs))
                                 total += us
                                 g = grid if isinstance(grid, tuple) else None
                                 rec = dict(setting=name, block=block, shape="x".join(map(str, shape)),

@@ -216,6 +216,34 @@ def _launch_class():
     return JITFunction
 
 
+def record_block_launches(block, x):
+    """The Triton launches of one training step of ``block`` on ``x`` (its forward, then the
+    backward of a gradient of ones): a list of (kernel, args, grid, kwargs)."""
+    import torch
+
+    cls = _launch_class()
+    original = cls.run
+    launches = []
+
+    def recording_run(self, *args, grid, warmup, **kwargs):
+        launches.append((self, args, grid, kwargs))
+        return original(self, *args, grid=grid, warmup=warmup, **kwargs)
+
+    cls.run = recording_run
+    try:
+        xg = x.detach().requires_grad_(True)
+        out = block(xg)
+        out.backward(torch.ones_like(out))
+    finally:
+        cls.run = original
+    return launches
+
+
+def relaunch(fn, args, grid, kwargs):
+    """Launch a recorded kernel again, alone."""
+    return _launch_class().run(fn, *args, grid=grid, warmup=False, **kwargs)
+
+
 def _touched_bytes(t) -> int:
     """Bytes of a kernel's tensor argument, each element once (a broadcast view counts its
     storage, not its expanded size)."""
@@ -234,14 +262,6 @@ def stage_gating(part: Part, dry: bool) -> None:
 
     device = torch.device("cpu" if dry else "cuda")
     timed = _timer(device)
-    cls = _launch_class()
-    original = cls.run
-    launches = []
-
-    def recording_run(self, *args, grid, warmup, **kwargs):
-        launches.append((self, args, grid, kwargs))
-        return original(self, *args, grid=grid, warmup=warmup, **kwargs)
-
     blocks = [("cbam", lambda c: attnkern.CBAM(c)), ("se", lambda c: attnkern.SqueezeExcite(c)),
               ("bam", lambda c: attnkern.BAM(c))]
     shapes = GATING_SHAPES_DRY if dry else GATING_SHAPES_GPU
@@ -261,16 +281,8 @@ def stage_gating(part: Part, dry: bool) -> None:
                         part.flush()
                         continue
                     m = make(shape[1]).to(device=device, dtype=dtype).train()
-                    launches.clear()
-                    cls.run = recording_run
-                    try:
-                        xg = x.detach().requires_grad_(True)
-                        out = m(xg)
-                        out.backward(torch.ones_like(out))
-                    finally:
-                        cls.run = original
                     seen = set()
-                    for fn, args, grid, kwargs in list(launches):
+                    for fn, args, grid, kwargs in record_block_launches(m, x):
                         tensors = [a for a in args if isinstance(a, torch.Tensor)]
                         key = (fn.__name__ if hasattr(fn, "__name__") else fn.fn.__name__,
                                tuple((tuple(t.shape), t.dtype) for t in tensors),
@@ -282,7 +294,7 @@ def stage_gating(part: Part, dry: bool) -> None:
                         for t in tensors:
                             ptrs[t.data_ptr()] = max(ptrs.get(t.data_ptr(), 0), _touched_bytes(t))
                         nbytes = sum(ptrs.values())
-                        s = timed(lambda: original(fn, *args, grid=grid, warmup=False, **kwargs), reps, warmup)
+                        s = timed(lambda: relaunch(fn, args, grid, kwargs), reps, warmup)
                         gbs = nbytes / s / 1e9
                         part.add(block=name, kernel=key[0], shape="x".join(map(str, shape)), layout=layout,
                                  dtype=str(dtype).replace("torch.", ""), us=s * 1e6, mb=nbytes / 1e6,
