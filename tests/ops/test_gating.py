@@ -114,3 +114,22 @@ def test_exported_graph_names_ops_without_backend(monkeypatch):
         torch.testing.assert_close(ep.module()(x), m(x))
         meta = ep.module().to("meta")(x.to("meta"))
     assert meta.shape == x.shape and meta.device.type == "meta"
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+@pytest.mark.parametrize("block", ["se", "cbam", "bam"])
+def test_blocks_without_autograd_match_the_autograd_path(monkeypatch, block, mode):
+    # Without autograd the blocks call the primitives directly (under torch.no_grad below the
+    # dispatcher's autograd layer): the same kernels, so the same values, and nothing recorded.
+    from attnkern.nn import BAM, CBAM, SqueezeExcite
+
+    monkeypatch.setenv("ATTNKERN_BACKEND", "cpu")
+    torch.manual_seed(0)
+    m = {"se": SqueezeExcite, "cbam": CBAM, "bam": BAM}[block](16).eval()
+    x = make_input((2, 16, 7, 5), "channels_last", torch.float32).requires_grad_()
+    expected = m(x)
+    assert expected.requires_grad
+    with torch.no_grad() if mode == "no_grad" else torch.inference_mode():
+        got = m(x)
+    assert not got.requires_grad and got.grad_fn is None
+    assert torch.equal(got, expected.detach())
