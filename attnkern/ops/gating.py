@@ -521,8 +521,8 @@ class BamCombineNode(torch.autograd.Function):
 
 # Under torch.no_grad the direct calls skip the dispatcher's autograd layer, where the ops'
 # registered formulas put a Python wrapper that only redispatches (SE and CBAM at batch 1:
-# 1.24x and 1.31x faster a call). torch.inference_mode skips that layer itself, and there the
-# guard measured 0.92x, so it is not entered. Version counters of in-place ops are kept: that
+# 1.10-1.27x faster a call, benchmarks/RESULTS.md). torch.inference_mode skips that layer
+# itself, so there the guard is not entered. Version counters of in-place ops are kept: that
 # key is below autograd's.
 _below_autograd = torch._C._AutoDispatchBelowAutograd
 

@@ -51,10 +51,13 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 # 128x32 at 16x512x28x28 too (30 against 22 µs), 64 less at both. Reductions over H*W are split
 # into ranges of at least _MIN_TILES_PER_SPLIT tiles with the same target. A float64 tile holds
 # half as many elements (each takes two registers): at 4096, 32x128 channels_last tiles of the
-# statistics kernels spilled registers on sm_80 and sm_90 (ptxas, 4-24 B a thread).
+# statistics kernels spilled registers on sm_80 and sm_90 (ptxas, 4-24 B a thread); and its
+# C-looping NCHW tiles keep the floor of 128 pixels (_MIN_BLOCK_HW_F64): at 16, the 128x16 tile
+# of spatial_stats spilled 8 B on sm_90 (ptxas 12.9).
 _TILE = 4096
 _MAX_BLOCK_HW = 1024
 _MIN_BLOCK_HW = 16
+_MIN_BLOCK_HW_F64 = 128
 _MAX_BLOCK_C = 128
 _MIN_BLOCK_HW_CL = 4
 _TARGET_PROGRAMS = 1024
@@ -183,8 +186,7 @@ def _c_loop_tile(L: _Layout) -> Tuple[int, int]:
         bc = min(_np2(L.C), _MAX_BLOCK_C)
         bhw = min(_np2(L.HW), max(1, tile // bc), max(want, _MIN_BLOCK_HW_CL))
     else:
-        # float64 keeps a floor of 128 pixels: its 128x16 tile spilled on sm_90 (ptxas 12.9, 8 B).
-        floor = 128 if L.acc == torch.float64 else _MIN_BLOCK_HW
+        floor = _MIN_BLOCK_HW_F64 if L.acc == torch.float64 else _MIN_BLOCK_HW
         bhw = min(_np2(L.HW), _MAX_BLOCK_HW, max(want, floor))
         bc = min(_np2(L.C), max(1, tile // bhw))
     return bc, bhw
