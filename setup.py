@@ -27,8 +27,10 @@ VECTOR_CAPABILITIES = {
 }
 # The at::vec width of a copy, where its name is not that width's CPU_CAPABILITY_<NAME> macro.
 VECTOR_WIDTH = {"AVX512_BF16": "AVX512"}
-# csrc/cpu_capability.cpp (the choice itself) is built once, for the baseline.
-KERNEL_SOURCES = sorted(f for f in glob.glob("csrc/*.cpp") if os.path.basename(f) != "cpu_capability.cpp")
+# Built once, for the baseline: csrc/cpu_capability.cpp (the choice itself) and
+# csrc/output_cache.cpp (one cache of output blocks that every copy shares).
+BUILT_ONCE = ("cpu_capability.cpp", "output_cache.cpp")
+KERNEL_SOURCES = sorted(f for f in glob.glob("csrc/*.cpp") if os.path.basename(f) not in BUILT_ONCE)
 
 
 def base_flags():

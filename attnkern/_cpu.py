@@ -111,3 +111,32 @@ def set_cpu_capability(name: str) -> str:
     for a name that is not one of :func:`cpu_capabilities`. For tests and measurements; users set
     ``ATTNKERN_CPU_CAPABILITY``."""
     return require()._set_cpu_capability(name)
+
+
+def output_cache_info() -> dict:
+    """The cache of big output blocks (the outputs of 1 MiB and more of ``gate_apply``,
+    ``bam_combine`` and the input gradients): ``hits`` and ``misses`` (outputs that took a cached
+    block, or a new one), ``cached_bytes`` and ``cached_blocks`` (idle blocks held now) and
+    ``limit_bytes`` (``ATTNKERN_CPU_OUTPUT_CACHE_MB``, 512 MB by default; 0: off). A fresh tensor of
+    that size is faulted in page by page on its first write, which costs about as much as the
+    pass that writes it; a cached block is mapped already. Raises RuntimeError when the kernels
+    are not built, or when ``ATTNKERN_CPU_OUTPUT_CACHE_MB`` is not a whole number >= 0."""
+    hits, misses, cached_bytes, cached_blocks, limit = require()._output_cache_stats()
+    return {"hits": hits, "misses": misses, "cached_bytes": cached_bytes, "cached_blocks": cached_blocks,
+            "limit_bytes": limit}
+
+
+def empty_output_cache() -> int:
+    """Frees the idle blocks of the output cache (:func:`output_cache_info`), as
+    ``torch.cuda.empty_cache`` does for CUDA's; returns the bytes freed. Blocks of live tensors
+    return to the cache when those are freed."""
+    return require()._empty_output_cache()
+
+
+def set_output_cache_limit(mb: int) -> int:
+    """Sets the most idle memory the output cache holds, in MB (0 turns it off; idle blocks
+    above the new limit are freed, oldest first), and returns the limit before. For tests and
+    measurements; users set ``ATTNKERN_CPU_OUTPUT_CACHE_MB``."""
+    if isinstance(mb, bool) or not isinstance(mb, int) or mb < 0:
+        raise ValueError(f"attnkern: the output cache limit must be a whole number of MB >= 0, got {mb!r}")
+    return require()._set_output_cache_limit_mb(mb)

@@ -3,6 +3,7 @@
 // gradients) and bam_input_grad (the block's input gradient, with the mean-pool term).
 #include "both_axes.h"
 #include "common.h"
+#include "output_cache.h"
 
 namespace attnkern {
 namespace cpu {
@@ -218,7 +219,7 @@ Tensor bam_combine(const Tensor& x, const Tensor& mc, const Tensor& ms, bool pro
   static constexpr const char* fn = "attnkern::bam_combine";
   const Shape s = check_x(x, fn);
   check_logits(mc, ms, s, fn);
-  Tensor out = at::empty_like(x);
+  Tensor out = empty_output_like(x);
   ATTNKERN_DISPATCH(x, fn, [&] {
     const BamLogits<A> z{mc.data_ptr<A>(), ms.data_ptr<A>(), s.C, s.HW, product};
     Tensor factors;
@@ -256,7 +257,7 @@ Tensor bam_input_grad(const Tensor& x, const OptTensor& grad_out, const Tensor& 
   check_logits(mc, ms, s, fn);
   if (given(grad_out)) check_big(*grad_out, "grad_out", x, s, fn);
   if (given(grad_cmean)) check_small(*grad_cmean, "grad_cmean", s.B, s.C, s.acc, fn);
-  Tensor dx = at::empty_like(x);
+  Tensor dx = empty_output_like(x);
   ATTNKERN_DISPATCH(x, fn, [&] {
     const BamLogits<A> z{mc.data_ptr<A>(), ms.data_ptr<A>(), s.C, s.HW, product};
     Tensor mean_term = given(grad_cmean) ? (*grad_cmean / static_cast<double>(s.HW))

@@ -4,6 +4,7 @@
 // one pass).
 #include "both_axes.h"
 #include "common.h"
+#include "output_cache.h"
 
 namespace attnkern {
 namespace cpu {
@@ -310,7 +311,7 @@ Tensor gate_apply(const Tensor& x, const OptTensor& gc, const OptTensor& gs) {
   const Shape s = check_x(x, fn);
   if (given(gc)) check_small(*gc, "gc", s.B, s.C, s.acc, fn);
   if (given(gs)) check_small(*gs, "gs", s.B, s.HW, s.acc, fn);
-  Tensor out = at::empty_like(x);
+  Tensor out = empty_output_like(x);
   ATTNKERN_DISPATCH(x, fn, [&] {
     const A* gcp = given(gc) ? gc->data_ptr<A>() : nullptr;
     const A* gsp = given(gs) ? gs->data_ptr<A>() : nullptr;
@@ -377,7 +378,7 @@ Tensor gating_input_grad(const Tensor& x, const OptTensor& grad_out, const OptTe
               ": grad_smax needs smax and scount");
   TORCH_CHECK(!given(grad_cmax) || (given(cmax) && given(ccount)), fn,
               ": grad_cmax needs cmax and ccount");
-  Tensor dx = at::empty_like(x);
+  Tensor dx = empty_output_like(x);
   ATTNKERN_DISPATCH(x, fn, [&] {
     const int64_t B = s.B, C = s.C, HW = s.HW;
     Tensor gc_dense = given_or(gc, "gc", B, C, s.acc, 1.0, fn);
