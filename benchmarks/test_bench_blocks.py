@@ -10,6 +10,11 @@ writes RESULTS.md. ``ATTNKERN_BENCH_ROUNDS`` sets the timed rounds (default 7). 
 4R+1W (the fused backward does 5R+1W: spatial_stats_backward needs the spatial branch's
 gradient, which needs gate_apply_backward's); SE and BAM forward 2R+1W, backward 2R (pass A) +
 2R+1W (dx). BAM's spatial convs stay PyTorch's in every variant.
+
+Every variant runs with the C library's malloc as a user has it (glibc's maps large blocks on
+allocation and unmaps them on free), so PyTorch's fresh x-sized tensors, inductor's included,
+are faulted in page by page; the fused kernels' x-sized outputs come from their own cache of
+freed blocks (csrc/output_cache.cpp, ``ATTNKERN_CPU_OUTPUT_CACHE_MB``), as they do for users.
 """
 from __future__ import annotations
 

@@ -10,9 +10,10 @@ bam_combine read x and write out; gate_apply_residual_ reads x and the residual 
 gate_apply_backward reads grad_out and x; spatial_stats_backward reads x; gating_input_grad
 (CBAM's every term) reads x and grad_out and writes dx. The copy reads and writes once.
 
-Fresh outputs would otherwise cost page faults that the kernels do not control, so this suite
-sets glibc's malloc to keep large blocks (``attnkern.slides.allocator``; the process keeps it,
-and pytest collects this file after the other suites). Every timed call, the copy's too, starts
+No timed call pays page faults for a fresh output: the x-sized outputs come from the kernels'
+cache of freed blocks (csrc/output_cache.cpp), and for the small ones this suite sets glibc's
+malloc to keep large blocks (``attnkern.slides.allocator``; the process keeps it, and pytest
+collects this file after the other suites). Every timed call, the copy's too, starts
 with its tensors out of the caches (a buffer twice the last-level cache is written first).
 Medians of ``ROUNDS`` calls.
 
