@@ -170,3 +170,33 @@ def test_the_limit_variable_is_read(tmp_path):
         assert out.returncode == 0, out.stderr
         limit, cached = map(int, out.stdout.split())
         assert limit == int(mb) << 20 and (cached > 0) == kept
+
+
+def test_threads_allocating_and_freeing_at_once_never_share_a_block(ext):
+    """Four threads take outputs and free them in turn, the ops overlapping: every output must
+    equal the reference, which a block handed out twice would break, since two ops would write
+    it at once with gates 1/4 apart."""
+    import threading
+
+    x, gc, _ = _inputs("contiguous")
+    gates = [gc * (k + 1) / 4 for k in range(4)]
+    expected = [ref.gate_apply(x, g, None) for g in gates]
+    errors = []
+
+    def worker(k):
+        try:
+            for _ in range(25):
+                out = ext.gate_apply(x, gates[k], None)
+                if not torch.allclose(out, expected[k], rtol=1e-5, atol=1e-6):
+                    errors.append(f"thread {k}: output differs from the reference")
+                del out
+        except Exception as e:  # noqa: BLE001 -- reported below
+            errors.append(f"thread {k}: {e!r}")
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[:3]
+    assert _cpu.output_cache_info()["hits"] > 0
