@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from .. import functional as AF
 from ..reference.bam import COMBINES
-from ._layers import check_module_input
+from ._layers import check_module_input, pointwise_conv
 
 __all__ = ["BAM", "bam_state_dict_from_authors"]
 
@@ -45,10 +45,21 @@ class _SpatialBranch(nn.Module):
         self.conv_final = nn.Conv2d(rd, 1, 1, **dd)
 
     def forward(self, x: Tensor) -> Tensor:
-        h = torch.relu(self.bn_reduce(self.conv_reduce(x)))
+        """The spatial logits [B, 1, H, W], each layer called as the authors' code calls it (what
+        the reference and ``torch.compile`` run)."""
+        return self._logits(x, lambda conv, t: conv(t))
+
+    def logits(self, x: Tensor) -> Tensor:
+        """The same logits as :meth:`forward`, as ``attnkern.BAM`` computes them: on an NCHW CPU
+        tensor the two 1x1 convolutions as batched matrix products
+        (:func:`attnkern.nn._layers.pointwise_conv`), 2-4x faster there with their backward."""
+        return self._logits(x, pointwise_conv)
+
+    def _logits(self, x: Tensor, conv1x1) -> Tensor:
+        h = torch.relu(self.bn_reduce(conv1x1(self.conv_reduce, x)))
         for conv, bn in zip(self.conv_di, self.bn_di):
             h = torch.relu(bn(conv(h)))
-        return self.conv_final(h)
+        return conv1x1(self.conv_final, h)
 
 
 class BAM(nn.Module):
@@ -93,7 +104,7 @@ class BAM(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         check_module_input("BAM", x, self.channels, self.channel.fc1.weight)
-        out, mc, ms = AF.bam(x, self.channel, self.spatial, combine=self.combine)
+        out, mc, ms = AF.bam(x, self.channel, self.spatial.logits, combine=self.combine)
         self.last_gates = (mc.detach(), ms.detach()) if self.keep_gates else None
         return out
 

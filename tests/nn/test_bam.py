@@ -97,3 +97,104 @@ def test_bad_input_errors():
         m(torch.randn(2, 32, 7))
     with pytest.raises(ValueError, match="combine must be one of"):
         BAM(32, combine="mean")
+
+
+# ---------------------------------------------------------------------------------------------
+# the spatial branch's 1x1 convolutions as batched matrix products (nn._layers.pointwise_conv)
+# ---------------------------------------------------------------------------------------------
+
+def _first_op(y):
+    """The autograd node that made ``y`` (under the view the helper returns)."""
+    fn = y.grad_fn
+    if type(fn).__name__.startswith("View"):
+        fn = fn.next_functions[0][0]
+    return type(fn).__name__
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64],
+                         ids=["float32", "bfloat16", "float16", "float64"])
+@pytest.mark.parametrize("shape,out_ch,bias", [((2, 24, 7, 5), 3, True), ((1, 33, 6, 9), 2, True),
+                                                ((3, 16, 5, 5), 1, False)], ids=["odd", "batch1", "nobias"])
+def test_pointwise_conv_is_the_convolution(shape, out_ch, bias, dtype):
+    """On an NCHW CPU tensor the 1x1 convolution runs as a batched matrix product, and its
+    output and the gradients of x, the weight and the bias are the convolution's."""
+    from attnkern.nn._layers import pointwise_conv
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(shape[1], out_ch, 1, bias=bias)
+    x = torch.randn(shape)
+    gy = torch.randn(shape[0], out_ch, *shape[2:])
+
+    def run(c, xx, fn):
+        xx = xx.detach().requires_grad_()
+        y = fn(c, xx)
+        y.backward(gy.to(y.dtype))
+        grads = [xx.grad, c.weight.grad] + ([c.bias.grad] if bias else [])
+        return y, grads, _first_op(y)
+
+    low = copy.deepcopy(conv).to(dtype)
+    y, grads, op = run(low, x.to(dtype), pointwise_conv)
+    assert op in ("BaddbmmBackward0", "BmmBackward0"), op
+    hi = torch.float64
+    y64, grads64, _ = run(copy.deepcopy(conv).to(hi), x.to(hi), lambda c, t: c(t))
+    if dtype in (torch.float32, torch.float64):
+        assert_close(y, y64, dtype=dtype, name="out")
+        for g, r, n in zip(grads, grads64, ("x", "weight", "bias")):
+            assert_close(g, r, dtype=dtype, grad=True, name=f"grad {n}")
+    else:
+        ylow, gradslow, _ = run(copy.deepcopy(conv).to(dtype), x.to(dtype), lambda c, t: c(t))
+        assert_close(y, y64, ylow, dtype=dtype, name="out")
+        for g, r, rl, n in zip(grads, grads64, gradslow, ("x", "weight", "bias")):
+            assert_close(g, r, rl, dtype=dtype, grad=True, name=f"grad {n}")
+    assert y.dtype == dtype and y.is_contiguous()
+
+
+def test_pointwise_conv_gradcheck():
+    from attnkern.nn._layers import pointwise_conv
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(5, 3, 1).double()
+    x = torch.randn(2, 5, 3, 4, dtype=torch.float64, requires_grad=True)
+    assert _first_op(pointwise_conv(conv, x)) == "BaddbmmBackward0"
+    assert torch.autograd.gradcheck(
+        lambda xx, w, b: pointwise_conv(_with(conv, w, b), xx), (x, conv.weight, conv.bias))
+
+
+def _with(conv, w, b):
+    c = copy.copy(conv)
+    c._parameters = dict(conv._parameters, weight=w, bias=b)
+    return c
+
+
+@pytest.mark.parametrize("case", ["channels_last", "hook", "3x3", "stride2", "instance_forward"])
+def test_pointwise_conv_falls_back_to_the_module(case):
+    """Where the product does not apply (or would skip a hook) the module itself runs."""
+    from attnkern.nn._layers import pointwise_conv
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 2, 3 if case == "3x3" else 1, stride=2 if case == "stride2" else 1)
+    x = torch.randn(2, 8, 6, 7)
+    calls = []
+    if case == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif case == "hook":
+        conv.register_forward_hook(lambda m, i, o: calls.append(1))
+    elif case == "instance_forward":
+        conv.forward = lambda t: calls.append(1) or nn.Conv2d.forward(conv, t)
+    x.requires_grad_()
+    y = pointwise_conv(conv, x)
+    assert _first_op(y) == "ConvolutionBackward0"
+    assert torch.equal(y, F.conv2d(x, conv.weight, conv.bias, conv.stride))
+    assert calls == ([1] if case in ("hook", "instance_forward") else [])
+
+
+def test_bam_spatial_logits_match_forward_in_both_layouts():
+    """``BAM`` computes its spatial logits with the products (NCHW) and the module's forward
+    with the convolutions; the two agree, and in channels_last they are the same calls."""
+    torch.manual_seed(0)
+    m = BAM(32).eval()
+    x = torch.randn(2, 32, 9, 7)
+    with torch.no_grad():
+        assert_close(m.spatial.logits(x), m.spatial(x).double(), dtype=torch.float32, name="NCHW logits")
+        xc = x.contiguous(memory_format=torch.channels_last)
+        assert torch.equal(m.spatial.logits(xc), m.spatial(xc))
