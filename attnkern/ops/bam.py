@@ -6,8 +6,8 @@ convs run in PyTorch on x; ``bam_combine`` (1 read + 1 write). Backward (eager):
 ``BamCombineNode`` computes grad_mc = sum_hw dz and grad_ms = sum_c dz (dz = grad_out * x *
 s(1 - s)) in one pass (``bam_combine_backward``) and keeps grad_out; the branches' backward gives
 their parameters' gradients and grad_mean; then ``ChannelStatsNode`` writes dx = grad_out *
-(1 + s) + grad_mean / HW once (``bam_input_grad``). Autograd adds the spatial convs' own input
-gradient. Under ``torch.compile``: the ops with their own autograd formulas.
+(1 + s) + grad_mean / HW once (``bam_input_grad``) and adds the spatial convs' own input
+gradient into it in place (the branch reads x as ``ChannelStatsNode`` returns it). Under ``torch.compile``: the ops with their own autograd formulas.
 """
 from __future__ import annotations
 
@@ -33,8 +33,8 @@ def bam(
     acc = acc_dtype(x.dtype)
     product = combine == "product"
     passes = BlockPasses(primitives)
-    mean, _ = passes.channel_stats(x)
+    mean, _, x_branch = passes.channel_stats_and_branch_input(x)
     mc = mlp(mean).to(acc)
-    ms = spatial(x).to(acc).reshape(B, H * W)
+    ms = spatial(x_branch).to(acc).reshape(B, H * W)
     out = passes.bam_combine(x, mc, ms, product)
     return out, mc, ms.view(B, 1, H, W)

@@ -415,26 +415,31 @@ class Tape:
 
 
 class ChannelStatsNode(torch.autograd.Function):
+    """The channel statistics of x; its backward writes dx. With ``branch_input``, it also
+    returns x itself for a branch that reads x in PyTorch (BAM's spatial convolutions): that
+    branch's gradient of x then arrives here and is added into dx in place, instead of autograd
+    adding two x-sized gradients into a third, new one."""
+
     @staticmethod
-    def forward(ctx, x: Tensor, tape: Tape):
+    def forward(ctx, x: Tensor, tape: Tape, branch_input: bool = False):
         ctx.set_materialize_grads(False)  # an unused statistic costs nothing in the dx pass
         mean, mx, cnt = tape.prims.channel_stats(x)
         token = x.new_zeros((), dtype=acc_dtype(x.dtype))
         ctx.tape = tape
         ctx.save_for_backward(x, mx, cnt)
         ctx.mark_non_differentiable(cnt)
-        return mean, mx, cnt, token
+        return mean, mx, cnt, token, (x if branch_input else None)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_mean, grad_max, _grad_count, _grad_token):
+    def backward(ctx, grad_mean, grad_max, _grad_count, _grad_token, grad_branch=None):
         x, mx, cnt = ctx.saved_tensors
         t: Tape = ctx.tape
         if t.bam is not None:
             mc, ms, product = t.bam
             dx = t.prims.bam_input_grad(x, t.grad_out, mc, ms, product, grad_mean)
             t.clear()
-            return dx, None
+            return (dx if grad_branch is None else dx.add_(grad_branch)), None, None
         spatial = t.grad_smean is not None
         dx = t.prims.gating_input_grad(
             x, t.grad_out, t.gc, t.gs,
@@ -444,7 +449,7 @@ class ChannelStatsNode(torch.autograd.Function):
             grad_mean, grad_max,
         )
         t.clear()
-        return dx, None
+        return (dx if grad_branch is None else dx.add_(grad_branch)), None, None
 
 
 class SpatialStatsNode(torch.autograd.Function):
@@ -564,8 +569,17 @@ class BlockPasses:
         elif self.traced:
             mean, mx, _ = _ops.channel_stats(x)
         else:
-            mean, mx, _, self.token = ChannelStatsNode.apply(x, self.tape)
+            mean, mx, _, self.token, _ = ChannelStatsNode.apply(x, self.tape)
         return mean, mx
+
+    def channel_stats_and_branch_input(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """:meth:`channel_stats`, and the tensor a PyTorch branch on x should read: in eager
+        autograd x as ``ChannelStatsNode`` returns it, so that the branch's gradient of x is
+        added into the block's dx in place (one x-sized gradient fewer); x itself otherwise."""
+        if self.direct is not None or self.traced:
+            return (*self.channel_stats(x), x)
+        mean, mx, _, self.token, x_branch = ChannelStatsNode.apply(x, self.tape, True)
+        return mean, mx, x_branch
 
     def spatial_stats(self, x: Tensor, gc: Tensor) -> Tuple[Tensor, Tensor]:
         """(mean, max) over C of x * gc: [B, H*W] each."""
