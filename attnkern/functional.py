@@ -116,6 +116,7 @@ def bam(
     spatial: Callable[[Tensor], Tensor],
     *,
     combine: str = "sum",
+    spatial_projection: Optional[Tuple[Tensor, Optional[Tensor]]] = None,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """The Bottleneck Attention Module's combine, fused: ``x * (1 + sigmoid(mc + ms))``.
 
@@ -125,6 +126,11 @@ def bam(
         spatial: the spatial branch on x itself, [B, C, H, W] -> [B, 1, H, W].
         combine: ``'sum'`` (the paper) or ``'product'`` (``mc * ms``, the authors' released
             code, which their weights need).
+        spatial_projection: optional ``(weight, bias)`` of a 1x1 convolution that the spatial
+            branch starts with (weight [R, C, 1, 1], bias [R] or None, x's dtype and device).
+            Given, ``spatial`` receives that convolution of x, [B, R, H, W], instead of x: the
+            block computes it as a matrix product over x's memory and in the backward pass adds
+            its input gradient into dx in place (BAM's ``conv_reduce``).
 
     Returns:
         ``(out, mc, ms)``: the output (x's dtype and memory format), the channel logits [B, C]
@@ -133,12 +139,36 @@ def bam(
     check_feature_map("bam", x)
     if combine not in _bam_ref.COMBINES:
         raise ValueError(f"attnkern.bam: combine must be one of {_bam_ref.COMBINES}, got {combine!r}")
+    if spatial_projection is not None:
+        _check_projection(x, spatial_projection)
     backend = pick_backend("bam", x)
     if backend == "reference":
+        if spatial_projection is not None:
+            branch = spatial
+            spatial = lambda t: branch(torch.nn.functional.conv2d(t, *spatial_projection))  # noqa: E731
         out, mc, ms = _bam_ref.bam(x, mlp, spatial, combine=combine)
         acc = acc_dtype(x.dtype)
         return out, mc.to(acc), ms.to(acc)
-    return _bam_op.bam(dense(x), mlp, spatial, primitives=primitives_for(backend, x), combine=combine)
+    return _bam_op.bam(dense(x), mlp, spatial, primitives=primitives_for(backend, x), combine=combine,
+                       spatial_projection=spatial_projection)
+
+
+def _check_projection(x: Tensor, projection) -> None:
+    """``(weight [R, C, 1, 1], bias [R] or None)`` in x's dtype and on its device."""
+    if not isinstance(projection, (tuple, list)) or len(projection) != 2:
+        raise TypeError("attnkern.bam: spatial_projection must be a (weight, bias) pair")
+    w, b = projection
+    C = x.shape[1]
+    if not isinstance(w, Tensor) or w.dim() != 4 or w.shape[1:] != (C, 1, 1):
+        got = tuple(w.shape) if isinstance(w, Tensor) else type(w).__name__
+        raise ValueError(f"attnkern.bam: spatial_projection weight must be [R, {C}, 1, 1], got {got}")
+    if b is not None and (not isinstance(b, Tensor) or tuple(b.shape) != (w.shape[0],)):
+        got = tuple(b.shape) if isinstance(b, Tensor) else type(b).__name__
+        raise ValueError(f"attnkern.bam: spatial_projection bias must be [{w.shape[0]}] or None, got {got}")
+    for name, t in (("weight", w), ("bias", b)):
+        if t is not None and (t.dtype != x.dtype or t.device != x.device):
+            raise ValueError(f"attnkern.bam: spatial_projection {name} must have x's dtype and device "
+                             f"({x.dtype}, {x.device}), got {t.dtype}, {t.device}")
 
 
 ATTENTION_DTYPES = _attention_op.ATTENTION_DTYPES

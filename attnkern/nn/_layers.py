@@ -119,34 +119,35 @@ def has_hooks(module: nn.Module) -> bool:
                 or _module._global_backward_pre_hooks)
 
 
-def pointwise_conv(conv: nn.Module, x: Tensor) -> Tensor:
-    """``conv(x)`` for a 1x1 ``nn.Conv2d`` (stride 1, no padding, one group), x [B, C, H, W].
+def plain_pointwise_conv(conv: nn.Module, x: Tensor) -> bool:
+    """Whether ``conv`` is a plain 1x1 ``nn.Conv2d`` (stride 1, no padding, one group, no hooks,
+    its class's own forward) that may be computed as a matrix product on x in its place: a CPU
+    tensor of the weight's dtype, outside autocast and ``torch.compile`` (which plans its own
+    layouts)."""
+    return (type(conv) is nn.Conv2d and conv.kernel_size == (1, 1) and conv.stride == (1, 1)
+            and conv.padding in ((0, 0), "valid") and conv.groups == 1 and not has_hooks(conv)
+            and "forward" not in conv.__dict__ and x.device.type == "cpu" and x.dtype == conv.weight.dtype
+            and not torch.compiler.is_compiling() and not torch.is_autocast_enabled("cpu"))
 
-    On an NCHW CPU tensor in eager mode it is computed as one batched matrix product,
-    ``bias + W [R, C] @ x[b] viewed [C, H*W]`` (``torch.baddbmm``, the weight broadcast over
-    the batch): the same sums in another order, with the same autograd (the gradients of x,
-    the weight and the bias). oneDNN's NCHW convolution takes x, and in the backward pass its
-    gradient, through blocked layouts in temporary x-sized buffers; with R = C/16 (BAM's
-    spatial branch) the product measured 1.4-2.4x faster forward and 1.5-3.8x forward+backward
-    (2 cores of an Intel Xeon, float32 and bfloat16). Anywhere else (channels_last, where
-    oneDNN's convolution is already direct; CUDA; under ``torch.compile``, which plans its
-    own layouts; a conv with hooks or another configuration) it is ``conv(x)``.
+
+def pointwise_conv(conv: nn.Module, x: Tensor) -> Tensor:
+    """``conv(x)`` for a 1x1 ``nn.Conv2d``, x [B, C, H, W].
+
+    On an NCHW CPU tensor in eager mode (:func:`plain_pointwise_conv`) it is computed as one
+    batched matrix product, ``bias + W [R, C] @ x[b] viewed [C, H*W]``
+    (:func:`attnkern.ops.gating.pointwise_projection`): the same sums in another order, with
+    the same autograd (the gradients of x, the weight and the bias). oneDNN's NCHW convolution
+    takes x, and in the backward pass its gradient, through blocked layouts in temporary
+    x-sized buffers; with R = C/16 (BAM's spatial branch) the product measured 1.4-2.4x faster
+    forward and 1.5-3.8x forward+backward (2 cores of an Intel Xeon, float32 and bfloat16).
+    Anywhere else (channels_last, where oneDNN's convolution is already direct; CUDA; under
+    ``torch.compile``; a conv with hooks or another configuration) it is ``conv(x)``.
     """
-    if (x.device.type != "cpu" or torch.compiler.is_compiling() or x.dim() != 4 or not x.is_contiguous()
-            or type(conv) is not nn.Conv2d or conv.kernel_size != (1, 1) or conv.stride != (1, 1)
-            or conv.padding not in ((0, 0), "valid") or conv.groups != 1 or has_hooks(conv)
-            or "forward" in conv.__dict__
-            or (x.dtype != conv.weight.dtype and not torch.is_autocast_enabled("cpu"))):
+    if x.dim() != 4 or not x.is_contiguous() or not plain_pointwise_conv(conv, x):
         return conv(x)
-    B, C, H, W = x.shape
-    R = conv.out_channels
-    w = conv.weight.view(1, R, C).expand(B, R, C)
-    xs = x.view(B, C, H * W)
-    if conv.bias is None:
-        y = torch.bmm(w, xs)
-    else:
-        y = torch.baddbmm(conv.bias.view(1, R, 1).expand(B, R, 1), w, xs)
-    return y.view(B, R, H, W)
+    from ..ops.gating import pointwise_projection
+
+    return pointwise_projection(x, conv.weight, conv.bias)
 
 
 def residual_epilogue_ok(module: nn.Module, x: Tensor, residual: Tensor) -> bool:

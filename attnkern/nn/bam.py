@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from .. import functional as AF
 from ..reference.bam import COMBINES
-from ._layers import check_module_input, pointwise_conv
+from ._layers import check_module_input, has_hooks, plain_pointwise_conv, pointwise_conv
 
 __all__ = ["BAM", "bam_state_dict_from_authors"]
 
@@ -47,19 +47,16 @@ class _SpatialBranch(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """The spatial logits [B, 1, H, W], each layer called as the authors' code calls it (what
         the reference and ``torch.compile`` run)."""
-        return self._logits(x, lambda conv, t: conv(t))
+        return self.from_reduced(self.conv_reduce(x), pointwise=False)
 
-    def logits(self, x: Tensor) -> Tensor:
-        """The same logits as :meth:`forward`, as ``attnkern.BAM`` computes them: on an NCHW CPU
-        tensor the two 1x1 convolutions as batched matrix products
-        (:func:`attnkern.nn._layers.pointwise_conv`), 2-4x faster there with their backward."""
-        return self._logits(x, pointwise_conv)
-
-    def _logits(self, x: Tensor, conv1x1) -> Tensor:
-        h = torch.relu(self.bn_reduce(conv1x1(self.conv_reduce, x)))
+    def from_reduced(self, h: Tensor, pointwise: bool = True) -> Tensor:
+        """The logits from ``conv_reduce(x)`` on: ``attnkern.BAM`` computes that first
+        convolution beside its statistics pass. ``pointwise``: the last 1x1 convolution as a
+        matrix product where that applies (:func:`attnkern.nn._layers.pointwise_conv`)."""
+        h = torch.relu(self.bn_reduce(h))
         for conv, bn in zip(self.conv_di, self.bn_di):
             h = torch.relu(bn(conv(h)))
-        return conv1x1(self.conv_final, h)
+        return pointwise_conv(self.conv_final, h) if pointwise else self.conv_final(h)
 
 
 class BAM(nn.Module):
@@ -104,7 +101,14 @@ class BAM(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         check_module_input("BAM", x, self.channels, self.channel.fc1.weight)
-        out, mc, ms = AF.bam(x, self.channel, self.spatial.logits, combine=self.combine)
+        reduce = self.spatial.conv_reduce
+        if not has_hooks(self.spatial) and plain_pointwise_conv(reduce, x):
+            # the branch's first 1x1 convolution computed by the block as a matrix product over
+            # x, its input gradient added into dx in place (attnkern.bam's spatial_projection)
+            out, mc, ms = AF.bam(x, self.channel, self.spatial.from_reduced, combine=self.combine,
+                                 spatial_projection=(reduce.weight, reduce.bias))
+        else:
+            out, mc, ms = AF.bam(x, self.channel, self.spatial, combine=self.combine)
         self.last_gates = (mc.detach(), ms.detach()) if self.keep_gates else None
         return out
 

@@ -7,11 +7,12 @@ convs run in PyTorch on x; ``bam_combine`` (1 read + 1 write). Backward (eager):
 s(1 - s)) in one pass (``bam_combine_backward``) and keeps grad_out; the branches' backward gives
 their parameters' gradients and grad_mean; then ``ChannelStatsNode`` writes dx = grad_out *
 (1 + s) + grad_mean / HW once (``bam_input_grad``) and adds the spatial convs' own input
-gradient into it in place (the branch reads x as ``ChannelStatsNode`` returns it). Under ``torch.compile``: the ops with their own autograd formulas.
+gradient into it in place (the branch reads x, or its first 1x1 convolution of x, as
+``ChannelStatsNode`` returns it). Under ``torch.compile``: the ops with their own autograd formulas.
 """
 from __future__ import annotations
 
-from typing import Callable, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -26,15 +27,18 @@ def bam(
     *,
     primitives=None,
     combine: str = "sum",
+    spatial_projection: Optional[Tuple[Tensor, Optional[Tensor]]] = None,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """The fused BAM block on a validated, dense x. Returns ``(out, mc, ms)``: channel logits
-    [B, C] and spatial logits [B, 1, H, W] in the accumulation dtype."""
+    [B, C] and spatial logits [B, 1, H, W] in the accumulation dtype. ``spatial_projection``:
+    the (weight, bias) of the 1x1 convolution the spatial branch starts with, in x's dtype;
+    ``spatial`` then receives its output instead of x."""
     B, C, H, W = x.shape
     acc = acc_dtype(x.dtype)
     product = combine == "product"
     passes = BlockPasses(primitives)
-    mean, _, x_branch = passes.channel_stats_and_branch_input(x)
+    mean, _, branch_in = passes.channel_stats_and_branch_input(x, spatial_projection)
     mc = mlp(mean).to(acc)
-    ms = spatial(x_branch).to(acc).reshape(B, H * W)
+    ms = spatial(branch_in).to(acc).reshape(B, H * W)
     out = passes.bam_combine(x, mc, ms, product)
     return out, mc, ms.view(B, 1, H, W)

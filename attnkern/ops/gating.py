@@ -51,7 +51,7 @@ from torch import Tensor
 from .. import _backend, _cpu
 from ..reference import gating as _ref
 
-__all__ = ["acc_dtype", "dense", "memory_format_of", "pick_backend", "primitives_for", "Primitives",
+__all__ = ["acc_dtype", "dense", "memory_format_of", "pointwise_projection", "pick_backend", "primitives_for", "Primitives",
            "DISPATCHER", "FLOAT_DTYPES", "OPS", "Tape", "ChannelStatsNode", "SpatialStatsNode",
            "ApplyNode", "BamCombineNode", "BlockPasses"]
 
@@ -103,6 +103,56 @@ def dense(t: Tensor, fmt: Optional[torch.memory_format] = None) -> Tensor:
 
 def _c(t: Optional[Tensor]) -> Optional[Tensor]:
     return None if t is None else t.contiguous()
+
+
+def pointwise_projection(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """``conv2d(x, weight, bias)`` for a 1x1 weight [R, C, 1, 1] and x [B, C, H, W] dense in NCHW
+    or channels_last, as a matrix product over x's own memory: NCHW ``W @ x[b]`` with x[b]
+    viewed [C, H*W] (``torch.baddbmm``, the weight broadcast over the batch), channels_last x's
+    [B*H*W, C] rows times W^T (``torch.addmm``). The same sums as the convolution in another
+    order; the output [B, R, H, W] has x's layout. Autograd works through it."""
+    B, C, H, W = x.shape
+    R = weight.shape[0]
+    w = weight.reshape(R, C)
+    if memory_format_of(x) == torch.channels_last:
+        h = torch.nn.functional.linear(x.permute(0, 2, 3, 1).reshape(B * H * W, C), w, bias)
+        return h.view(B, H, W, R).permute(0, 3, 1, 2)
+    xs = x.reshape(B, C, H * W)
+    we = w.unsqueeze(0).expand(B, R, C)
+    h = torch.bmm(we, xs) if bias is None else torch.baddbmm(bias.view(1, R, 1).expand(B, R, 1), we, xs)
+    return h.view(B, R, H, W)
+
+
+def pointwise_projection_backward_(dx: Optional[Tensor], x: Tensor, weight: Tensor, grad_h: Tensor,
+                                   need_weight: bool, need_bias: bool) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+    """The backward of :func:`pointwise_projection`: adds its input gradient ``W^T grad_h`` into
+    dx in place (no x-sized tensor of its own: ``baddbmm_`` / ``addmm_`` with beta 1 where dx
+    has x's layout) and returns the weight's and the bias's gradients."""
+    B, C, H, W = x.shape
+    R = weight.shape[0]
+    w = weight.reshape(R, C)
+    grad_w = None
+    if memory_format_of(x) == torch.channels_last:
+        g = grad_h.permute(0, 2, 3, 1).reshape(B * H * W, R)
+        if dx is not None:
+            if dx.is_contiguous(memory_format=torch.channels_last):
+                dx.permute(0, 2, 3, 1).view(B * H * W, C).addmm_(g, w)
+            else:
+                dx.add_((g @ w).view(B, H, W, C).permute(0, 3, 1, 2))
+        if need_weight:
+            grad_w = g.t().mm(x.permute(0, 2, 3, 1).reshape(B * H * W, C))
+    else:
+        g = grad_h.reshape(B, R, H * W)
+        if dx is not None:
+            wt = w.t().unsqueeze(0).expand(B, C, R)
+            if dx.is_contiguous():
+                dx.view(B, C, H * W).baddbmm_(wt, g)
+            else:
+                dx.add_(torch.bmm(wt, g).view(B, C, H, W))
+        if need_weight:
+            grad_w = torch.bmm(g, x.reshape(B, C, H * W).transpose(1, 2)).sum(0)
+    grad_b = grad_h.sum((0, 2, 3)) if need_bias else None
+    return (grad_w.view_as(weight) if grad_w is not None else None), grad_b
 
 
 # ----------------------------------------------------------------------------------------
@@ -415,41 +465,56 @@ class Tape:
 
 
 class ChannelStatsNode(torch.autograd.Function):
-    """The channel statistics of x; its backward writes dx. With ``branch_input``, it also
-    returns x itself for a branch that reads x in PyTorch (BAM's spatial convolutions): that
-    branch's gradient of x then arrives here and is added into dx in place, instead of autograd
-    adding two x-sized gradients into a third, new one."""
+    """The channel statistics of x; its backward writes dx.
+
+    With ``branch``, it also returns what a branch of the block computed in PyTorch reads (BAM's
+    spatial convolutions): x itself, or with ``proj_weight`` the 1x1 projection of x the branch
+    starts with (:func:`pointwise_projection`). The branch's gradient then arrives here and is
+    added into dx in place (for the projection, as ``W^T grad``), instead of autograd adding two
+    x-sized gradients into a third, new one."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, tape: Tape, branch_input: bool = False):
+    def forward(ctx, x: Tensor, tape: Tape, branch: bool = False, proj_weight: Optional[Tensor] = None,
+                proj_bias: Optional[Tensor] = None):
         ctx.set_materialize_grads(False)  # an unused statistic costs nothing in the dx pass
         mean, mx, cnt = tape.prims.channel_stats(x)
         token = x.new_zeros((), dtype=acc_dtype(x.dtype))
+        branch_in = None
+        if branch:
+            branch_in = x if proj_weight is None else pointwise_projection(x, proj_weight, proj_bias)
         ctx.tape = tape
-        ctx.save_for_backward(x, mx, cnt)
+        ctx.save_for_backward(x, mx, cnt, proj_weight)
         ctx.mark_non_differentiable(cnt)
-        return mean, mx, cnt, token, (x if branch_input else None)
+        return mean, mx, cnt, token, branch_in
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_mean, grad_max, _grad_count, _grad_token, grad_branch=None):
-        x, mx, cnt = ctx.saved_tensors
+        x, mx, cnt, proj_weight = ctx.saved_tensors
         t: Tape = ctx.tape
-        if t.bam is not None:
-            mc, ms, product = t.bam
-            dx = t.prims.bam_input_grad(x, t.grad_out, mc, ms, product, grad_mean)
-            t.clear()
-            return (dx if grad_branch is None else dx.add_(grad_branch)), None, None
-        spatial = t.grad_smean is not None
-        dx = t.prims.gating_input_grad(
-            x, t.grad_out, t.gc, t.gs,
-            t.smax if spatial else None, t.scount if spatial else None,
-            t.grad_smean, t.grad_smax,
-            mx if grad_max is not None else None, cnt if grad_max is not None else None,
-            grad_mean, grad_max,
-        )
+        dx = None
+        if ctx.needs_input_grad[0]:
+            if t.bam is not None:
+                mc, ms, product = t.bam
+                dx = t.prims.bam_input_grad(x, t.grad_out, mc, ms, product, grad_mean)
+            else:
+                spatial = t.grad_smean is not None
+                dx = t.prims.gating_input_grad(
+                    x, t.grad_out, t.gc, t.gs,
+                    t.smax if spatial else None, t.scount if spatial else None,
+                    t.grad_smean, t.grad_smax,
+                    mx if grad_max is not None else None, cnt if grad_max is not None else None,
+                    grad_mean, grad_max,
+                )
         t.clear()
-        return (dx if grad_branch is None else dx.add_(grad_branch)), None, None
+        grad_w = grad_b = None
+        if grad_branch is not None:
+            if proj_weight is None:
+                dx = dx.add_(grad_branch) if dx is not None else None
+            else:
+                grad_w, grad_b = pointwise_projection_backward_(dx, x, proj_weight, grad_branch,
+                                                                ctx.needs_input_grad[3], ctx.needs_input_grad[4])
+        return dx, None, None, grad_w, grad_b
 
 
 class SpatialStatsNode(torch.autograd.Function):
@@ -572,14 +637,25 @@ class BlockPasses:
             mean, mx, _, self.token, _ = ChannelStatsNode.apply(x, self.tape)
         return mean, mx
 
-    def channel_stats_and_branch_input(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-        """:meth:`channel_stats`, and the tensor a PyTorch branch on x should read: in eager
-        autograd x as ``ChannelStatsNode`` returns it, so that the branch's gradient of x is
-        added into the block's dx in place (one x-sized gradient fewer); x itself otherwise."""
+    def channel_stats_and_branch_input(
+        self, x: Tensor, projection: Optional[Tuple[Tensor, Optional[Tensor]]] = None,
+    ) -> Tuple[Tensor, Tensor, Tensor]:
+        """:meth:`channel_stats`, and what a PyTorch branch on x reads: x, or with ``projection``
+        (weight [R, C, 1, 1] and bias [R] or None, x's dtype) the branch's first layer, that 1x1
+        convolution of x, [B, R, H, W]. In eager autograd both come from ``ChannelStatsNode``,
+        so that the branch's gradient of x is added into the block's dx in place (one x-sized
+        gradient fewer)."""
         if self.direct is not None or self.traced:
-            return (*self.channel_stats(x), x)
-        mean, mx, _, self.token, x_branch = ChannelStatsNode.apply(x, self.tape, True)
-        return mean, mx, x_branch
+            mean, mx = self.channel_stats(x)
+            if projection is None:
+                return mean, mx, x
+            if self.traced:
+                return mean, mx, torch.nn.functional.conv2d(x, *projection)
+            with self.below_autograd():
+                return mean, mx, pointwise_projection(x, *projection)
+        mean, mx, _, self.token, branch_in = ChannelStatsNode.apply(
+            x, self.tape, True, *(projection if projection is not None else (None, None)))
+        return mean, mx, branch_in
 
     def spatial_stats(self, x: Tensor, gc: Tensor) -> Tuple[Tensor, Tensor]:
         """(mean, max) over C of x * gc: [B, H*W] each."""

@@ -188,13 +188,79 @@ def test_pointwise_conv_falls_back_to_the_module(case):
     assert calls == ([1] if case in ("hook", "instance_forward") else [])
 
 
-def test_bam_spatial_logits_match_forward_in_both_layouts():
-    """``BAM`` computes its spatial logits with the products (NCHW) and the module's forward
-    with the convolutions; the two agree, and in channels_last they are the same calls."""
+def test_bam_spatial_branch_from_reduced_is_its_forward():
+    """``BAM`` computes the spatial branch's first convolution itself and the rest with
+    ``from_reduced`` (its last 1x1 convolution as a product in NCHW); the module's forward, with
+    the convolutions, agrees in both layouts."""
     torch.manual_seed(0)
     m = BAM(32).eval()
     x = torch.randn(2, 32, 9, 7)
     with torch.no_grad():
-        assert_close(m.spatial.logits(x), m.spatial(x).double(), dtype=torch.float32, name="NCHW logits")
-        xc = x.contiguous(memory_format=torch.channels_last)
-        assert torch.equal(m.spatial.logits(xc), m.spatial(xc))
+        for xx in (x, x.contiguous(memory_format=torch.channels_last)):
+            h = m.spatial.conv_reduce(xx)
+            assert_close(m.spatial.from_reduced(h), m.spatial(xx).double(), dtype=torch.float32, name="logits")
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_bam_spatial_projection_gradcheck(layout):
+    """``attnkern.bam`` with ``spatial_projection`` (the projection computed by the block, its
+    input gradient added into dx in place): gradients of x, the weight and the bias in float64."""
+    import attnkern
+
+    torch.manual_seed(3)
+    x = torch.randn(2, 6, 4, 3, dtype=torch.float64)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    w = torch.randn(3, 6, 1, 1, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    mlp = nn.Linear(6, 6).double()
+    v = torch.randn(3, dtype=torch.float64)
+
+    def spatial(h):
+        return (torch.tanh(h) * v.view(1, 3, 1, 1)).sum(1, keepdim=True)
+
+    def f(x, w, b):
+        return attnkern.bam(x, mlp, spatial, spatial_projection=(w, b))[0]
+
+    def f_ref(x, w, b):
+        return attnkern.bam(x, mlp, lambda t: spatial(F.conv2d(t, w, b)))[0]
+
+    assert torch.autograd.gradcheck(f, (x, w, b), eps=1e-6, atol=1e-6)
+    g = torch.randn(2, 6, 4, 3, dtype=torch.float64)
+    ours = torch.autograd.grad(f(x, w, b), (x, w, b), g)
+    theirs = torch.autograd.grad(f_ref(x, w, b), (x, w, b), g)
+    for a, r, n in zip(ours, theirs, ("x", "weight", "bias")):
+        assert_close(a, r, name=f"grad {n}")
+    # only the projection's parameters need a gradient (x does not)
+    gw, gb = torch.autograd.grad(f(x.detach(), w, b), (w, b), g)
+    rw, rb = torch.autograd.grad(f_ref(x.detach(), w, b), (w, b), g)
+    assert_close(gw, rw, name="grad weight, x without grad")
+    assert_close(gb, rb, name="grad bias, x without grad")
+
+
+@pytest.mark.parametrize("bad,match", [
+    (lambda w, b: (w[:, :3], b), r"weight must be \[R, 6, 1, 1\]"),
+    (lambda w, b: (w, b[:2]), r"bias must be \[3\] or None"),
+    (lambda w, b: (w.double(), b), "x's dtype and device"),
+    (lambda w, b: w, r"a \(weight, bias\) pair"),
+])
+def test_bam_spatial_projection_errors(bad, match):
+    import attnkern
+
+    x = torch.randn(2, 6, 4, 3)
+    w, b = torch.randn(3, 6, 1, 1), torch.randn(3)
+    with pytest.raises((ValueError, TypeError), match=match):
+        attnkern.bam(x, nn.Linear(6, 6), lambda h: h[:, :1], spatial_projection=bad(w, b))
+
+
+def test_bam_hooks_on_the_spatial_branch_still_run():
+    """A hook on the spatial branch (or its first convolution) sees it called as a module."""
+    torch.manual_seed(0)
+    m = BAM(32).train()
+    x = torch.randn(2, 32, 6, 5)
+    seen = []
+    m.spatial.register_forward_hook(lambda mod, i, o: seen.append("spatial"))
+    m.spatial.conv_reduce.register_forward_hook(lambda mod, i, o: seen.append("conv_reduce"))
+    m(x).sum().backward()
+    assert seen == ["conv_reduce", "spatial"]
