@@ -9,7 +9,9 @@ writes RESULTS.md. ``ATTNKERN_BENCH_ROUNDS`` sets the timed rounds (default 7). 
 (reads + writes of x's size, attnkern.compare.FLOOR_TRANSFERS): CBAM forward 3R+1W, backward
 4R+1W (the fused backward does 5R+1W: spatial_stats_backward needs the spatial branch's
 gradient, which needs gate_apply_backward's); SE and BAM forward 2R+1W, backward 2R (pass A) +
-2R+1W (dx). BAM's spatial convs stay PyTorch's in every variant.
+2R+1W (dx). BAM's spatial convs are PyTorch's in every variant; on CPU the fused BAM computes
+the first, 1x1, as a matrix product over x and adds its input gradient into dx in place
+(``attnkern.bam``'s ``spatial_projection``).
 
 Every variant runs with the C library's malloc as a user has it (glibc's maps large blocks on
 allocation and unmaps them on free), so PyTorch's fresh x-sized tensors, inductor's included,
