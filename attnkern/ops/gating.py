@@ -51,8 +51,8 @@ from torch import Tensor
 from .. import _backend, _cpu
 from ..reference import gating as _ref
 
-__all__ = ["acc_dtype", "dense", "memory_format_of", "pointwise_projection", "pick_backend", "primitives_for", "Primitives",
-           "DISPATCHER", "FLOAT_DTYPES", "OPS", "Tape", "ChannelStatsNode", "SpatialStatsNode",
+__all__ = ["acc_dtype", "dense", "memory_format_of", "pointwise_projection", "pick_backend", "primitives_for",
+           "Primitives", "DISPATCHER", "FLOAT_DTYPES", "OPS", "Tape", "ChannelStatsNode", "SpatialStatsNode",
            "ApplyNode", "BamCombineNode", "BlockPasses"]
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
