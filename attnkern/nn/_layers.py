@@ -138,8 +138,9 @@ def pointwise_conv(conv: nn.Module, x: Tensor) -> Tensor:
     (:func:`attnkern.ops.gating.pointwise_projection`): the same sums in another order, with
     the same autograd (the gradients of x, the weight and the bias). oneDNN's NCHW convolution
     takes x, and in the backward pass its gradient, through blocked layouts in temporary
-    x-sized buffers; with R = C/16 (BAM's spatial branch) the product measured 1.4-2.4x faster
-    forward and 1.5-3.8x forward+backward (2 cores of an Intel Xeon, float32 and bfloat16).
+    x-sized buffers; with R = C/16 (BAM's spatial branch: 256 -> 16 at 8x256x56x56, 512 -> 32 at
+    16x512x28x28) the product measured 2.4-3.0x faster forward and 1.2-3.6x forward+backward
+    (2 cores of an Intel Xeon, float32).
     Anywhere else (channels_last, where oneDNN's convolution is already direct; CUDA; under
     ``torch.compile``; a conv with hooks or another configuration) it is ``conv(x)``.
     """
