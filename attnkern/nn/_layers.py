@@ -94,15 +94,23 @@ def reuse(layer: nn.Module) -> nn.Module:
     return copy.deepcopy(layer)
 
 
+def _is_matrix_product_conv(layer: nn.Module) -> bool:
+    """An ``nn.Conv2d`` with its class's forward whose every output pixel is ``W @`` the input
+    pixel (+ bias): 1x1, stride 1, no padding, no dilation, one group."""
+    return (isinstance(layer, nn.Conv2d) and type(layer).forward is nn.Conv2d.forward
+            and layer.kernel_size == (1, 1) and layer.stride == (1, 1) and layer.padding in ((0, 0), "valid")
+            and layer.dilation == (1, 1) and layer.groups == 1)
+
+
 def require_pointwise(what: str, layer: nn.Module) -> None:
     """A 1x1 convolution (or Linear) that acts as a plain matrix product on a pooled vector:
     the fused modules apply it as ``F.linear(v, weight.flatten(1), bias)``."""
     if isinstance(layer, nn.Linear) and type(layer).forward is nn.Linear.forward:
         return
+    if _is_matrix_product_conv(layer):
+        return
     if isinstance(layer, nn.Conv2d) and type(layer).forward is nn.Conv2d.forward:
         k, s, p, d = layer.kernel_size, layer.stride, layer.padding, layer.dilation
-        if k == (1, 1) and s == (1, 1) and p in ((0, 0), "valid") and d == (1, 1) and layer.groups == 1:
-            return
         raise NotConvertible(
             f"{what} is a Conv2d(kernel_size={k}, stride={s}, padding={p}, dilation={d}, "
             f"groups={layer.groups}); only a plain 1x1 convolution (a matrix product) can be fused")
@@ -121,12 +129,11 @@ def has_hooks(module: nn.Module) -> bool:
 
 def plain_pointwise_conv(conv: nn.Module, x: Tensor) -> bool:
     """Whether ``conv`` is a plain 1x1 ``nn.Conv2d`` (stride 1, no padding, one group, no hooks,
-    its class's own forward) that may be computed as a matrix product on x in its place: a CPU
+    the forward of ``nn.Conv2d``) that may be computed as a matrix product on x in its place: a CPU
     tensor of the weight's dtype, outside autocast and ``torch.compile`` (which plans its own
     layouts)."""
-    return (type(conv) is nn.Conv2d and conv.kernel_size == (1, 1) and conv.stride == (1, 1)
-            and conv.padding in ((0, 0), "valid") and conv.groups == 1 and not has_hooks(conv)
-            and "forward" not in conv.__dict__ and x.device.type == "cpu" and x.dtype == conv.weight.dtype
+    return (_is_matrix_product_conv(conv) and not has_hooks(conv) and "forward" not in conv.__dict__
+            and x.device.type == "cpu" and x.dtype == conv.weight.dtype
             and not torch.compiler.is_compiling() and not torch.is_autocast_enabled("cpu"))
 
 
@@ -156,12 +163,7 @@ def residual_epilogue_ok(module: nn.Module, x: Tensor, residual: Tensor) -> bool
     writing into ``x``: inference without autograd, no hooks that expect ``module`` to be
     called, x dense (NCHW or channels_last) and residual of x's shape, dtype, device and
     layout, in a different storage."""
-    from torch.nn.modules import module as _module
-
-    if torch.is_grad_enabled() or torch.compiler.is_compiling():
-        return False
-    if (module._forward_hooks or module._forward_pre_hooks or _module._global_forward_hooks
-            or _module._global_forward_pre_hooks):
+    if torch.is_grad_enabled() or torch.compiler.is_compiling() or has_hooks(module):
         return False
     if not isinstance(x, Tensor) or not isinstance(residual, Tensor) or x.dim() != 4:
         return False

@@ -126,8 +126,9 @@ def pointwise_projection(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> T
 def pointwise_projection_backward_(dx: Optional[Tensor], x: Tensor, weight: Tensor, grad_h: Tensor,
                                    need_weight: bool, need_bias: bool) -> Tuple[Optional[Tensor], Optional[Tensor]]:
     """The backward of :func:`pointwise_projection`: adds its input gradient ``W^T grad_h`` into
-    dx in place (no x-sized tensor of its own: ``baddbmm_`` / ``addmm_`` with beta 1 where dx
-    has x's layout) and returns the weight's and the bias's gradients."""
+    dx in place (no x-sized tensor of its own: ``baddbmm_`` / ``addmm_`` with beta 1; dx is
+    dense in x's layout, as every input-gradient primitive writes it) and returns the weight's
+    and the bias's gradients."""
     B, C, H, W = x.shape
     R = weight.shape[0]
     w = weight.reshape(R, C)
@@ -135,20 +136,13 @@ def pointwise_projection_backward_(dx: Optional[Tensor], x: Tensor, weight: Tens
     if memory_format_of(x) == torch.channels_last:
         g = grad_h.permute(0, 2, 3, 1).reshape(B * H * W, R)
         if dx is not None:
-            if dx.is_contiguous(memory_format=torch.channels_last):
-                dx.permute(0, 2, 3, 1).view(B * H * W, C).addmm_(g, w)
-            else:
-                dx.add_((g @ w).view(B, H, W, C).permute(0, 3, 1, 2))
+            dx.permute(0, 2, 3, 1).view(B * H * W, C).addmm_(g, w)
         if need_weight:
             grad_w = g.t().mm(x.permute(0, 2, 3, 1).reshape(B * H * W, C))
     else:
         g = grad_h.reshape(B, R, H * W)
         if dx is not None:
-            wt = w.t().unsqueeze(0).expand(B, C, R)
-            if dx.is_contiguous():
-                dx.view(B, C, H * W).baddbmm_(wt, g)
-            else:
-                dx.add_(torch.bmm(wt, g).view(B, C, H, W))
+            dx.view(B, C, H * W).baddbmm_(w.t().unsqueeze(0).expand(B, C, R), g)
         if need_weight:
             grad_w = torch.bmm(g, x.reshape(B, C, H * W).transpose(1, 2)).sum(0)
     grad_b = grad_h.sum((0, 2, 3)) if need_bias else None

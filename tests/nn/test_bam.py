@@ -7,7 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import attnkern
 from attnkern.nn import BAM, bam_state_dict_from_authors
+from attnkern.nn._layers import pointwise_conv
 from tests.tolerance import assert_close
 
 
@@ -118,8 +120,6 @@ def _first_op(y):
 def test_pointwise_conv_is_the_convolution(shape, out_ch, bias, dtype):
     """On an NCHW CPU tensor the 1x1 convolution runs as a batched matrix product, and its
     output and the gradients of x, the weight and the bias are the convolution's."""
-    from attnkern.nn._layers import pointwise_conv
-
     torch.manual_seed(0)
     conv = nn.Conv2d(shape[1], out_ch, 1, bias=bias)
     x = torch.randn(shape)
@@ -150,8 +150,6 @@ def test_pointwise_conv_is_the_convolution(shape, out_ch, bias, dtype):
 
 
 def test_pointwise_conv_gradcheck():
-    from attnkern.nn._layers import pointwise_conv
-
     torch.manual_seed(0)
     conv = nn.Conv2d(5, 3, 1).double()
     x = torch.randn(2, 5, 3, 4, dtype=torch.float64, requires_grad=True)
@@ -169,8 +167,6 @@ def _with(conv, w, b):
 @pytest.mark.parametrize("case", ["channels_last", "hook", "3x3", "stride2", "instance_forward"])
 def test_pointwise_conv_falls_back_to_the_module(case):
     """Where the product does not apply (or would skip a hook) the module itself runs."""
-    from attnkern.nn._layers import pointwise_conv
-
     torch.manual_seed(0)
     conv = nn.Conv2d(8, 2, 3 if case == "3x3" else 1, stride=2 if case == "stride2" else 1)
     x = torch.randn(2, 8, 6, 7)
@@ -205,8 +201,6 @@ def test_bam_spatial_branch_from_reduced_is_its_forward():
 def test_bam_spatial_projection_gradcheck(layout):
     """``attnkern.bam`` with ``spatial_projection`` (the projection computed by the block, its
     input gradient added into dx in place): gradients of x, the weight and the bias in float64."""
-    import attnkern
-
     torch.manual_seed(3)
     x = torch.randn(2, 6, 4, 3, dtype=torch.float64)
     if layout == "channels_last":
@@ -246,8 +240,6 @@ def test_bam_spatial_projection_gradcheck(layout):
     (lambda w, b: w, r"a \(weight, bias\) pair"),
 ])
 def test_bam_spatial_projection_errors(bad, match):
-    import attnkern
-
     x = torch.randn(2, 6, 4, 3)
     w, b = torch.randn(3, 6, 1, 1), torch.randn(3)
     with pytest.raises((ValueError, TypeError), match=match):
