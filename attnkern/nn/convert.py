@@ -80,11 +80,12 @@ def convert(model: nn.Module, *, patch_blocks: bool = True) -> nn.Module:
     whose configuration the fused kernels cannot reproduce (e.g. an MLP layer that is not a
     plain 1x1 convolution) is left as it is, with a ``UserWarning`` that says why.
 
-    ``patch_blocks``: also patch the residual blocks it knows (timm's ResNet ``BasicBlock`` and
-    ``Bottleneck``, :mod:`attnkern.nn.resnet`) so that in eval mode each BatchNorm is folded into
-    the convolution before it: no pass of its own over the activation. Their submodules and
-    ``state_dict`` keys do not change; in training mode and under ``torch.compile`` they run
-    timm's forward. Other block classes are left alone.
+    ``patch_blocks``: also patch the residual networks it knows (timm's ResNet ``BasicBlock``
+    and ``Bottleneck``, and ``ResNet`` itself, :mod:`attnkern.nn.resnet`): in eval mode each
+    BatchNorm is folded into the convolution before it, no pass of its own over the
+    activation; on CPU in float32 the ResNet runs its features channels_last and returns them in
+    the input's layout. Submodules and ``state_dict`` keys do not change; under
+    ``torch.compile`` they run timm's forward. Other block classes are left alone.
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module``.

@@ -1,5 +1,5 @@
-"""timm's ResNet blocks as ``attnkern.convert`` patches them: each BatchNorm in eval mode folded
-into the convolution before it.
+"""timm's ResNet and its blocks as ``attnkern.convert`` patches them: each BatchNorm in eval
+mode folded into the convolution before it, and on CPU the features computed channels_last.
 
 In eval mode a BatchNorm is an affine map per channel, ``y = (x - mean) * s + beta`` with
 ``s = gamma / sqrt(var + eps)``, so ``bn(conv(x))`` is one convolution with weight ``w * s``
@@ -19,7 +19,20 @@ statistic changes). A patched block:
 - in training mode, and while ``torch.compile`` traces it (the compiler fuses BatchNorm on its
   own), runs timm's forward unchanged.
 
-Patching swaps the block's class for a subclass with this forward (:func:`patch_block`): the
+timm's ``ResNet`` itself is patched too. On CPU, in eager float32 (eval and training mode),
+its ``forward_features`` runs the stem and the four stages channels_last whatever the input's
+layout, and returns the features in the input's layout. oneDNN's convolutions and attnkern's
+passes are faster on channels_last activations on these CPUs: an NCHW model otherwise pays, in
+every convolution, oneDNN's reorders of NCHW activations into its blocked layouts and back, in
+freshly allocated temporaries. ``torch.compile`` makes the same choice for a graph of
+convolutions (inductor's layout optimization), which is why it led eager NCHW by 1.3x on a
+whole CBAM-ResNet-50. Values are those of the NCHW model up to the rounding of the
+convolutions' algorithms; forward hooks on the inner layers see channels_last tensors. In eval
+mode the stem's BatchNorm is folded into its convolution as in the blocks. Under
+``torch.compile``, export, gradient checkpointing, other devices and dtypes it runs timm's
+``forward_features``.
+
+Patching swaps the class for a subclass with these methods (:func:`patch_block`): the
 submodules, parameters and ``state_dict`` keys stay the same, and an unpatched model loads the
 checkpoint of a patched one and vice versa. Blocks whose convolutions or norms are not plain
 ``nn.Conv2d`` / ``nn.BatchNorm2d`` are left alone.
@@ -32,16 +45,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["conv_bn", "patch_block", "PATCHABLE", "FOLDED_BLOCKS"]
+from .._backend import exporting
+from ._layers import has_hooks
 
-#: timm block classes ``convert`` patches, by fully qualified name.
-PATCHABLE = ("timm.models.resnet.BasicBlock", "timm.models.resnet.Bottleneck")
+__all__ = ["conv_bn", "patch_block", "runs_channels_last", "PATCHABLE", "FOLDED_BLOCKS", "CHANNELS_LAST_MODELS"]
+
+#: timm classes ``convert`` patches, by fully qualified name: the two residual blocks and the model.
+PATCHABLE = ("timm.models.resnet.BasicBlock", "timm.models.resnet.Bottleneck", "timm.models.resnet.ResNet")
 #: The (conv, norm) attribute pairs of each.
 _PAIRS = {
     "BasicBlock": (("conv1", "bn1"), ("conv2", "bn2")),
     "Bottleneck": (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3")),
 }
-FOLDED_BLOCKS: Dict[type, type] = {}  # timm class -> its patched subclass
+FOLDED_BLOCKS: Dict[type, type] = {}  # timm block class -> its patched subclass
+CHANNELS_LAST_MODELS: Dict[type, type] = {}  # timm ResNet -> its patched subclass
 
 
 def _plain_conv(m) -> bool:
@@ -87,8 +104,9 @@ def folded_weights(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> Tuple[Tensor, Tensor]
 
 
 def conv_bn(conv: nn.Module, bn: nn.Module, x: Tensor) -> Tensor:
-    """``bn(conv(x))``; one folded convolution when ``bn`` is a BatchNorm2d in eval mode."""
-    if bn.training or not (_plain_conv(conv) and _plain_bn(bn)):
+    """``bn(conv(x))``; one folded convolution when ``bn`` is a BatchNorm2d in eval mode and
+    neither module has hooks (which expect it called)."""
+    if bn.training or not (_plain_conv(conv) and _plain_bn(bn)) or has_hooks(conv) or has_hooks(bn):
         return bn(conv(x))
     weight, bias = folded_weights(conv, bn)
     return conv._conv_forward(x, weight, bias)
@@ -153,21 +171,56 @@ def _bottleneck_forward(self, x: Tensor) -> Tensor:
     return _attention_residual_act(self, x, _shortcut(self.downsample, shortcut), self.act3)
 
 
-_FORWARDS = {"BasicBlock": _basic_forward, "Bottleneck": _bottleneck_forward}
+def runs_channels_last(x: Tensor) -> bool:
+    """Whether a patched ResNet runs its features channels_last for input ``x``: a 4-D float32
+    CPU tensor, oneDNN available and enabled, eager (not ``torch.compile``, which chooses
+    layouts itself, nor export or ``torch.jit.trace``)."""
+    return (isinstance(x, Tensor) and x.dim() == 4 and x.device.type == "cpu" and x.dtype == torch.float32
+            and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+            and not torch.compiler.is_compiling() and not exporting())
+
+
+def _resnet_forward_features(self, x: Tensor) -> Tensor:
+    if getattr(self, "grad_checkpointing", False) or torch.compiler.is_compiling() or exporting():
+        return type(self).__mro__[1].forward_features(self, x)
+    fmt = None
+    if runs_channels_last(x):
+        fmt = (torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+               else torch.contiguous_format)
+        x = x.contiguous(memory_format=torch.channels_last)
+    x = conv_bn(self.conv1, self.bn1, x)
+    x = self.act1(x)
+    x = self.maxpool(x)
+    x = self.layer1(x)
+    x = self.layer2(x)
+    x = self.layer3(x)
+    x = self.layer4(x)
+    return x if fmt is None else x.contiguous(memory_format=fmt)
+
+
+# class name -> (prefix of the patched class's name, registry, methods, what the patch does)
+_PATCHES = {
+    "BasicBlock": ("Folded", FOLDED_BLOCKS, {"forward": _basic_forward},
+                   "eval-mode BatchNorms folded into their convolutions"),
+    "Bottleneck": ("Folded", FOLDED_BLOCKS, {"forward": _bottleneck_forward},
+                   "eval-mode BatchNorms folded into their convolutions"),
+    "ResNet": ("ChannelsLast", CHANNELS_LAST_MODELS, {"forward_features": _resnet_forward_features},
+               "features computed channels_last on CPU, the stem's BatchNorm folded in eval mode"),
+}
 
 
 def _patched_class(cls: type) -> type:
-    if cls not in FOLDED_BLOCKS:
-        name = f"Folded{cls.__name__}"
-        FOLDED_BLOCKS[cls] = type(name, (cls,), {
-            "forward": _FORWARDS[cls.__name__],
-            "__doc__": f"timm's {cls.__name__}, patched by attnkern.convert: eval-mode BatchNorms folded "
-                       "into their convolutions (attnkern.nn.resnet).",
+    prefix, registry, methods, what = _PATCHES[cls.__name__]
+    if cls not in registry:
+        name = f"{prefix}{cls.__name__}"
+        registry[cls] = type(name, (cls,), {
+            **methods,
+            "__doc__": f"timm's {cls.__name__}, patched by attnkern.convert: {what} (attnkern.nn.resnet).",
             "__module__": __name__,
             "__qualname__": name,
         })
-        globals()[name] = FOLDED_BLOCKS[cls]  # so a pickled model finds the class
-    return FOLDED_BLOCKS[cls]
+        globals()[name] = registry[cls]  # so a pickled model finds the class
+    return registry[cls]
 
 
 def patchable(m: nn.Module) -> bool:
@@ -175,18 +228,20 @@ def patchable(m: nn.Module) -> bool:
     t = type(m)
     if f"{t.__module__}.{t.__qualname__}" not in PATCHABLE:
         return False
+    if t.__name__ == "ResNet":
+        return True
     return all(_plain_conv(getattr(m, c, None)) and _plain_bn(getattr(m, n, None)) for c, n in _PAIRS[t.__name__])
 
 
 def patch_block(m: nn.Module) -> nn.Module:
-    """Patch ``m`` (a timm ``BasicBlock`` or ``Bottleneck``, see :func:`patchable`) in place and
-    return it; anything else is returned untouched. Its ``state_dict`` does not change."""
+    """Patch ``m`` (a timm ``BasicBlock``, ``Bottleneck`` or ``ResNet``, see :func:`patchable`) in
+    place and return it; anything else is returned untouched. Its ``state_dict`` does not change."""
     if patchable(m):
         m.__class__ = _patched_class(type(m))
     return m
 
 
 def unpatched_class(m: nn.Module) -> Type[nn.Module]:
-    """The timm class of a patched block (its own class otherwise)."""
+    """The timm class of a patched block or model (its own class otherwise)."""
     t = type(m)
-    return t.__mro__[1] if t in FOLDED_BLOCKS.values() else t
+    return t.__mro__[1] if t in FOLDED_BLOCKS.values() or t in CHANNELS_LAST_MODELS.values() else t

@@ -6,7 +6,10 @@ float32 against the unpatched float64 model, NCHW and
 channels_last, batch 1 and 3, non-square maps, both backends; state_dict keys unchanged;
 training mode runs timm's forward; without autograd the attention's apply pass takes the residual
 add and the ReLU (attnkern::gate_apply_residual_) unless hooks need the block called; unknown
-block classes are left alone."""
+block classes are left alone. The patched ResNet runs its features channels_last on CPU in
+float32 (eval and training), returns them in the input's layout and computes what timm's model
+does; its stem's BatchNorm is folded in eval mode; other dtypes, gradient checkpointing and hooks
+on a folded pair keep timm's code."""
 import copy
 import io
 import pickle
@@ -19,7 +22,7 @@ timm = pytest.importorskip("timm")
 from timm.models.resnet import BasicBlock, Bottleneck  # noqa: E402
 
 import attnkern  # noqa: E402
-from attnkern.nn.resnet import FOLDED_BLOCKS, conv_bn, folded_weights  # noqa: E402
+from attnkern.nn.resnet import CHANNELS_LAST_MODELS, FOLDED_BLOCKS, conv_bn, folded_weights  # noqa: E402
 from tests.backends import forced_backend_fixture  # noqa: E402
 from tests.tolerance import assert_close  # noqa: E402
 
@@ -178,3 +181,100 @@ def test_compiled_patched_model_has_no_graph_break():
     compiled = torch.compile(patched, fullgraph=True)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), base(x), rtol=1e-4, atol=1e-4)
+
+
+def _inner_layouts(model, x):
+    """Run ``model`` on x; return the output and, for the stem's convolution and each stage
+    called through its module, whether its output was channels_last (and not also
+    NCHW-contiguous)."""
+    seen = []
+    hooks = [mod.register_forward_hook(lambda m, i, o: seen.append(
+                 o.is_contiguous(memory_format=torch.channels_last) and not o.is_contiguous()))
+             for mod in (model.conv1, model.layer1, model.layer2, model.layer3, model.layer4)]
+    try:
+        out = model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return out, seen
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_patched_resnet_runs_its_features_channels_last_and_returns_the_inputs_layout(name):
+    base = _model(name, torch.float32)
+    patched = attnkern.convert(copy.deepcopy(base))
+    assert type(patched) in CHANNELS_LAST_MODELS.values()
+    assert list(patched.state_dict()) == list(base.state_dict())
+    x = torch.randn(2, 3, 41, 37, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        out, layouts = _inner_layouts(patched, x)
+        assert layouts == [True] * 5  # every stage ran channels_last though x is NCHW
+        feats = patched.forward_features(x)
+        assert feats.is_contiguous()  # back in the input's layout
+        ref_feats = base.double().forward_features(x.double())
+        assert_close(feats, ref_feats, name="features (NCHW input)")
+        assert_close(out, base(x.double()), name="logits (NCHW input)")
+        x_cl = x.contiguous(memory_format=torch.channels_last)
+        feats_cl = patched.forward_features(x_cl)
+        assert feats_cl.is_contiguous(memory_format=torch.channels_last) and not feats_cl.is_contiguous()
+        assert_close(feats_cl, ref_feats, name="features (channels_last input)")
+        y = patched.forward_features(x[:, :, 1:, 2:])  # a non-contiguous view: NCHW-like
+        assert y.is_contiguous()
+        assert_close(y, base.forward_features(x[:, :, 1:, 2:].double()), name="features (view)")
+
+
+def test_patched_resnet_trains_channels_last_with_timms_gradients():
+    base = _model("cbam_resnet18", torch.float32).train()
+    patched = attnkern.convert(copy.deepcopy(base)).train()
+    ref = copy.deepcopy(base).double().train()
+    x = torch.randn(3, 3, 36, 44, generator=torch.Generator().manual_seed(4))
+    out, layouts = _inner_layouts(patched, x)
+    assert layouts == [True] * 5
+    w = torch.linspace(-1, 1, out.numel()).view(out.shape)
+    (out * w).sum().backward()
+    out_ref = ref(x.double())
+    (out_ref * w.double()).sum().backward()
+    assert_close(out, out_ref, name="logits (training)")
+    grads = {n: p.grad for n, p in patched.named_parameters()}
+    grads_ref = {n: p.grad for n, p in ref.named_parameters()}
+    scale = max(t.abs().max().item() for t in grads_ref.values())
+    for n, g in grads_ref.items():
+        assert_close(grads[n], g, grad=True, name=f"grad {n}", scale=scale)
+    for a, b in zip(patched.buffers(), ref.buffers()):  # running statistics updated alike
+        if a.is_floating_point():
+            assert_close(a, b, name="running statistic")
+
+
+def test_patched_resnet_keeps_timms_layout_where_it_does_not_apply():
+    """float64 (oneDNN has no float64 convolutions) and gradient checkpointing run timm's code."""
+    base = _model("cbam_resnet18", torch.float64)
+    patched = attnkern.convert(copy.deepcopy(base))
+    x = torch.randn(1, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        out, layouts = _inner_layouts(patched, x)
+    assert layouts == [False] * 5
+    torch.testing.assert_close(out, base(x))
+    patched32 = attnkern.convert(_model("cbam_resnet18", torch.float32)).train()
+    patched32.set_grad_checkpointing(True)
+    _, layouts = _inner_layouts(patched32, torch.randn(2, 3, 64, 64))
+    assert layouts and not any(layouts)  # the stages run through checkpoint_seq
+
+
+def test_stem_batchnorm_is_folded_in_eval_unless_hooked():
+    base = _model("seresnet26", torch.float32)  # SE has no norm of its own: the stem's is the last
+    patched = attnkern.convert(copy.deepcopy(base))
+    x = torch.randn(1, 3, 32, 32)
+
+    def norms_run():
+        with torch.no_grad(), torch.autograd.profiler.profile() as prof:
+            out = patched(x)
+        return out, sum(e.name == "aten::native_batch_norm" for e in prof.function_events)
+
+    out, n = norms_run()
+    assert n == 0
+    with torch.no_grad():
+        assert_close(out, base.double()(x.double()), name="logits")
+    seen = []
+    patched.bn1.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    out, n = norms_run()
+    assert n == 1 and seen == [torch.Size([1, 64, 16, 16])]  # a hooked BatchNorm is called
