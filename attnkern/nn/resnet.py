@@ -15,7 +15,9 @@ statistic changes). A patched block:
 - in eval mode without autograd, when the attention block is attnkern's CBAM or
   SqueezeExcite (the kernels' backend, no hooks on it), writes ``relu(attn(x) + shortcut)``
   into x in the attention's apply pass (``attnkern::gate_apply_residual_``): no pass of its
-  own for the add or the activation, and no new tensor for the block's output;
+  own for the add or the activation, and no new tensor for the block's output; on CPU in
+  float32 the ReLUs after the first convolutions are oneDNN post-ops of those convolutions
+  (:func:`conv_bn_act`), no pass of their own either;
 - in training mode, and while ``torch.compile`` traces it (the compiler fuses BatchNorm on its
   own), runs timm's forward unchanged.
 
@@ -48,7 +50,7 @@ from torch import Tensor, nn
 from .._backend import exporting
 from ._layers import has_hooks
 
-__all__ = ["conv_bn", "patch_block", "runs_channels_last", "PATCHABLE", "FOLDED_BLOCKS", "CHANNELS_LAST_MODELS"]
+__all__ = ["conv_bn", "conv_bn_act", "patch_block", "runs_channels_last", "PATCHABLE", "FOLDED_BLOCKS", "CHANNELS_LAST_MODELS"]
 
 #: timm classes ``convert`` patches, by fully qualified name: the two residual blocks and the model.
 PATCHABLE = ("timm.models.resnet.BasicBlock", "timm.models.resnet.Bottleneck", "timm.models.resnet.ResNet")
@@ -112,6 +114,29 @@ def conv_bn(conv: nn.Module, bn: nn.Module, x: Tensor) -> Tensor:
     return conv._conv_forward(x, weight, bias)
 
 
+def _relu_post_op_ok(conv: nn.Conv2d, act: nn.Module, x: Tensor) -> bool:
+    """Whether ``act(conv(x))`` may run as one oneDNN convolution with the ReLU as its post-op:
+    ``act`` a plain ``nn.ReLU`` without hooks, no autograd, x a 4-D float32 CPU tensor, oneDNN
+    available and enabled, the convolution zero-padded with explicit padding."""
+    return (type(act) is nn.ReLU and not torch.is_grad_enabled() and not has_hooks(act)
+            and isinstance(x, Tensor) and x.dim() == 4 and x.device.type == "cpu" and x.dtype == torch.float32
+            and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
+            and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled)
+
+
+def conv_bn_act(conv: nn.Module, bn: nn.Module, act: nn.Module, x: Tensor) -> Tensor:
+    """``act(bn(conv(x)))``: :func:`conv_bn`, and when the pair is folded, ``act`` is a ReLU and
+    no gradient is recorded, one oneDNN convolution that applies the ReLU as it writes its
+    output (``mkldnn::_convolution_pointwise``, as inductor calls it): no pass of its own."""
+    if bn.training or not (_plain_conv(conv) and _plain_bn(bn)) or has_hooks(conv) or has_hooks(bn):
+        return act(bn(conv(x)))
+    weight, bias = folded_weights(conv, bn)
+    if _relu_post_op_ok(conv, act, x):
+        return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, list(conv.padding), list(conv.stride),
+                                                       list(conv.dilation), conv.groups, "relu", [], "")
+    return act(conv._conv_forward(x, weight, bias))
+
+
 def _shortcut(downsample: Optional[nn.Module], x: Tensor) -> Tensor:
     if downsample is None:
         return x
@@ -149,9 +174,10 @@ def _basic_forward(self, x: Tensor) -> Tensor:
     if self.training or torch.compiler.is_compiling():
         return type(self).__mro__[1].forward(self, x)
     shortcut = x
-    x = conv_bn(self.conv1, self.bn1, x)
-    x = self.drop_block(x)
-    x = self.act1(x)
+    if type(self.drop_block) is nn.Identity:
+        x = conv_bn_act(self.conv1, self.bn1, self.act1, x)
+    else:
+        x = self.act1(self.drop_block(conv_bn(self.conv1, self.bn1, x)))
     x = self.aa(x)
     x = conv_bn(self.conv2, self.bn2, x)
     return _attention_residual_act(self, x, _shortcut(self.downsample, shortcut), self.act2)
@@ -161,11 +187,11 @@ def _bottleneck_forward(self, x: Tensor) -> Tensor:
     if self.training or torch.compiler.is_compiling():
         return type(self).__mro__[1].forward(self, x)
     shortcut = x
-    x = conv_bn(self.conv1, self.bn1, x)
-    x = self.act1(x)
-    x = conv_bn(self.conv2, self.bn2, x)
-    x = self.drop_block(x)
-    x = self.act2(x)
+    x = conv_bn_act(self.conv1, self.bn1, self.act1, x)
+    if type(self.drop_block) is nn.Identity:
+        x = conv_bn_act(self.conv2, self.bn2, self.act2, x)
+    else:
+        x = self.act2(self.drop_block(conv_bn(self.conv2, self.bn2, x)))
     x = self.aa(x)
     x = conv_bn(self.conv3, self.bn3, x)
     return _attention_residual_act(self, x, _shortcut(self.downsample, shortcut), self.act3)
@@ -188,8 +214,7 @@ def _resnet_forward_features(self, x: Tensor) -> Tensor:
         fmt = (torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
                else torch.contiguous_format)
         x = x.contiguous(memory_format=torch.channels_last)
-    x = conv_bn(self.conv1, self.bn1, x)
-    x = self.act1(x)
+    x = conv_bn_act(self.conv1, self.bn1, self.act1, x)
     x = self.maxpool(x)
     x = self.layer1(x)
     x = self.layer2(x)

@@ -278,3 +278,35 @@ def test_stem_batchnorm_is_folded_in_eval_unless_hooked():
     patched.bn1.register_forward_hook(lambda m, i, o: seen.append(o.shape))
     out, n = norms_run()
     assert n == 1 and seen == [torch.Size([1, 64, 16, 16])]  # a hooked BatchNorm is called
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_relus_after_folded_convolutions_are_onednn_post_ops_without_autograd(name):
+    """Stem and first convolutions of each block: one oneDNN convolution with a ReLU post-op
+    under no_grad in float32; a hooked ReLU, a DropBlock between norm and ReLU, autograd or
+    float64 keep the separate activation, with the same numbers."""
+    base = _model(name, torch.float32)
+    patched = attnkern.convert(copy.deepcopy(base))
+    blocks = [m for m in patched.modules() if type(m) in FOLDED_BLOCKS.values()]
+    per_block = 2 if name == "seresnet26" else 1  # Bottleneck: conv1 and conv2; BasicBlock: conv1
+    x = torch.randn(2, 3, 35, 41, generator=torch.Generator().manual_seed(5))
+    ref = copy.deepcopy(base).double()(x.double()).detach()
+
+    def post_ops():
+        with torch.no_grad(), torch.autograd.profiler.profile() as prof:
+            out = patched(x)
+        assert_close(out, ref, name="logits")
+        return sum(e.name == "mkldnn::_convolution_pointwise" for e in prof.function_events)
+
+    assert post_ops() == 1 + per_block * len(blocks)
+    seen = []
+    blocks[0].act1.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    blocks[1].drop_block = nn.Dropout(0.0)  # not an Identity: the norm's output goes through it first
+    # one fewer in blocks[0] (conv1's hooked ReLU), one in blocks[1] (conv1 of a BasicBlock,
+    # conv2 of a Bottleneck: where its DropBlock sits)
+    assert post_ops() == 1 + per_block * len(blocks) - 2
+    assert len(seen) == 1
+    with torch.autograd.profiler.profile() as prof:  # autograd: no post-op (it has no derivative)
+        y, dx, _ = _grads(patched, x)
+    assert not any(e.name == "mkldnn::_convolution_pointwise" for e in prof.function_events)
+    assert_close(y, ref, name="logits (autograd)")
