@@ -13,7 +13,8 @@ The four run interleaved in one process (round r times each variant once, in an 
 rotates every round), so machine noise falls on all of them alike; each variant's median over
 the rounds is recorded with its images/s, the ratios are taken between figures of that run.
 The first calls (where ``torch.compile`` compiles) are timed apart as ``first_call_s`` and
-never enter a timed step. Peak memory of a step: on CPU the process's peak resident set during
+never enter a timed step. Each case starts from a reset dynamo (``torch._dynamo.reset()``) and
+fails rather than fall back to eager at dynamo's recompile limit. Peak memory of a step: on CPU the process's peak resident set during
 the step above its resident set before it (``/proc/self/status`` VmHWM, reset through
 ``/proc/self/clear_refs`` before each step; 0 where the kernel does not allow the reset), on
 CUDA ``max_memory_allocated`` above the memory allocated before.
@@ -135,6 +136,12 @@ def test_whole_model(benchmark, recorder, model_name, pass_, layout):
     arch, kwargs = MODELS[model_name]
     batch, size = PASSES[pass_]
     train = pass_ == "train"
+    # Every case compiles its own graphs: dynamo's recompile limit counts compiles of a code
+    # object (ResNet.forward) across the whole process, and past it dynamo silently runs the
+    # frame eagerly, which would time eager code as "compile". Reset, and fail if the limit is
+    # hit anyway.
+    torch._dynamo.reset()
+    torch._dynamo.config.fail_on_recompile_limit_hit = True
     torch.manual_seed(0)
     base = timm.create_model(arch, pretrained=False, num_classes=10, **kwargs).to(DEVICE).train(train)
     x = torch.randn(batch, 3, size, size, device=DEVICE)
