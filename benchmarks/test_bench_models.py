@@ -14,8 +14,8 @@ rotates every round), so machine noise falls on all of them alike; each variant'
 the rounds is recorded with its images/s, the ratios are taken between figures of that run.
 The first calls (where ``torch.compile`` compiles) are timed apart as ``first_call_s`` and
 never enter a timed step. Each case starts from a reset dynamo (``torch._dynamo.reset()``) and
-fails rather than fall back to eager at dynamo's recompile limit. Peak memory of a step: on CPU the process's peak resident set during
-the step above its resident set before it (``/proc/self/status`` VmHWM, reset through
+fails rather than fall back to eager at dynamo's recompile limit. Peak memory of a step: on CPU
+the process's peak resident set during the step above its resident set before it (``/proc/self/status`` VmHWM, reset through
 ``/proc/self/clear_refs`` before each step; 0 where the kernel does not allow the reset), on
 CUDA ``max_memory_allocated`` above the memory allocated before.
 

@@ -50,7 +50,8 @@ from torch import Tensor, nn
 from .._backend import exporting
 from ._layers import has_hooks
 
-__all__ = ["conv_bn", "conv_bn_act", "patch_block", "runs_channels_last", "PATCHABLE", "FOLDED_BLOCKS", "CHANNELS_LAST_MODELS"]
+__all__ = ["conv_bn", "conv_bn_act", "patch_block", "runs_channels_last", "PATCHABLE", "FOLDED_BLOCKS",
+           "CHANNELS_LAST_MODELS"]
 
 #: timm classes ``convert`` patches, by fully qualified name: the two residual blocks and the model.
 PATCHABLE = ("timm.models.resnet.BasicBlock", "timm.models.resnet.Bottleneck", "timm.models.resnet.ResNet")
@@ -105,10 +106,15 @@ def folded_weights(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> Tuple[Tensor, Tensor]
     return out
 
 
+def _foldable(conv: nn.Module, bn: nn.Module) -> bool:
+    """Whether ``bn(conv(x))`` may run as one folded convolution: a plain Conv2d and a
+    BatchNorm2d in eval mode, neither with hooks (which expect it called)."""
+    return not bn.training and _plain_conv(conv) and _plain_bn(bn) and not has_hooks(conv) and not has_hooks(bn)
+
+
 def conv_bn(conv: nn.Module, bn: nn.Module, x: Tensor) -> Tensor:
-    """``bn(conv(x))``; one folded convolution when ``bn`` is a BatchNorm2d in eval mode and
-    neither module has hooks (which expect it called)."""
-    if bn.training or not (_plain_conv(conv) and _plain_bn(bn)) or has_hooks(conv) or has_hooks(bn):
+    """``bn(conv(x))``; one folded convolution where :func:`_foldable`."""
+    if not _foldable(conv, bn):
         return bn(conv(x))
     weight, bias = folded_weights(conv, bn)
     return conv._conv_forward(x, weight, bias)
@@ -116,9 +122,11 @@ def conv_bn(conv: nn.Module, bn: nn.Module, x: Tensor) -> Tensor:
 
 def _relu_post_op_ok(conv: nn.Conv2d, act: nn.Module, x: Tensor) -> bool:
     """Whether ``act(conv(x))`` may run as one oneDNN convolution with the ReLU as its post-op:
-    ``act`` a plain ``nn.ReLU`` without hooks, no autograd, x a 4-D float32 CPU tensor, oneDNN
-    available and enabled, the convolution zero-padded with explicit padding."""
+    ``act`` a plain ``nn.ReLU`` without hooks, no autograd, no CPU autocast (the op is not
+    autocast's), x a 4-D float32 CPU tensor, oneDNN available and enabled, the convolution
+    zero-padded with explicit padding."""
     return (type(act) is nn.ReLU and not torch.is_grad_enabled() and not has_hooks(act)
+            and not torch.is_autocast_enabled("cpu")
             and isinstance(x, Tensor) and x.dim() == 4 and x.device.type == "cpu" and x.dtype == torch.float32
             and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
             and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled)
@@ -128,13 +136,21 @@ def conv_bn_act(conv: nn.Module, bn: nn.Module, act: nn.Module, x: Tensor) -> Te
     """``act(bn(conv(x)))``: :func:`conv_bn`, and when the pair is folded, ``act`` is a ReLU and
     no gradient is recorded, one oneDNN convolution that applies the ReLU as it writes its
     output (``mkldnn::_convolution_pointwise``, as inductor calls it): no pass of its own."""
-    if bn.training or not (_plain_conv(conv) and _plain_bn(bn)) or has_hooks(conv) or has_hooks(bn):
+    if not _foldable(conv, bn):
         return act(bn(conv(x)))
     weight, bias = folded_weights(conv, bn)
     if _relu_post_op_ok(conv, act, x):
         return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, list(conv.padding), list(conv.stride),
                                                        list(conv.dilation), conv.groups, "relu", [], "")
     return act(conv._conv_forward(x, weight, bias))
+
+
+def _conv_bn_drop_act(conv: nn.Module, bn: nn.Module, drop_block: nn.Module, act: nn.Module, x: Tensor) -> Tensor:
+    """``act(drop_block(bn(conv(x))))``, timm's order; :func:`conv_bn_act` when there is no
+    DropBlock (an ``nn.Identity``)."""
+    if type(drop_block) is nn.Identity:
+        return conv_bn_act(conv, bn, act, x)
+    return act(drop_block(conv_bn(conv, bn, x)))
 
 
 def _shortcut(downsample: Optional[nn.Module], x: Tensor) -> Tensor:
@@ -174,10 +190,7 @@ def _basic_forward(self, x: Tensor) -> Tensor:
     if self.training or torch.compiler.is_compiling():
         return type(self).__mro__[1].forward(self, x)
     shortcut = x
-    if type(self.drop_block) is nn.Identity:
-        x = conv_bn_act(self.conv1, self.bn1, self.act1, x)
-    else:
-        x = self.act1(self.drop_block(conv_bn(self.conv1, self.bn1, x)))
+    x = _conv_bn_drop_act(self.conv1, self.bn1, self.drop_block, self.act1, x)
     x = self.aa(x)
     x = conv_bn(self.conv2, self.bn2, x)
     return _attention_residual_act(self, x, _shortcut(self.downsample, shortcut), self.act2)
@@ -188,10 +201,7 @@ def _bottleneck_forward(self, x: Tensor) -> Tensor:
         return type(self).__mro__[1].forward(self, x)
     shortcut = x
     x = conv_bn_act(self.conv1, self.bn1, self.act1, x)
-    if type(self.drop_block) is nn.Identity:
-        x = conv_bn_act(self.conv2, self.bn2, self.act2, x)
-    else:
-        x = self.act2(self.drop_block(conv_bn(self.conv2, self.bn2, x)))
+    x = _conv_bn_drop_act(self.conv2, self.bn2, self.drop_block, self.act2, x)
     x = self.aa(x)
     x = conv_bn(self.conv3, self.bn3, x)
     return _attention_residual_act(self, x, _shortcut(self.downsample, shortcut), self.act3)

@@ -310,3 +310,7 @@ def test_relus_after_folded_convolutions_are_onednn_post_ops_without_autograd(na
         y, dx, _ = _grads(patched, x)
     assert not any(e.name == "mkldnn::_convolution_pointwise" for e in prof.function_events)
     assert_close(y, ref, name="logits (autograd)")
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), torch.autograd.profiler.profile() as prof:
+        y = patched(x)  # autocast: the convolutions run in bfloat16 as autocast casts them
+    assert not any(e.name == "mkldnn::_convolution_pointwise" for e in prof.function_events)
+    assert y.dtype == torch.bfloat16
