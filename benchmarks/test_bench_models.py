@@ -15,9 +15,10 @@ the rounds is recorded with its images/s, the ratios are taken between figures o
 The first calls (where ``torch.compile`` compiles) are timed apart as ``first_call_s`` and
 never enter a timed step. Each case starts from a reset dynamo (``torch._dynamo.reset()``) and
 fails rather than fall back to eager at dynamo's recompile limit. Peak memory of a step: on CPU
-the process's peak resident set during the step above its resident set before it (``/proc/self/status`` VmHWM, reset through
-``/proc/self/clear_refs`` before each step; 0 where the kernel does not allow the reset), on
-CUDA ``max_memory_allocated`` above the memory allocated before.
+the process's peak resident set during the step above its resident set before it
+(``/proc/self/status`` VmHWM, reset through ``/proc/self/clear_refs`` before each step; 0 where
+the kernel does not allow the reset), on CUDA ``max_memory_allocated`` above the memory
+allocated before.
 
     pytest --benchmark benchmarks/test_bench_models.py [-k cbam_resnet50-inference]
     ATTNKERN_BENCH_ROUNDS=5 (timed rounds, default 5)

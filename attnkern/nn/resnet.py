@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._backend import exporting
+from ..ops.gating import memory_format_of
 from ._layers import has_hooks
 
 __all__ = ["conv_bn", "conv_bn_act", "patch_block", "runs_channels_last", "PATCHABLE", "FOLDED_BLOCKS",
@@ -120,16 +121,21 @@ def conv_bn(conv: nn.Module, bn: nn.Module, x: Tensor) -> Tensor:
     return conv._conv_forward(x, weight, bias)
 
 
+def _onednn_float32(x: Tensor) -> bool:
+    """x a 4-D float32 CPU tensor, oneDNN available and enabled: where the layout and post-op
+    choices below were measured."""
+    return (isinstance(x, Tensor) and x.dim() == 4 and x.device.type == "cpu" and x.dtype == torch.float32
+            and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled)
+
+
 def _relu_post_op_ok(conv: nn.Conv2d, act: nn.Module, x: Tensor) -> bool:
     """Whether ``act(conv(x))`` may run as one oneDNN convolution with the ReLU as its post-op:
     ``act`` a plain ``nn.ReLU`` without hooks, no autograd, no CPU autocast (the op is not
     autocast's), x a 4-D float32 CPU tensor, oneDNN available and enabled, the convolution
     zero-padded with explicit padding."""
     return (type(act) is nn.ReLU and not torch.is_grad_enabled() and not has_hooks(act)
-            and not torch.is_autocast_enabled("cpu")
-            and isinstance(x, Tensor) and x.dim() == 4 and x.device.type == "cpu" and x.dtype == torch.float32
-            and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
-            and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled)
+            and not torch.is_autocast_enabled("cpu") and _onednn_float32(x)
+            and conv.padding_mode == "zeros" and not isinstance(conv.padding, str))
 
 
 def conv_bn_act(conv: nn.Module, bn: nn.Module, act: nn.Module, x: Tensor) -> Tensor:
@@ -208,21 +214,18 @@ def _bottleneck_forward(self, x: Tensor) -> Tensor:
 
 
 def runs_channels_last(x: Tensor) -> bool:
-    """Whether a patched ResNet runs its features channels_last for input ``x``: a 4-D float32
-    CPU tensor, oneDNN available and enabled, eager (not ``torch.compile``, which chooses
-    layouts itself, nor export or ``torch.jit.trace``)."""
-    return (isinstance(x, Tensor) and x.dim() == 4 and x.device.type == "cpu" and x.dtype == torch.float32
-            and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
-            and not torch.compiler.is_compiling() and not exporting())
+    """Whether a patched ResNet runs its features channels_last for input ``x``: eager (not
+    ``torch.compile``, which chooses layouts itself, nor export or ``torch.jit.trace``), x a 4-D
+    float32 CPU tensor, oneDNN available and enabled."""
+    return not torch.compiler.is_compiling() and not exporting() and _onednn_float32(x)
 
 
 def _resnet_forward_features(self, x: Tensor) -> Tensor:
     if getattr(self, "grad_checkpointing", False) or torch.compiler.is_compiling() or exporting():
         return type(self).__mro__[1].forward_features(self, x)
     fmt = None
-    if runs_channels_last(x):
-        fmt = (torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-               else torch.contiguous_format)
+    if _onednn_float32(x):  # runs_channels_last: eager was checked above
+        fmt = memory_format_of(x)  # the layout timm's convolutions would have given the features
         x = x.contiguous(memory_format=torch.channels_last)
     x = conv_bn_act(self.conv1, self.bn1, self.act1, x)
     x = self.maxpool(x)
