@@ -83,8 +83,9 @@ def convert(model: nn.Module, *, patch_blocks: bool = True) -> nn.Module:
     ``patch_blocks``: also patch the residual networks it knows (timm's ResNet ``BasicBlock``
     and ``Bottleneck``, and ``ResNet`` itself, :mod:`attnkern.nn.resnet`): in eval mode each
     BatchNorm is folded into the convolution before it, no pass of its own over the
-    activation; on CPU in float32 the ResNet runs its features channels_last and returns them in
-    the input's layout. Submodules and ``state_dict`` keys do not change; under
+    activation; on CPU (float32, and bfloat16 or float16 where oneDNN has native kernels for
+    them on this CPU) the ResNet runs its features channels_last and returns them in the
+    input's layout. Submodules and ``state_dict`` keys do not change; under
     ``torch.compile`` they run timm's forward. Other block classes are left alone.
 
     Raises:

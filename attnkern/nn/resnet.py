@@ -15,24 +15,27 @@ statistic changes). A patched block:
 - in eval mode without autograd, when the attention block is attnkern's CBAM or
   SqueezeExcite (the kernels' backend, no hooks on it), writes ``relu(attn(x) + shortcut)``
   into x in the attention's apply pass (``attnkern::gate_apply_residual_``): no pass of its
-  own for the add or the activation, and no new tensor for the block's output; on CPU in
-  float32 the ReLUs after the first convolutions are oneDNN post-ops of those convolutions
+  own for the add or the activation, and no new tensor for the block's output; on CPU (in
+  the dtypes of :func:`_onednn_dtype`, not under autocast) the ReLUs after the first convolutions are oneDNN post-ops of those convolutions
   (:func:`conv_bn_act`), no pass of their own either;
 - in training mode, and while ``torch.compile`` traces it (the compiler fuses BatchNorm on its
   own), runs timm's forward unchanged.
 
-timm's ``ResNet`` itself is patched too. On CPU, in eager float32 (eval and training mode),
-its ``forward_features`` runs the stem and the four stages channels_last whatever the input's
-layout, and returns the features in the input's layout. oneDNN's convolutions and attnkern's
-passes are faster on channels_last activations on these CPUs: an NCHW model otherwise pays, in
-every convolution, oneDNN's reorders of NCHW activations into its blocked layouts and back, in
-freshly allocated temporaries. ``torch.compile`` makes the same choice for a graph of
-convolutions (inductor's layout optimization), which is why it led eager NCHW by 1.3x on a
-whole CBAM-ResNet-50. Values are those of the NCHW model up to the rounding of the
-convolutions' algorithms; forward hooks on the inner layers see channels_last tensors. In eval
-mode the stem's BatchNorm is folded into its convolution as in the blocks. Under
-``torch.compile``, export, gradient checkpointing, other devices and dtypes it runs timm's
-``forward_features``.
+timm's ``ResNet`` itself is patched too. On CPU, eager, in float32, and in bfloat16 or float16
+where the CPU has oneDNN's native kernels for them (eval and training mode; a float32 model
+under CPU autocast is float32 here), its ``forward_features`` runs the stem and the four stages
+channels_last whatever the input's layout, and returns the features in the input's layout.
+oneDNN's convolutions and attnkern's passes are faster on channels_last activations on these
+CPUs: an NCHW model otherwise pays, in every convolution, oneDNN's reorders of NCHW activations
+into its blocked layouts and back, in freshly allocated temporaries. ``torch.compile`` makes
+the same choice for a graph of convolutions (inductor's layout optimization), which is why it
+led eager NCHW by 1.3x on a whole CBAM-ResNet-50. Values are those of the NCHW model up to the
+rounding of the convolutions' algorithms; forward hooks on the inner layers see channels_last
+tensors. In eval mode the stem's BatchNorm is folded into its convolution as in the blocks.
+Under ``torch.compile``, export, gradient checkpointing, other devices and dtypes (float64; a
+bfloat16 or float16 model on a CPU without oneDNN's kernels for it) it runs timm's
+``forward_features``. The reduced dtypes matter most: a bfloat16 CBAM-ResNet-50 fed NCHW ran at
+0.40x ``torch.compile`` while it kept NCHW on an AVX512_BF16 CPU, as channels_last 1.34x.
 
 Patching swaps the class for a subclass with these methods (:func:`patch_block`): the
 submodules, parameters and ``state_dict`` keys stay the same, and an unpatched model loads the
@@ -121,20 +124,34 @@ def conv_bn(conv: nn.Module, bn: nn.Module, x: Tensor) -> Tensor:
     return conv._conv_forward(x, weight, bias)
 
 
-def _onednn_float32(x: Tensor) -> bool:
-    """x a 4-D float32 CPU tensor, oneDNN available and enabled: where the layout and post-op
-    choices below were measured."""
-    return (isinstance(x, Tensor) and x.dim() == 4 and x.device.type == "cpu" and x.dtype == torch.float32
-            and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled)
+def _onednn_reduced_supported(dtype: torch.dtype) -> bool:
+    """Whether this CPU has oneDNN's native kernels for ``dtype`` (bfloat16: AVX512_BF16,
+    AVX-512 or AMX; float16: AVX512_FP16 or AMX-FP16), the check inductor makes before it
+    gives oneDNN a reduced-precision convolution. Without them oneDNN falls back to slower
+    paths whose layout preference was not measured."""
+    if dtype == torch.bfloat16:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    if dtype == torch.float16:
+        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    return False
+
+
+def _onednn_dtype(x: Tensor) -> bool:
+    """x a 4-D CPU tensor that oneDNN convolves natively: float32, or bfloat16 / float16 where
+    the CPU has oneDNN's kernels for it (:func:`_onednn_reduced_supported`); oneDNN available and
+    enabled. Where the layout and post-op choices below were measured."""
+    return (isinstance(x, Tensor) and x.dim() == 4 and x.device.type == "cpu"
+            and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+            and (x.dtype == torch.float32 or _onednn_reduced_supported(x.dtype)))
 
 
 def _relu_post_op_ok(conv: nn.Conv2d, act: nn.Module, x: Tensor) -> bool:
     """Whether ``act(conv(x))`` may run as one oneDNN convolution with the ReLU as its post-op:
     ``act`` a plain ``nn.ReLU`` without hooks, no autograd, no CPU autocast (the op is not
-    autocast's), x a 4-D float32 CPU tensor, oneDNN available and enabled, the convolution
-    zero-padded with explicit padding."""
+    autocast's), x a 4-D CPU tensor of a dtype oneDNN convolves natively (:func:`_onednn_dtype`)
+    and the convolution's weight dtype, the convolution zero-padded with explicit padding."""
     return (type(act) is nn.ReLU and not torch.is_grad_enabled() and not has_hooks(act)
-            and not torch.is_autocast_enabled("cpu") and _onednn_float32(x)
+            and not torch.is_autocast_enabled("cpu") and _onednn_dtype(x) and conv.weight.dtype == x.dtype
             and conv.padding_mode == "zeros" and not isinstance(conv.padding, str))
 
 
@@ -216,15 +233,15 @@ def _bottleneck_forward(self, x: Tensor) -> Tensor:
 def runs_channels_last(x: Tensor) -> bool:
     """Whether a patched ResNet runs its features channels_last for input ``x``: eager (not
     ``torch.compile``, which chooses layouts itself, nor export or ``torch.jit.trace``), x a 4-D
-    float32 CPU tensor, oneDNN available and enabled."""
-    return not torch.compiler.is_compiling() and not exporting() and _onednn_float32(x)
+    CPU tensor that oneDNN convolves natively (:func:`_onednn_dtype`)."""
+    return not torch.compiler.is_compiling() and not exporting() and _onednn_dtype(x)
 
 
 def _resnet_forward_features(self, x: Tensor) -> Tensor:
     if getattr(self, "grad_checkpointing", False) or torch.compiler.is_compiling() or exporting():
         return type(self).__mro__[1].forward_features(self, x)
     fmt = None
-    if _onednn_float32(x):  # runs_channels_last: eager was checked above
+    if _onednn_dtype(x):  # runs_channels_last: eager was checked above
         fmt = memory_format_of(x)  # the layout timm's convolutions would have given the features
         x = x.contiguous(memory_format=torch.channels_last)
     x = conv_bn_act(self.conv1, self.bn1, self.act1, x)

@@ -7,9 +7,10 @@ channels_last, batch 1 and 3, non-square maps, both backends; state_dict keys un
 training mode runs timm's forward; without autograd the attention's apply pass takes the residual
 add and the ReLU (attnkern::gate_apply_residual_) unless hooks need the block called; unknown
 block classes are left alone. The patched ResNet runs its features channels_last on CPU in
-float32 (eval and training), returns them in the input's layout and computes what timm's model
-does; its stem's BatchNorm is folded in eval mode; other dtypes, gradient checkpointing and hooks
-on a folded pair keep timm's code."""
+float32 (eval and training), and in bfloat16 / float16 where oneDNN has native kernels for them,
+returns them in the input's layout and computes what timm's model does; its stem's BatchNorm is
+folded in eval mode; float64, reduced dtypes without oneDNN's kernels, gradient checkpointing
+and hooks on a folded pair keep timm's code."""
 import copy
 import io
 import pickle
@@ -22,6 +23,7 @@ timm = pytest.importorskip("timm")
 from timm.models.resnet import BasicBlock, Bottleneck  # noqa: E402
 
 import attnkern  # noqa: E402
+from attnkern.nn import resnet  # noqa: E402
 from attnkern.nn.resnet import CHANNELS_LAST_MODELS, FOLDED_BLOCKS, conv_bn, folded_weights  # noqa: E402
 from tests.backends import forced_backend_fixture  # noqa: E402
 from tests.tolerance import assert_close  # noqa: E402
@@ -314,3 +316,46 @@ def test_relus_after_folded_convolutions_are_onednn_post_ops_without_autograd(na
         y = patched(x)  # autocast: the convolutions run in bfloat16 as autocast casts them
     assert not any(e.name == "mkldnn::_convolution_pointwise" for e in prof.function_events)
     assert y.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
+def test_reduced_precision_model_runs_channels_last_where_onednn_has_its_kernels(dtype, monkeypatch):
+    """A bfloat16 or float16 model on a CPU where oneDNN has native kernels for that dtype (as
+    inductor checks it): features channels_last and ReLU post-ops, as in float32. Where it has
+    none (forced here, so every CPU runs both branches): timm's layout and separate ReLUs. Both
+    compute what timm's model computes in that dtype, against the same model in float32."""
+    low = _model("seresnet26", torch.float32).to(dtype)
+    patched = attnkern.convert(copy.deepcopy(low))
+    blocks = [m for m in patched.modules() if type(m) in FOLDED_BLOCKS.values()]
+    x32 = torch.randn(2, 3, 35, 41, generator=torch.Generator().manual_seed(6))
+    x = x32.to(dtype)
+    with torch.no_grad():
+        ref_lowp = low(x)
+        ref32 = copy.deepcopy(low).float()(x.float())
+
+    def run():
+        with torch.no_grad(), torch.autograd.profiler.profile() as prof:
+            out = patched(x)
+        with torch.no_grad():
+            _, layouts = _inner_layouts(patched, x)
+        assert out.dtype == dtype
+        assert_close(out, ref32, ref_lowp, name=f"logits ({dtype})")
+        return layouts, sum(e.name == "mkldnn::_convolution_pointwise" for e in prof.function_events)
+
+    native = resnet._onednn_reduced_supported(dtype)
+    layouts, post_ops = run()
+    assert layouts == [native] * 5
+    assert post_ops == ((1 + 2 * len(blocks)) if native else 0)
+    training = copy.deepcopy(patched).train()  # training mode: the same layout, timm's gradients
+    xs = {k: x.to(t).clone().requires_grad_() for k, t in (("patched", dtype), (dtype, dtype), (torch.float32, torch.float32))}
+    out, layouts = _inner_layouts(training, xs["patched"])
+    assert layouts == [native] * 5
+    train_lowp, train32 = copy.deepcopy(low).train()(xs[dtype]), copy.deepcopy(low).float().train()(xs[torch.float32])
+    assert_close(out, train32, train_lowp, name=f"logits (training, {dtype})")
+    w = torch.linspace(-1, 1, out.numel()).view(out.shape)
+    for y in (out, train_lowp, train32):
+        (y * w.to(y.dtype)).sum().backward()
+    assert_close(xs["patched"].grad, xs[torch.float32].grad, xs[dtype].grad, grad=True, name=f"grad x ({dtype})")
+    monkeypatch.setattr(resnet, "_onednn_reduced_supported", lambda dt: False)
+    layouts, post_ops = run()
+    assert layouts == [False] * 5 and post_ops == 0
