@@ -1,6 +1,7 @@
 """Whole models, the way users run them: timm's CBAM-ResNet-50 and SE-ResNet-50, inference
 (B16, 256 px, eval, ``torch.no_grad``) and a training step (B8, 224 px: forward, cross-entropy,
-backward, SGD with momentum), fp32, NCHW and channels_last, four variants:
+backward, SGD with momentum), NCHW and channels_last, float32 by default (other precisions on
+request, below), four variants:
 
 - ``naive``: the model as timm builds it;
 - ``fused``: ``attnkern.convert`` of it;
@@ -24,16 +25,21 @@ allocated before.
     ATTNKERN_BENCH_ROUNDS=5 (timed rounds, default 5)
     ATTNKERN_BENCH_MODEL_VARIANTS=compile,fused-compile-kernels,fused (default: the first four;
         ``naive`` is always run, every ratio being taken against it or ``compile``)
+    ATTNKERN_BENCH_MODEL_PRECISIONS=float32,bfloat16,amp-bfloat16 (default: float32):
+        ``bfloat16`` / ``float16`` cast the model and its input to that dtype; ``amp-bfloat16`` /
+        ``amp-float16`` keep them float32 and run each step under ``torch.autocast`` to that dtype
+        (logits cast to float32 for the loss).
 
 Each (model, pass, layout) case takes minutes on a 2-core CPU (compilation included).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import statistics
 import time
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional
 
 import pytest
 import torch
@@ -49,6 +55,12 @@ MODELS = {
 }
 PASSES = {"inference": (16, 256), "train": (8, 224)}  # batch, image size
 LAYOUTS = ("nchw", "channels_last")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+PRECISIONS = os.environ.get("ATTNKERN_BENCH_MODEL_PRECISIONS", "float32").split(",")
+for _p in PRECISIONS:
+    if _p.removeprefix("amp-") not in _DTYPES or _p == "amp-float32":
+        raise ValueError("ATTNKERN_BENCH_MODEL_PRECISIONS: each of float32, bfloat16, float16, amp-bfloat16, "
+                         f"amp-float16, got {_p!r}")
 ALL_VARIANTS = ("naive", "fused", "compile", "fused-compile", "fused-compile-kernels")
 VARIANTS = tuple(dict.fromkeys(
     ["naive", "compile"] + os.environ.get("ATTNKERN_BENCH_MODEL_VARIANTS", "fused,fused-compile").split(",")))
@@ -109,10 +121,13 @@ def _policy(variant: str) -> str:
     return "kernels" if variant.endswith("-kernels") else "auto"
 
 
-def _step(model: torch.nn.Module, x: torch.Tensor, train: bool) -> Callable[[], None]:
+def _step(model: torch.nn.Module, x: torch.Tensor, train: bool, amp: Optional[torch.dtype]) -> Callable[[], None]:
+    def autocast():
+        return torch.autocast(DEVICE, dtype=amp) if amp is not None else contextlib.nullcontext()
+
     if not train:
         def infer():
-            with torch.no_grad():
+            with torch.no_grad(), autocast():
                 model(x)
         return infer
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
@@ -120,7 +135,9 @@ def _step(model: torch.nn.Module, x: torch.Tensor, train: bool) -> Callable[[], 
 
     def train_step():
         opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
+        with autocast():
+            logits = model(x)
+        F.cross_entropy(logits.float(), y).backward()
         opt.step()
     return train_step
 
@@ -130,11 +147,14 @@ def _sync():
         torch.cuda.synchronize()
 
 
+@pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("pass_", list(PASSES))
 @pytest.mark.parametrize("model_name", list(MODELS))
-def test_whole_model(benchmark, recorder, model_name, pass_, layout):
+def test_whole_model(benchmark, recorder, model_name, pass_, layout, precision):
     arch, kwargs = MODELS[model_name]
+    amp = _DTYPES[precision[4:]] if precision.startswith("amp-") else None
+    dtype = torch.float32 if amp is not None else _DTYPES[precision]
     batch, size = PASSES[pass_]
     train = pass_ == "train"
     # Every case compiles its own graphs: dynamo's recompile limit counts compiles of a code
@@ -146,15 +166,16 @@ def test_whole_model(benchmark, recorder, model_name, pass_, layout):
     torch.manual_seed(0)
     base = timm.create_model(arch, pretrained=False, num_classes=10, **kwargs).to(DEVICE).train(train)
     x = torch.randn(batch, 3, size, size, device=DEVICE)
+    base, x = base.to(dtype), x.to(dtype)
     if layout == "channels_last":
         base = base.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
     steps: Dict[str, Callable[[], None]] = {}
     shape = (batch, 3, size, size)
-    op = f"model {model_name} {pass_} {layout}"
+    op = f"model {model_name} {pass_} {layout}" + ("" if precision == "float32" else f" {precision}")
     policy_before = os.environ.get("ATTNKERN_COMPILE")
     for v in VARIANTS:
-        step = _step(_variant(base, v).train(train), x, train)
+        step = _step(_variant(base, v).train(train), x, train, amp)
 
         def with_policy(step=step, policy=_policy(v)):
             os.environ["ATTNKERN_COMPILE"] = policy
@@ -163,7 +184,7 @@ def test_whole_model(benchmark, recorder, model_name, pass_, layout):
         t0 = time.perf_counter()
         steps[v]()  # torch.compile compiles here, outside the timed rounds
         _sync()
-        recorder.row(op, v, pass_, shape, torch.float32, "first_call_s", time.perf_counter() - t0, device=DEVICE)
+        recorder.row(op, v, pass_, shape, precision, "first_call_s", time.perf_counter() - t0, device=DEVICE)
         steps[v]()  # a second call: allocator and caches warm
         _sync()
 
@@ -187,10 +208,10 @@ def test_whole_model(benchmark, recorder, model_name, pass_, layout):
     med = {v: statistics.median(times[v]) for v in VARIANTS}
     for v in VARIANTS:
         ts = sorted(times[v])
-        recorder.row(op, v, pass_, shape, torch.float32, "time_ms", med[v] * 1e3,
+        recorder.row(op, v, pass_, shape, precision, "time_ms", med[v] * 1e3,
                      ts[len(ts) // 5] * 1e3, ts[(4 * len(ts)) // 5 if len(ts) > 1 else 0] * 1e3, device=DEVICE)
-        recorder.row(op, v, pass_, shape, torch.float32, "images_per_s", batch / med[v], device=DEVICE)
-        recorder.row(op, v, pass_, shape, torch.float32, "peak_mb", peaks[v], device=DEVICE)
+        recorder.row(op, v, pass_, shape, precision, "images_per_s", batch / med[v], device=DEVICE)
+        recorder.row(op, v, pass_, shape, precision, "peak_mb", peaks[v], device=DEVICE)
     summary = ", ".join(f"{v} {batch / med[v]:.2f} img/s" for v in VARIANTS)
     ratios = ", ".join([f"{v}/naive {med['naive'] / med[v]:.2f}x" for v in VARIANTS if v.startswith("fused")]
                        + [f"{v}/compile {med['compile'] / med[v]:.2f}x" for v in VARIANTS if v.startswith("fused")])
