@@ -44,6 +44,7 @@ checkpoint of a patched one and vice versa. Blocks whose convolutions or norms a
 """
 from __future__ import annotations
 
+import weakref
 from typing import Dict, Optional, Tuple, Type
 
 import torch
@@ -117,10 +118,13 @@ def _foldable(conv: nn.Module, bn: nn.Module) -> bool:
 
 
 def conv_bn(conv: nn.Module, bn: nn.Module, x: Tensor) -> Tensor:
-    """``bn(conv(x))``; one folded convolution where :func:`_foldable`."""
+    """``bn(conv(x))``; one folded convolution where :func:`_foldable`, with oneDNN's packed
+    weight where :func:`_onednn_conv_ok`."""
     if not _foldable(conv, bn):
         return bn(conv(x))
     weight, bias = folded_weights(conv, bn)
+    if _onednn_conv_ok(conv, x):
+        return _onednn_conv(conv, bn, weight, bias, x, "none")
     return conv._conv_forward(x, weight, bias)
 
 
@@ -145,14 +149,52 @@ def _onednn_dtype(x: Tensor) -> bool:
             and (x.dtype == torch.float32 or _onednn_reduced_supported(x.dtype)))
 
 
+def _onednn_conv_ok(conv: nn.Conv2d, x: Tensor) -> bool:
+    """Whether a folded ``conv(x)`` may run as oneDNN's inference convolution
+    (``mkldnn::_convolution_pointwise``, the op inductor calls) with a packed weight: no autograd
+    (the op has no derivative), no CPU autocast (the op is not autocast's), x a 4-D CPU tensor of
+    a dtype oneDNN convolves natively (:func:`_onednn_dtype`) and the convolution's weight dtype,
+    the convolution zero-padded with explicit padding."""
+    return (not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu") and _onednn_dtype(x)
+            and conv.weight.dtype == x.dtype and conv.padding_mode == "zeros" and not isinstance(conv.padding, str))
+
+
 def _relu_post_op_ok(conv: nn.Conv2d, act: nn.Module, x: Tensor) -> bool:
     """Whether ``act(conv(x))`` may run as one oneDNN convolution with the ReLU as its post-op:
-    ``act`` a plain ``nn.ReLU`` without hooks, no autograd, no CPU autocast (the op is not
-    autocast's), x a 4-D CPU tensor of a dtype oneDNN convolves natively (:func:`_onednn_dtype`)
-    and the convolution's weight dtype, the convolution zero-padded with explicit padding."""
-    return (type(act) is nn.ReLU and not torch.is_grad_enabled() and not has_hooks(act)
-            and not torch.is_autocast_enabled("cpu") and _onednn_dtype(x) and conv.weight.dtype == x.dtype
-            and conv.padding_mode == "zeros" and not isinstance(conv.padding, str))
+    ``act`` a plain ``nn.ReLU`` without hooks, and :func:`_onednn_conv_ok`."""
+    return type(act) is nn.ReLU and not has_hooks(act) and _onednn_conv_ok(conv, x)
+
+
+# conv -> (its folded weights' cache key, input shape, oneDNN's packed copy of the folded
+# weight). Kept beside the module, not in it: a deep copy or a pickle of the model never holds
+# an opaque oneDNN tensor, and the entry goes with the module.
+_PACKED: "weakref.WeakKeyDictionary[nn.Module, Tuple]" = weakref.WeakKeyDictionary()
+
+
+def _packed_weight(conv: nn.Conv2d, bn: nn.BatchNorm2d, weight: Tensor, x: Tensor) -> Tensor:
+    """The folded ``weight`` reordered once into the blocked layout oneDNN's convolution picks
+    for inputs of x's shape (``mkldnn::_reorder_convolution_weight``, inductor's weight
+    prepacking under ``freezing``), so the convolution stops reordering it on every call: most
+    of the saving is in the deep layers, whose weights are large against their maps (bfloat16
+    3x3 512-channel convolution at 8x8: 1.32x). Kept while the folded weights are (same
+    parameters and statistics) and the input shape stays; otherwise ``weight`` itself."""
+    cache = conv.__dict__.get("_attnkern_folded")
+    if cache is None or cache[1][0] is not weight:  # not a cached folded weight: nothing to key on
+        return weight
+    shape = tuple(x.shape)
+    entry = _PACKED.get(conv)
+    if entry is None or entry[0] != cache[0] or entry[1] != shape:
+        packed = torch.ops.mkldnn._reorder_convolution_weight(weight, list(conv.padding), list(conv.stride),
+                                                               list(conv.dilation), conv.groups, list(shape))
+        entry = _PACKED[conv] = (cache[0], shape, packed)
+    return entry[2]
+
+
+def _onednn_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d, weight: Tensor, bias: Tensor, x: Tensor, attr: str) -> Tensor:
+    """The folded convolution as oneDNN's inference op with its packed weight; ``attr``: "relu"
+    (the ReLU as a post-op) or "none"."""
+    return torch.ops.mkldnn._convolution_pointwise(x, _packed_weight(conv, bn, weight, x), bias, list(conv.padding),
+                                                   list(conv.stride), list(conv.dilation), conv.groups, attr, [], "")
 
 
 def conv_bn_act(conv: nn.Module, bn: nn.Module, act: nn.Module, x: Tensor) -> Tensor:
@@ -163,9 +205,8 @@ def conv_bn_act(conv: nn.Module, bn: nn.Module, act: nn.Module, x: Tensor) -> Te
         return act(bn(conv(x)))
     weight, bias = folded_weights(conv, bn)
     if _relu_post_op_ok(conv, act, x):
-        return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, list(conv.padding), list(conv.stride),
-                                                       list(conv.dilation), conv.groups, "relu", [], "")
-    return act(conv._conv_forward(x, weight, bias))
+        return _onednn_conv(conv, bn, weight, bias, x, "relu")
+    return act(conv_bn(conv, bn, x))
 
 
 def _conv_bn_drop_act(conv: nn.Module, bn: nn.Module, drop_block: nn.Module, act: nn.Module, x: Tensor) -> Tensor:

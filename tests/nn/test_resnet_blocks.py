@@ -134,23 +134,30 @@ def test_checkpoints_load_both_ways_and_the_model_pickles():
         nn.init.normal_(p)
     plain.load_state_dict(patched.state_dict(), strict=True)
     patched.load_state_dict(base.state_dict(), strict=True)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        out = patched(x)  # folded and packed weights cached: neither is saved nor copied
     buf = io.BytesIO()
     torch.save(patched, buf)
     buf.seek(0)
     again = torch.load(buf, weights_only=False)
-    x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
-        torch.testing.assert_close(again(x), patched(x))
+        torch.testing.assert_close(again(x), out)
+        torch.testing.assert_close(copy.deepcopy(patched)(x), out)
     assert pickle.loads(pickle.dumps(type(again)))
 
 
-def test_folded_weights_follow_parameter_and_statistic_changes():
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+def test_folded_weights_follow_parameter_and_statistic_changes(dtype):
+    """float32 also runs oneDNN's inference op with the packed folded weight, which must follow
+    every change too, and the input's shape."""
     torch.manual_seed(2)
-    conv, bn = nn.Conv2d(4, 6, 3, padding=1, bias=False).double(), nn.BatchNorm2d(6).double().eval()
-    x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    conv, bn = nn.Conv2d(4, 6, 3, padding=1, bias=False).to(dtype), nn.BatchNorm2d(6).to(dtype).eval()
+    tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else {}
     with torch.no_grad():
-        for step in range(3):
-            torch.testing.assert_close(conv_bn(conv, bn, x), bn(conv(x)))
+        for step in range(4):
+            x = torch.randn(2 + step % 2, 4, 5, 5, dtype=dtype)  # the input's shape changes too
+            torch.testing.assert_close(conv_bn(conv, bn, x), bn(conv(x)), **tol)
             if step == 0:
                 bn.running_var.mul_(3.0)       # a statistic changes in place
             else:
@@ -158,7 +165,7 @@ def test_folded_weights_follow_parameter_and_statistic_changes():
         first = folded_weights(conv, bn)
         assert folded_weights(conv, bn)[0] is first[0]  # cached while nothing changes
     bn.train()
-    torch.testing.assert_close(conv_bn(conv, bn, x), bn(conv(x)))  # training mode: not folded
+    torch.testing.assert_close(conv_bn(conv, bn, x), bn(conv(x)), **tol)  # training mode: not folded
 
 
 def test_unknown_block_classes_are_left_alone():
@@ -183,6 +190,20 @@ def test_compiled_patched_model_has_no_graph_break():
     compiled = torch.compile(patched, fullgraph=True)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), base(x), rtol=1e-4, atol=1e-4)
+
+
+class _OneDNNConvSpy:
+    """Counts the folded convolutions attnkern.nn.resnet hands to oneDNN's inference op, by
+    post-op ("relu" or "none")."""
+
+    def __init__(self, monkeypatch):
+        self.attrs = []
+        real = resnet._onednn_conv
+
+        def spy(conv, bn, weight, bias, x, attr):
+            self.attrs.append(attr)
+            return real(conv, bn, weight, bias, x, attr)
+        monkeypatch.setattr(resnet, "_onednn_conv", spy)
 
 
 def _inner_layouts(model, x):
@@ -283,7 +304,7 @@ def test_stem_batchnorm_is_folded_in_eval_unless_hooked():
 
 
 @pytest.mark.parametrize("name", list(MODELS))
-def test_relus_after_folded_convolutions_are_onednn_post_ops_without_autograd(name):
+def test_relus_after_folded_convolutions_are_onednn_post_ops_without_autograd(name, monkeypatch):
     """Stem and first convolutions of each block: one oneDNN convolution with a ReLU post-op
     under no_grad in float32; a hooked ReLU, a DropBlock between norm and ReLU, autograd or
     float64 keep the separate activation, with the same numbers."""
@@ -294,11 +315,18 @@ def test_relus_after_folded_convolutions_are_onednn_post_ops_without_autograd(na
     x = torch.randn(2, 3, 35, 41, generator=torch.Generator().manual_seed(5))
     ref = copy.deepcopy(base).double()(x.double()).detach()
 
+    spy = _OneDNNConvSpy(monkeypatch)
+    convs = 1 + sum(3 if name == "seresnet26" else 2 for _ in blocks) + sum(b.downsample is not None for b in blocks)
+
     def post_ops():
+        spy.attrs.clear()
         with torch.no_grad(), torch.autograd.profiler.profile() as prof:
             out = patched(x)
         assert_close(out, ref, name="logits")
-        return sum(e.name == "mkldnn::_convolution_pointwise" for e in prof.function_events)
+        # every folded convolution ran as oneDNN's inference op, with or without the ReLU
+        assert sum(e.name == "mkldnn::_convolution_pointwise" for e in prof.function_events) == len(spy.attrs)
+        assert len(spy.attrs) == convs
+        return spy.attrs.count("relu")
 
     assert post_ops() == 1 + per_block * len(blocks)
     seen = []
@@ -333,14 +361,17 @@ def test_reduced_precision_model_runs_channels_last_where_onednn_has_its_kernels
         ref_lowp = low(x)
         ref32 = copy.deepcopy(low).float()(x.float())
 
+    spy = _OneDNNConvSpy(monkeypatch)
+
     def run():
-        with torch.no_grad(), torch.autograd.profiler.profile() as prof:
-            out = patched(x)
+        spy.attrs.clear()
         with torch.no_grad():
+            out = patched(x)
+            post_ops = spy.attrs.count("relu")
             _, layouts = _inner_layouts(patched, x)
         assert out.dtype == dtype
         assert_close(out, ref32, ref_lowp, name=f"logits ({dtype})")
-        return layouts, sum(e.name == "mkldnn::_convolution_pointwise" for e in prof.function_events)
+        return layouts, post_ops
 
     native = resnet._onednn_reduced_supported(dtype)
     layouts, post_ops = run()
