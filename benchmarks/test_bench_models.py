@@ -8,7 +8,11 @@ request, below), four variants:
 - ``compile``: ``torch.compile`` of timm's model;
 - ``fused-compile``: ``torch.compile(attnkern.convert(model))``;
 - ``fused-compile-kernels`` (only when asked for, see below): the same with
-  ``ATTNKERN_COMPILE=kernels``, attnkern's kernels kept as opaque ops in the compiled graph.
+  ``ATTNKERN_COMPILE=kernels``, attnkern's kernels kept as opaque ops in the compiled graph;
+- ``compile-freezing``, ``fused-compile-freezing`` (only when asked for; inference only):
+  ``torch.compile`` with ``torch._inductor.config.freezing = True``, inductor's inference mode
+  for CPU: it takes the weights as constants, folds the BatchNorms, packs the convolution
+  weights in oneDNN's layout and fuses activations and residual adds into the convolutions.
 
 The four run interleaved in one process (round r times each variant once, in an order that
 rotates every round), so machine noise falls on all of them alike; each variant's median over
@@ -61,7 +65,8 @@ for _p in PRECISIONS:
     if _p.removeprefix("amp-") not in _DTYPES or _p == "amp-float32":
         raise ValueError("ATTNKERN_BENCH_MODEL_PRECISIONS: each of float32, bfloat16, float16, amp-bfloat16, "
                          f"amp-float16, got {_p!r}")
-ALL_VARIANTS = ("naive", "fused", "compile", "fused-compile", "fused-compile-kernels")
+ALL_VARIANTS = ("naive", "fused", "compile", "fused-compile", "fused-compile-kernels", "compile-freezing",
+                "fused-compile-freezing")
 VARIANTS = tuple(dict.fromkeys(
     ["naive", "compile"] + os.environ.get("ATTNKERN_BENCH_MODEL_VARIANTS", "fused,fused-compile").split(",")))
 if not set(VARIANTS) <= set(ALL_VARIANTS):
@@ -112,7 +117,13 @@ def _variant(base: torch.nn.Module, variant: str) -> torch.nn.Module:
     m = copy.deepcopy(base)
     if variant.startswith("fused"):
         m = attnkern.convert(m)
-    return torch.compile(m) if "compile" in variant else m
+    if "compile" not in variant:
+        return m
+    if variant.endswith("-freezing"):
+        # its own backend object: dynamo keys its cache on the backend, and a model of the same
+        # class and shapes would otherwise reuse the graph compiled without freezing
+        return torch.compile(m, options={"freezing": True})
+    return torch.compile(m)
 
 
 def _policy(variant: str) -> str:
@@ -175,11 +186,16 @@ def test_whole_model(benchmark, recorder, model_name, pass_, layout, precision):
     op = f"model {model_name} {pass_} {layout}" + ("" if precision == "float32" else f" {precision}")
     policy_before = os.environ.get("ATTNKERN_COMPILE")
     for v in VARIANTS:
+        if train and v.endswith("-freezing"):
+            continue  # freezing applies to inference only
         step = _step(_variant(base, v).train(train), x, train, amp)
 
-        def with_policy(step=step, policy=_policy(v)):
+        def with_policy(step=step, policy=_policy(v), freezing=v.endswith("-freezing")):
             os.environ["ATTNKERN_COMPILE"] = policy
-            step()
+            # inductor reads its config when it compiles (the first call, any recompile); the
+            # ``options`` above alone do not reach the freezing pass
+            with torch._inductor.config.patch(freezing=freezing):
+                step()
         steps[v] = with_policy
         t0 = time.perf_counter()
         steps[v]()  # torch.compile compiles here, outside the timed rounds
@@ -188,9 +204,10 @@ def test_whole_model(benchmark, recorder, model_name, pass_, layout, precision):
         steps[v]()  # a second call: allocator and caches warm
         _sync()
 
-    times: Dict[str, list] = {v: [] for v in VARIANTS}
-    peaks: Dict[str, float] = {v: 0.0 for v in VARIANTS}
-    order = list(VARIANTS)
+    variants = list(steps)
+    times: Dict[str, list] = {v: [] for v in variants}
+    peaks: Dict[str, float] = {v: 0.0 for v in variants}
+    order = list(variants)
 
     def one_round():
         for v in order:
@@ -202,19 +219,21 @@ def test_whole_model(benchmark, recorder, model_name, pass_, layout, precision):
             peaks[v] = max(peaks[v], mem.mb)
         order.append(order.pop(0))  # rotate: no variant always runs first
 
-    benchmark.extra_info.update(op=op, variants=",".join(VARIANTS))
+    benchmark.extra_info.update(op=op, variants=",".join(variants))
     benchmark.pedantic(one_round, rounds=ROUNDS, warmup_rounds=0, iterations=1)
 
-    med = {v: statistics.median(times[v]) for v in VARIANTS}
-    for v in VARIANTS:
+    med = {v: statistics.median(times[v]) for v in variants}
+    for v in variants:
         ts = sorted(times[v])
         recorder.row(op, v, pass_, shape, precision, "time_ms", med[v] * 1e3,
                      ts[len(ts) // 5] * 1e3, ts[(4 * len(ts)) // 5 if len(ts) > 1 else 0] * 1e3, device=DEVICE)
         recorder.row(op, v, pass_, shape, precision, "images_per_s", batch / med[v], device=DEVICE)
         recorder.row(op, v, pass_, shape, precision, "peak_mb", peaks[v], device=DEVICE)
-    summary = ", ".join(f"{v} {batch / med[v]:.2f} img/s" for v in VARIANTS)
-    ratios = ", ".join([f"{v}/naive {med['naive'] / med[v]:.2f}x" for v in VARIANTS if v.startswith("fused")]
-                       + [f"{v}/compile {med['compile'] / med[v]:.2f}x" for v in VARIANTS if v.startswith("fused")])
+    summary = ", ".join(f"{v} {batch / med[v]:.2f} img/s" for v in variants)
+    ratios = ", ".join([f"{v}/naive {med['naive'] / med[v]:.2f}x" for v in variants if v.startswith("fused")]
+                       + [f"{v}/compile {med['compile'] / med[v]:.2f}x" for v in variants if v.startswith("fused")]
+                       + [f"fused/{v} {med[v] / med['fused']:.2f}x" for v in variants
+                          if v.endswith("-freezing") and "fused" in med])
     if policy_before is None:
         os.environ.pop("ATTNKERN_COMPILE", None)
     else:

@@ -16,7 +16,10 @@ statistic changes). A patched block:
   SqueezeExcite (the kernels' backend, no hooks on it), writes ``relu(attn(x) + shortcut)``
   into x in the attention's apply pass (``attnkern::gate_apply_residual_``): no pass of its
   own for the add or the activation, and no new tensor for the block's output; on CPU (in
-  the dtypes of :func:`_onednn_dtype`, not under autocast) the ReLUs after the first convolutions are oneDNN post-ops of those convolutions
+  the dtypes of :func:`_onednn_dtype`, not under autocast) every folded convolution runs as
+  oneDNN's inference op with its weight packed once into oneDNN's layout
+  (:func:`_packed_weight`; the packed copies hold as many bytes as the model's convolution
+  weights), and the ReLUs after the first convolutions are its post-ops
   (:func:`conv_bn_act`), no pass of their own either;
 - in training mode, and while ``torch.compile`` traces it (the compiler fuses BatchNorm on its
   own), runs timm's forward unchanged.
