@@ -127,7 +127,7 @@ def conv_bn(conv: nn.Module, bn: nn.Module, x: Tensor) -> Tensor:
         return bn(conv(x))
     weight, bias = folded_weights(conv, bn)
     if _onednn_conv_ok(conv, x):
-        return _onednn_conv(conv, bn, weight, bias, x, "none")
+        return _onednn_conv(conv, weight, bias, x, "none")
     return conv._conv_forward(x, weight, bias)
 
 
@@ -155,11 +155,14 @@ def _onednn_dtype(x: Tensor) -> bool:
 def _onednn_conv_ok(conv: nn.Conv2d, x: Tensor) -> bool:
     """Whether a folded ``conv(x)`` may run as oneDNN's inference convolution
     (``mkldnn::_convolution_pointwise``, the op inductor calls) with a packed weight: no autograd
-    (the op has no derivative), no CPU autocast (the op is not autocast's), x a 4-D CPU tensor of
-    a dtype oneDNN convolves natively (:func:`_onednn_dtype`) and the convolution's weight dtype,
-    the convolution zero-padded with explicit padding."""
-    return (not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu") and _onednn_dtype(x)
-            and conv.weight.dtype == x.dtype and conv.padding_mode == "zeros" and not isinstance(conv.padding, str))
+    (the op has no derivative), no CPU autocast (the op is not autocast's), not while
+    ``torch.jit.trace`` or an exporter records (an opaque oneDNN weight is no constant a saved
+    graph can hold), x a 4-D CPU tensor of a dtype oneDNN convolves natively
+    (:func:`_onednn_dtype`) and the convolution's weight dtype, the convolution zero-padded
+    with explicit padding."""
+    return (not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu") and not exporting()
+            and _onednn_dtype(x) and conv.weight.dtype == x.dtype and conv.padding_mode == "zeros"
+            and not isinstance(conv.padding, str))
 
 
 def _relu_post_op_ok(conv: nn.Conv2d, act: nn.Module, x: Tensor) -> bool:
@@ -174,7 +177,7 @@ def _relu_post_op_ok(conv: nn.Conv2d, act: nn.Module, x: Tensor) -> bool:
 _PACKED: "weakref.WeakKeyDictionary[nn.Module, Tuple]" = weakref.WeakKeyDictionary()
 
 
-def _packed_weight(conv: nn.Conv2d, bn: nn.BatchNorm2d, weight: Tensor, x: Tensor) -> Tensor:
+def _packed_weight(conv: nn.Conv2d, weight: Tensor, x: Tensor) -> Tensor:
     """The folded ``weight`` reordered once into the blocked layout oneDNN's convolution picks
     for inputs of x's shape (``mkldnn::_reorder_convolution_weight``, inductor's weight
     prepacking under ``freezing``), so the convolution stops reordering it on every call: most
@@ -193,10 +196,10 @@ def _packed_weight(conv: nn.Conv2d, bn: nn.BatchNorm2d, weight: Tensor, x: Tenso
     return entry[2]
 
 
-def _onednn_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d, weight: Tensor, bias: Tensor, x: Tensor, attr: str) -> Tensor:
+def _onednn_conv(conv: nn.Conv2d, weight: Tensor, bias: Tensor, x: Tensor, attr: str) -> Tensor:
     """The folded convolution as oneDNN's inference op with its packed weight; ``attr``: "relu"
     (the ReLU as a post-op) or "none"."""
-    return torch.ops.mkldnn._convolution_pointwise(x, _packed_weight(conv, bn, weight, x), bias, list(conv.padding),
+    return torch.ops.mkldnn._convolution_pointwise(x, _packed_weight(conv, weight, x), bias, list(conv.padding),
                                                    list(conv.stride), list(conv.dilation), conv.groups, attr, [], "")
 
 
@@ -208,7 +211,7 @@ def conv_bn_act(conv: nn.Module, bn: nn.Module, act: nn.Module, x: Tensor) -> Te
         return act(bn(conv(x)))
     weight, bias = folded_weights(conv, bn)
     if _relu_post_op_ok(conv, act, x):
-        return _onednn_conv(conv, bn, weight, bias, x, "relu")
+        return _onednn_conv(conv, weight, bias, x, "relu")
     return act(conv_bn(conv, bn, x))
 
 

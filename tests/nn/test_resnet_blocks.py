@@ -200,9 +200,9 @@ class _OneDNNConvSpy:
         self.attrs = []
         real = resnet._onednn_conv
 
-        def spy(conv, bn, weight, bias, x, attr):
+        def spy(conv, weight, bias, x, attr):
             self.attrs.append(attr)
-            return real(conv, bn, weight, bias, x, attr)
+            return real(conv, weight, bias, x, attr)
         monkeypatch.setattr(resnet, "_onednn_conv", spy)
 
 
@@ -378,7 +378,8 @@ def test_reduced_precision_model_runs_channels_last_where_onednn_has_its_kernels
     assert layouts == [native] * 5
     assert post_ops == ((1 + 2 * len(blocks)) if native else 0)
     training = copy.deepcopy(patched).train()  # training mode: the same layout, timm's gradients
-    xs = {k: x.to(t).clone().requires_grad_() for k, t in (("patched", dtype), (dtype, dtype), (torch.float32, torch.float32))}
+    xs = {k: x.to(t).clone().requires_grad_()
+          for k, t in (("patched", dtype), (dtype, dtype), (torch.float32, torch.float32))}
     out, layouts = _inner_layouts(training, xs["patched"])
     assert layouts == [native] * 5
     train_lowp, train32 = copy.deepcopy(low).train()(xs[dtype]), copy.deepcopy(low).float().train()(xs[torch.float32])
@@ -390,3 +391,15 @@ def test_reduced_precision_model_runs_channels_last_where_onednn_has_its_kernels
     monkeypatch.setattr(resnet, "_onednn_reduced_supported", lambda dt: False)
     layouts, post_ops = run()
     assert layouts == [False] * 5 and post_ops == 0
+
+
+def test_jit_trace_without_autograd_records_no_opaque_onednn_weight():
+    """torch.jit.trace under no_grad: the folded convolutions are recorded as plain ones (a
+    packed oneDNN weight cannot be a constant of a saved graph), and the traced model runs."""
+    patched = attnkern.convert(_model("cbam_resnet18", torch.float32))
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        ref = patched(x)
+        traced = torch.jit.trace(patched, x, check_trace=False)
+        assert "mkldnn::_convolution_pointwise" not in str(traced.inlined_graph)
+        assert_close(traced(x), ref.double(), name="traced logits")
