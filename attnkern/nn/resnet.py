@@ -12,14 +12,14 @@ statistic changes). A patched block:
 - in eval mode runs each (Conv2d, BatchNorm2d) pair, the downsampling shortcut's included, as
   one folded convolution, then the attention block, the residual add and the activation as
   timm does; gradients (Grad-CAM, input attributions) flow to the same parameters;
-- in eval mode without autograd, when the attention block is attnkern's CBAM or
-  SqueezeExcite (the kernels' backend, no hooks on it), writes ``relu(attn(x) + shortcut)``
-  into x in the attention's apply pass (``attnkern::gate_apply_residual_``): no pass of its
-  own for the add or the activation, and no new tensor for the block's output; on CPU (in
-  the dtypes of :func:`_onednn_dtype`, not under autocast) every folded convolution runs as
-  oneDNN's inference op with its weight packed once into oneDNN's layout
-  (:func:`_packed_weight`; the packed copies hold as many bytes as the model's convolution
-  weights), and the ReLUs after the first convolutions are its post-ops
+- in eval mode without autograd, when the attention block is attnkern's CBAM or SqueezeExcite
+  (the kernels' backend, no hooks on it), writes ``relu(attn(x) + shortcut)`` into x in the
+  attention's apply pass (``attnkern::gate_apply_residual_``): no pass of its own for the add
+  or the activation, and no new tensor for the block's output; on CPU (in the dtypes of
+  :func:`_onednn_dtype`, and under CPU autocast in its dtype, see :func:`_onednn_conv_dtype`)
+  every folded convolution runs as oneDNN's inference op with its weight packed once into
+  oneDNN's layout (:func:`_packed_weight`; the packed copies hold as many bytes as the model's
+  convolution weights), and the ReLUs after the first convolutions are its post-ops
   (:func:`conv_bn_act`), no pass of their own either;
 - in training mode, and while ``torch.compile`` traces it (the compiler fuses BatchNorm on its
   own), runs timm's forward unchanged.
@@ -152,17 +152,30 @@ def _onednn_dtype(x: Tensor) -> bool:
             and (x.dtype == torch.float32 or _onednn_reduced_supported(x.dtype)))
 
 
+def _onednn_conv_dtype(conv: nn.Conv2d, x: Tensor) -> Optional[torch.dtype]:
+    """The dtype in which a folded ``conv(x)`` may run as oneDNN's inference convolution
+    (``mkldnn::_convolution_pointwise``, the op inductor calls) with a packed weight, or None:
+    no autograd (the op has no derivative), not while ``torch.jit.trace`` or an exporter
+    records (an opaque oneDNN weight is no constant a saved graph can hold), the convolution
+    zero-padded with explicit padding, and x a 4-D CPU tensor of a dtype oneDNN convolves
+    natively (:func:`_onednn_dtype`) and the convolution's weight dtype, or, under CPU
+    autocast to bfloat16 / float16 with oneDNN's kernels for it, float32 weights: then the
+    autocast dtype, as autocast would run the convolution (the op is not autocast's, so the
+    cast is done here)."""
+    if (torch.is_grad_enabled() or exporting() or conv.padding_mode != "zeros" or isinstance(conv.padding, str)
+            or not _onednn_dtype(x)):
+        return None
+    if torch.is_autocast_enabled("cpu"):
+        dtype = torch.get_autocast_dtype("cpu")
+        ok = (conv.weight.dtype == torch.float32 and x.dtype in (torch.float32, dtype)
+              and _onednn_reduced_supported(dtype))
+        return dtype if ok else None
+    return x.dtype if conv.weight.dtype == x.dtype else None
+
+
 def _onednn_conv_ok(conv: nn.Conv2d, x: Tensor) -> bool:
-    """Whether a folded ``conv(x)`` may run as oneDNN's inference convolution
-    (``mkldnn::_convolution_pointwise``, the op inductor calls) with a packed weight: no autograd
-    (the op has no derivative), no CPU autocast (the op is not autocast's), not while
-    ``torch.jit.trace`` or an exporter records (an opaque oneDNN weight is no constant a saved
-    graph can hold), x a 4-D CPU tensor of a dtype oneDNN convolves natively
-    (:func:`_onednn_dtype`) and the convolution's weight dtype, the convolution zero-padded
-    with explicit padding."""
-    return (not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu") and not exporting()
-            and _onednn_dtype(x) and conv.weight.dtype == x.dtype and conv.padding_mode == "zeros"
-            and not isinstance(conv.padding, str))
+    """Whether :func:`_onednn_conv_dtype` gives a dtype."""
+    return _onednn_conv_dtype(conv, x) is not None
 
 
 def _relu_post_op_ok(conv: nn.Conv2d, act: nn.Module, x: Tensor) -> bool:
@@ -186,20 +199,24 @@ def _packed_weight(conv: nn.Conv2d, weight: Tensor, x: Tensor) -> Tensor:
     parameters and statistics) and the input shape stays; otherwise ``weight`` itself."""
     cache = conv.__dict__.get("_attnkern_folded")
     if cache is None or cache[1][0] is not weight:  # not a cached folded weight: nothing to key on
-        return weight
-    shape = tuple(x.shape)
+        return weight.to(x.dtype)
+    key = (tuple(x.shape), x.dtype)
     entry = _PACKED.get(conv)
-    if entry is None or entry[0] != cache[0] or entry[1] != shape:
-        packed = torch.ops.mkldnn._reorder_convolution_weight(weight, list(conv.padding), list(conv.stride),
-                                                               list(conv.dilation), conv.groups, list(shape))
-        entry = _PACKED[conv] = (cache[0], shape, packed)
+    if entry is None or entry[0] != cache[0] or entry[1] != key:
+        packed = torch.ops.mkldnn._reorder_convolution_weight(weight.to(x.dtype), list(conv.padding),
+                                                               list(conv.stride), list(conv.dilation), conv.groups,
+                                                               list(x.shape))
+        entry = _PACKED[conv] = (cache[0], key, packed)
     return entry[2]
 
 
 def _onednn_conv(conv: nn.Conv2d, weight: Tensor, bias: Tensor, x: Tensor, attr: str) -> Tensor:
-    """The folded convolution as oneDNN's inference op with its packed weight; ``attr``: "relu"
+    """The folded convolution as oneDNN's inference op with its packed weight, in the dtype of
+    :func:`_onednn_conv_dtype` (x, weight and bias cast to it under autocast); ``attr``: "relu"
     (the ReLU as a post-op) or "none"."""
-    return torch.ops.mkldnn._convolution_pointwise(x, _packed_weight(conv, weight, x), bias, list(conv.padding),
+    x = x.to(_onednn_conv_dtype(conv, x))
+    return torch.ops.mkldnn._convolution_pointwise(x, _packed_weight(conv, weight, x), bias.to(x.dtype),
+                                                   list(conv.padding),
                                                    list(conv.stride), list(conv.dilation), conv.groups, attr, [], "")
 
 
