@@ -18,7 +18,7 @@ statistic changes). A patched block:
   or the activation, and no new tensor for the block's output; on CPU (in the dtypes of
   :func:`_onednn_dtype`, and under CPU autocast in its dtype, see :func:`_onednn_conv_dtype`)
   every folded convolution runs as oneDNN's inference op with its weight packed once into
-  oneDNN's layout (:func:`_packed_weight`; the packed copies hold as many bytes as the model's
+  oneDNN's layout (:func:`_packed_weights`; the packed copies hold as many bytes as the model's
   convolution weights), and the ReLUs after the first convolutions are its post-ops
   (:func:`conv_bn_act`), no pass of their own either;
 - in training mode, and while ``torch.compile`` traces it (the compiler fuses BatchNorm on its
@@ -47,6 +47,7 @@ checkpoint of a patched one and vice versa. Blocks whose convolutions or norms a
 """
 from __future__ import annotations
 
+import functools
 import weakref
 from typing import Dict, Optional, Tuple, Type
 
@@ -122,20 +123,23 @@ def _foldable(conv: nn.Module, bn: nn.Module) -> bool:
 
 def conv_bn(conv: nn.Module, bn: nn.Module, x: Tensor) -> Tensor:
     """``bn(conv(x))``; one folded convolution where :func:`_foldable`, with oneDNN's packed
-    weight where :func:`_onednn_conv_ok`."""
+    weight where :func:`_onednn_conv_dtype` gives a dtype."""
     if not _foldable(conv, bn):
         return bn(conv(x))
     weight, bias = folded_weights(conv, bn)
-    if _onednn_conv_ok(conv, x):
-        return _onednn_conv(conv, weight, bias, x, "none")
+    dtype = _onednn_conv_dtype(conv, x)
+    if dtype is not None:
+        return _onednn_conv(conv, weight, bias, x, "none", dtype)
     return conv._conv_forward(x, weight, bias)
 
 
+@functools.lru_cache(maxsize=None)
 def _onednn_reduced_supported(dtype: torch.dtype) -> bool:
     """Whether this CPU has oneDNN's native kernels for ``dtype`` (bfloat16: AVX512_BF16,
     AVX-512 or AMX; float16: AVX512_FP16 or AMX-FP16), the check inductor makes before it
     gives oneDNN a reduced-precision convolution. Without them oneDNN falls back to slower
-    paths whose layout preference was not measured."""
+    paths whose layout preference was not measured. Asked once per dtype: the CPU does not
+    change."""
     if dtype == torch.bfloat16:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     if dtype == torch.float16:
@@ -173,51 +177,49 @@ def _onednn_conv_dtype(conv: nn.Conv2d, x: Tensor) -> Optional[torch.dtype]:
     return x.dtype if conv.weight.dtype == x.dtype else None
 
 
-def _onednn_conv_ok(conv: nn.Conv2d, x: Tensor) -> bool:
-    """Whether :func:`_onednn_conv_dtype` gives a dtype."""
-    return _onednn_conv_dtype(conv, x) is not None
+def _relu_post_op_dtype(conv: nn.Conv2d, act: nn.Module, x: Tensor) -> Optional[torch.dtype]:
+    """The dtype in which ``act(conv(x))`` may run as one oneDNN convolution with the ReLU as
+    its post-op, or None: ``act`` a plain ``nn.ReLU`` without hooks, and
+    :func:`_onednn_conv_dtype`."""
+    return _onednn_conv_dtype(conv, x) if type(act) is nn.ReLU and not has_hooks(act) else None
 
 
-def _relu_post_op_ok(conv: nn.Conv2d, act: nn.Module, x: Tensor) -> bool:
-    """Whether ``act(conv(x))`` may run as one oneDNN convolution with the ReLU as its post-op:
-    ``act`` a plain ``nn.ReLU`` without hooks, and :func:`_onednn_conv_ok`."""
-    return type(act) is nn.ReLU and not has_hooks(act) and _onednn_conv_ok(conv, x)
-
-
-# conv -> (its folded weights' cache key, input shape, oneDNN's packed copy of the folded
-# weight). Kept beside the module, not in it: a deep copy or a pickle of the model never holds
+# conv -> (its folded weights' cache key, input shape and dtype, oneDNN's packed copy of the
+# folded weight, the folded bias in that dtype). Kept beside the module, not in it: a deep copy or a pickle of the model never holds
 # an opaque oneDNN tensor, and the entry goes with the module.
 _PACKED: "weakref.WeakKeyDictionary[nn.Module, Tuple]" = weakref.WeakKeyDictionary()
 
 
-def _packed_weight(conv: nn.Conv2d, weight: Tensor, x: Tensor) -> Tensor:
+def _packed_weights(conv: nn.Conv2d, weight: Tensor, bias: Tensor, x: Tensor) -> Tuple[Tensor, Tensor]:
     """The folded ``weight`` reordered once into the blocked layout oneDNN's convolution picks
     for inputs of x's shape (``mkldnn::_reorder_convolution_weight``, inductor's weight
     prepacking under ``freezing``), so the convolution stops reordering it on every call: most
     of the saving is in the deep layers, whose weights are large against their maps (bfloat16
     3x3 512-channel convolution at 8x8: 1.32x). Kept while the folded weights are (same
-    parameters and statistics) and the input shape stays; otherwise ``weight`` itself."""
+    parameters and statistics) and the input's shape and dtype stay, with the folded ``bias``
+    in x's dtype; otherwise both in x's dtype, unpacked."""
     cache = conv.__dict__.get("_attnkern_folded")
     if cache is None or cache[1][0] is not weight:  # not a cached folded weight: nothing to key on
-        return weight.to(x.dtype)
+        return weight.to(x.dtype), bias.to(x.dtype)
     key = (tuple(x.shape), x.dtype)
     entry = _PACKED.get(conv)
     if entry is None or entry[0] != cache[0] or entry[1] != key:
         packed = torch.ops.mkldnn._reorder_convolution_weight(weight.to(x.dtype), list(conv.padding),
                                                                list(conv.stride), list(conv.dilation), conv.groups,
                                                                list(x.shape))
-        entry = _PACKED[conv] = (cache[0], key, packed)
-    return entry[2]
+        entry = _PACKED[conv] = (cache[0], key, packed, bias.to(x.dtype))
+    return entry[2], entry[3]
 
 
-def _onednn_conv(conv: nn.Conv2d, weight: Tensor, bias: Tensor, x: Tensor, attr: str) -> Tensor:
-    """The folded convolution as oneDNN's inference op with its packed weight, in the dtype of
-    :func:`_onednn_conv_dtype` (x, weight and bias cast to it under autocast); ``attr``: "relu"
-    (the ReLU as a post-op) or "none"."""
-    x = x.to(_onednn_conv_dtype(conv, x))
-    return torch.ops.mkldnn._convolution_pointwise(x, _packed_weight(conv, weight, x), bias.to(x.dtype),
-                                                   list(conv.padding),
-                                                   list(conv.stride), list(conv.dilation), conv.groups, attr, [], "")
+def _onednn_conv(conv: nn.Conv2d, weight: Tensor, bias: Tensor, x: Tensor, attr: str,
+                 dtype: torch.dtype) -> Tensor:
+    """The folded convolution as oneDNN's inference op with its packed weight, in ``dtype``
+    (from :func:`_onednn_conv_dtype`; x, weight and bias cast to it under autocast); ``attr``:
+    "relu" (the ReLU as a post-op) or "none"."""
+    x = x.to(dtype)
+    weight, bias = _packed_weights(conv, weight, bias, x)
+    return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, list(conv.padding), list(conv.stride),
+                                                   list(conv.dilation), conv.groups, attr, [], "")
 
 
 def conv_bn_act(conv: nn.Module, bn: nn.Module, act: nn.Module, x: Tensor) -> Tensor:
@@ -227,8 +229,9 @@ def conv_bn_act(conv: nn.Module, bn: nn.Module, act: nn.Module, x: Tensor) -> Te
     if not _foldable(conv, bn):
         return act(bn(conv(x)))
     weight, bias = folded_weights(conv, bn)
-    if _relu_post_op_ok(conv, act, x):
-        return _onednn_conv(conv, weight, bias, x, "relu")
+    dtype = _relu_post_op_dtype(conv, act, x)
+    if dtype is not None:
+        return _onednn_conv(conv, weight, bias, x, "relu", dtype)
     return act(conv_bn(conv, bn, x))
 
 

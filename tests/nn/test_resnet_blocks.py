@@ -200,9 +200,9 @@ class _OneDNNConvSpy:
         self.attrs = []
         real = resnet._onednn_conv
 
-        def spy(conv, weight, bias, x, attr):
+        def spy(conv, weight, bias, x, attr, dtype):
             self.attrs.append(attr)
-            return real(conv, weight, bias, x, attr)
+            return real(conv, weight, bias, x, attr, dtype)
         monkeypatch.setattr(resnet, "_onednn_conv", spy)
 
 
