@@ -6,7 +6,8 @@ benchmarks' shapes and at batch 1, for each vector ISA's copy of the kernels thi
 
 Bytes moved count the big tensors each primitive must read and write ([B, C] and [B, H*W]
 statistics are negligible): channel_stats and spatial_stats read x once; gate_apply and
-bam_combine read x and write out; gate_apply_residual_ reads x and the residual and writes x;
+bam_combine read x and write out; gate_apply_residual_ reads x and the residual and writes x,
+gate_apply_residual the same into a new tensor;
 gate_apply_backward reads grad_out and x; spatial_stats_backward reads x; gating_input_grad
 (CBAM's every term) reads x and grad_out and writes dx. The copy reads and writes once.
 
@@ -36,6 +37,7 @@ DTYPES = (torch.float32, torch.bfloat16)
 ROUNDS = 9
 # primitive -> big-tensor transfers (reads + writes of x's size)
 TRANSFERS = {"channel_stats": 1, "spatial_stats": 1, "gate_apply": 2, "gate_apply_residual_": 3,
+             "gate_apply_residual": 3,
              "gate_apply_backward": 2, "spatial_stats_backward": 1, "gating_input_grad": 3, "bam_combine": 2}
 
 
@@ -97,6 +99,7 @@ def _calls(x):
         "spatial_stats": lambda: ops.spatial_stats(x, gc),
         "gate_apply": lambda: ops.gate_apply(x, gc, gs),
         "gate_apply_residual_": lambda: ops.gate_apply_residual_(target, gc, gs, grad, True),
+        "gate_apply_residual": lambda: ops.gate_apply_residual(x, gc, None, grad, True),
         "gate_apply_backward": lambda: ops.gate_apply_backward(grad, x, gc, gs, True, True),
         "spatial_stats_backward": lambda: ops.spatial_stats_backward(x, gc, smax, scount, small, small),
         "gating_input_grad": lambda: ops.gating_input_grad(x, grad, gc, gs, smax, scount, small, small,

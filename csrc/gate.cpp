@@ -1,5 +1,6 @@
-// Applying the gates: gate_apply (out = x * gc * gs), gate_apply_residual_ (x <- relu?(x * gc *
-// gs + residual) in place: the gate with a residual block's add and activation, for inference),
+// Applying the gates: gate_apply (out = x * gc * gs), gate_apply_residual (out = relu?(x * gc * gs +
+// residual): the gate with a residual block's add and activation, for training) and
+// gate_apply_residual_ (the same written into x, for inference),
 // gate_apply_backward (the gates' gradients) and gating_input_grad (the input gradient of a CBAM or SE block, every term in
 // one pass).
 #include "both_axes.h"
@@ -12,7 +13,7 @@ inline namespace CPU_CAPABILITY {  // one copy per vector ISA (cpu_capability.h)
 namespace {
 
 // ---------------------------------------------------------------------------------------
-// gate_apply: out = (x * gc) * gs; gate_apply_residual_: x = relu?((x * gc) * gs + residual)
+// gate_apply: out = (x * gc) * gs; gate_apply_residual(_): out (or x) = relu?((x * gc) * gs + residual)
 // ---------------------------------------------------------------------------------------
 
 template <typename T, typename A, bool kResidual = false, bool kRelu = false>
@@ -76,13 +77,23 @@ void gate_apply_channels_last(const T* x, T* out, const A* gc, const A* gs, cons
   });
 }
 
-// x <- relu?(x * gc * gs + residual), in place: one read of x and residual, one write.
+// out <- relu?(x * gc * gs + residual) (out may be x): one read of x and residual, one write.
 template <typename T, typename A, bool kRelu>
-void gate_apply_residual_inplace(T* x, const T* residual, const A* gc, const A* gs, const Shape& s) {
+void gate_apply_residual_into(const T* x, T* out, const T* residual, const A* gc, const A* gs, const Shape& s) {
   if (s.channels_last) {
-    gate_apply_channels_last<T, A, true, kRelu>(x, x, gc, gs, s, residual);
+    gate_apply_channels_last<T, A, true, kRelu>(x, out, gc, gs, s, residual);
   } else {
-    gate_apply_nchw<T, A, true, kRelu>(x, x, gc, gs, s, residual);
+    gate_apply_nchw<T, A, true, kRelu>(x, out, gc, gs, s, residual);
+  }
+}
+
+template <typename T, typename A>
+void gate_apply_residual_into(const T* x, T* out, const T* residual, const A* gc, const A* gs, const Shape& s,
+                              bool relu) {
+  if (relu) {
+    gate_apply_residual_into<T, A, true>(x, out, residual, gc, gs, s);
+  } else {
+    gate_apply_residual_into<T, A, false>(x, out, residual, gc, gs, s);
   }
 }
 
@@ -324,6 +335,23 @@ Tensor gate_apply(const Tensor& x, const OptTensor& gc, const OptTensor& gs) {
   return out;
 }
 
+Tensor gate_apply_residual(const Tensor& x, const OptTensor& gc, const OptTensor& gs,
+                           const Tensor& residual, bool relu) {
+  static constexpr const char* fn = "attnkern::gate_apply_residual";
+  const Shape s = check_x(x, fn);
+  if (given(gc)) check_small(*gc, "gc", s.B, s.C, s.acc, fn);
+  if (given(gs)) check_small(*gs, "gs", s.B, s.HW, s.acc, fn);
+  TORCH_CHECK(residual.defined(), fn, ": residual is undefined");
+  check_big(residual, "residual", x, s, fn);
+  Tensor out = empty_output_like(x);
+  ATTNKERN_DISPATCH(x, fn, [&] {
+    gate_apply_residual_into<scalar_t, A>(x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
+                                          residual.data_ptr<scalar_t>(), given(gc) ? gc->data_ptr<A>() : nullptr,
+                                          given(gs) ? gs->data_ptr<A>() : nullptr, s, relu);
+  });
+  return out;
+}
+
 Tensor& gate_apply_residual_(Tensor& x, const OptTensor& gc, const OptTensor& gs,
                              const Tensor& residual, bool relu) {
   static constexpr const char* fn = "attnkern::gate_apply_residual_";
@@ -334,15 +362,9 @@ Tensor& gate_apply_residual_(Tensor& x, const OptTensor& gc, const OptTensor& gs
   check_big(residual, "residual", x, s, fn);
   TORCH_CHECK(!residual.is_same(x), fn, ": residual must not be x itself");
   ATTNKERN_DISPATCH(x, fn, [&] {
-    const A* gcp = given(gc) ? gc->data_ptr<A>() : nullptr;
-    const A* gsp = given(gs) ? gs->data_ptr<A>() : nullptr;
-    if (relu) {
-      gate_apply_residual_inplace<scalar_t, A, true>(x.data_ptr<scalar_t>(), residual.data_ptr<scalar_t>(),
-                                                     gcp, gsp, s);
-    } else {
-      gate_apply_residual_inplace<scalar_t, A, false>(x.data_ptr<scalar_t>(), residual.data_ptr<scalar_t>(),
-                                                      gcp, gsp, s);
-    }
+    gate_apply_residual_into<scalar_t, A>(x.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(),
+                                          residual.data_ptr<scalar_t>(), given(gc) ? gc->data_ptr<A>() : nullptr,
+                                          given(gs) ? gs->data_ptr<A>() : nullptr, s, relu);
   });
   return x;
 }
@@ -433,11 +455,13 @@ Tensor gating_input_grad(const Tensor& x, const OptTensor& grad_out, const OptTe
 // baseline build.
 #ifdef CPU_CAPABILITY_DEFAULT
 ATTNKERN_CPU_KERNEL(gate_apply)
+ATTNKERN_CPU_KERNEL(gate_apply_residual)
 ATTNKERN_CPU_KERNEL(gate_apply_residual_)
 ATTNKERN_CPU_KERNEL(gate_apply_backward)
 ATTNKERN_CPU_KERNEL(gating_input_grad)
 TORCH_LIBRARY_FRAGMENT(attnkern, m) {
   m.def("gate_apply(Tensor x, Tensor? gc, Tensor? gs) -> Tensor");
+  m.def("gate_apply_residual(Tensor x, Tensor? gc, Tensor? gs, Tensor residual, bool relu) -> Tensor");
   m.def("gate_apply_residual_(Tensor(a!) x, Tensor? gc, Tensor? gs, Tensor residual, bool relu) -> Tensor(a!)");
   m.def("gate_apply_backward(Tensor grad_out, Tensor x, Tensor? gc, Tensor? gs, bool need_grad_gc, "
       "bool need_grad_gs) -> (Tensor, Tensor)");
@@ -448,6 +472,7 @@ TORCH_LIBRARY_FRAGMENT(attnkern, m) {
 
 TORCH_LIBRARY_IMPL(attnkern, CPU, m) {
   m.impl("gate_apply", ATTNKERN_ACTIVE_CPU_KERNEL(gate_apply));
+  m.impl("gate_apply_residual", ATTNKERN_ACTIVE_CPU_KERNEL(gate_apply_residual));
   m.impl("gate_apply_residual_", ATTNKERN_ACTIVE_CPU_KERNEL(gate_apply_residual_));
   m.impl("gate_apply_backward", ATTNKERN_ACTIVE_CPU_KERNEL(gate_apply_backward));
   m.impl("gating_input_grad", ATTNKERN_ACTIVE_CPU_KERNEL(gating_input_grad));

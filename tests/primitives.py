@@ -89,6 +89,11 @@ def check_primitives(mod, shape, layout, dtype, ties=False, device="cpu"):
                          name=f"apply+residual{'+relu' if relu else ''}{' (se)' if b is None else ''}")
             if relu:
                 assert bool((out >= 0).all())
+            # the same out of place (training): x unchanged, a new tensor in x's layout
+            x_before = x.clone()
+            _close_big(mod, "gate_apply_residual", (x, a, b, res, relu), (f32(x), a, b, f32(res), relu), dtype,
+                       f"apply+residual{'+relu' if relu else ''}{' (se)' if b is None else ''}, out of place")
+            assert torch.equal(x, x_before), "gate_apply_residual wrote into x"
 
     # pass A
     for a, b in ((gc, gs), (gc, None)):
@@ -157,3 +162,9 @@ def check_rejects_non_dense(mod, device="cpu"):
         mod.gate_apply_residual_(y, None, None, y, True)  # the residual is x itself
     with pytest.raises((ValueError, RuntimeError), match="residual"):  # a residual in another layout
         mod.gate_apply_residual_(y, None, None, y.clone().contiguous(memory_format=torch.channels_last), True)
+    with pytest.raises((ValueError, RuntimeError), match="residual"):
+        mod.gate_apply_residual(y, None, None, y.clone().contiguous(memory_format=torch.channels_last), True)
+    with pytest.raises((ValueError, RuntimeError), match="residual"):  # a residual of another shape
+        mod.gate_apply_residual(y, None, None, y[:, :4].contiguous(), True)
+    with pytest.raises((ValueError, RuntimeError), match="residual"):  # a residual of another dtype
+        mod.gate_apply_residual(y, None, None, y.double(), True)

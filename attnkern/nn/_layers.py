@@ -158,12 +158,15 @@ def pointwise_conv(conv: nn.Module, x: Tensor) -> Tensor:
     return pointwise_projection(x, conv.weight, conv.bias)
 
 
-def residual_epilogue_ok(module: nn.Module, x: Tensor, residual: Tensor) -> bool:
-    """Whether a block may fuse its residual add and activation into ``module``'s apply pass,
-    writing into ``x``: inference without autograd, no hooks that expect ``module`` to be
-    called, x dense (NCHW or channels_last) and residual of x's shape, dtype, device and
-    layout, in a different storage."""
-    if torch.is_grad_enabled() or torch.compiler.is_compiling() or has_hooks(module):
+def residual_epilogue_ok(module: nn.Module, x: Tensor, residual: Tensor, in_place: bool = True) -> bool:
+    """Whether a block may fuse its residual add and activation into ``module``'s apply pass:
+    eager (not traced by ``torch.compile``), no hooks that expect ``module`` to be called, x
+    dense (NCHW or channels_last) and residual of x's shape, dtype, device and layout. Writing
+    into ``x`` (``in_place``) also needs inference without autograd and residual in a different
+    storage."""
+    if torch.compiler.is_compiling() or has_hooks(module):
+        return False
+    if in_place and torch.is_grad_enabled():
         return False
     if not isinstance(x, Tensor) or not isinstance(residual, Tensor) or x.dim() != 4:
         return False
@@ -171,4 +174,4 @@ def residual_epilogue_ok(module: nn.Module, x: Tensor, residual: Tensor) -> bool
         else torch.contiguous_format
     return (x.is_contiguous(memory_format=fmt) and residual.is_contiguous(memory_format=fmt)
             and residual.shape == x.shape and residual.dtype == x.dtype and residual.device == x.device
-            and residual.untyped_storage().data_ptr() != x.untyped_storage().data_ptr())
+            and (not in_place or residual.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()))

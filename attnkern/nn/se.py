@@ -123,6 +123,26 @@ class SqueezeExcite(nn.Module):
         self.last_gates = gc if self.keep_gates else None
         return out
 
+    def _residual_forward(self, x: Tensor, residual: Tensor, relu: bool) -> Optional[Tensor]:
+        """For a residual block with autograd (training, or attributions in eval mode;
+        attnkern.nn.resnet): ``relu?(self(x) + residual)`` as a new tensor, the add and the
+        activation in the apply pass forward and their gradients in the passes the block's
+        backward already makes; None where that does not apply (the caller then runs the
+        unfused code)."""
+        from ..ops import se as _se_op
+        from ..ops.gating import pick_backend, primitives_for
+
+        if not residual_epilogue_ok(self, x, residual, in_place=False):
+            return None
+        check_module_input("SqueezeExcite", x, self.channels, self._weights()[0].weight)
+        backend = pick_backend("squeeze_excite", x)
+        if backend == "reference":
+            return None
+        out, gc = _se_op.squeeze_excite(x, self.mlp, primitives=primitives_for(backend, x), gate=self._gate(),
+                                        add_maxpool=self.add_maxpool, residual=residual, relu=relu)
+        self.last_gates = gc.detach() if self.keep_gates else None
+        return out
+
     def extra_repr(self) -> str:
         return f"channels={self.channels}, layout={self.layout!r}, add_maxpool={self.add_maxpool}"
 

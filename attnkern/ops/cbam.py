@@ -8,6 +8,8 @@ caller's; only the passes over the big tensor are kernels):
     mean_s, max_s = spatial_stats(x, gc)             1 read
     gs = gate(spatial([mean_s; max_s]))              PyTorch, [B, H*W]
     out = gate_apply(x, gc, gs)                      1 read + 1 write
+          (in a residual block: relu?(gate_apply(x, gc, gs) + residual),
+          gate_apply_residual, 1 more read)
 
 Backward (eager): autograd runs the three nodes of :mod:`attnkern.ops.gating` in reverse:
 ``gate_apply_backward`` (the gates' gradients) in ``ApplyNode``, ``spatial_stats_backward`` (the
@@ -39,6 +41,8 @@ def cbam(
     pool_order: str = "mean_max",
     gate: Callable[[Tensor], Tensor] = torch.sigmoid,
     spatial_gate: Optional[Callable[[Tensor], Tensor]] = None,
+    residual: Optional[Tensor] = None,
+    relu: bool = False,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """The fused CBAM block on an already validated, dense (:func:`dense`) ``x``. Returns
     ``(out, gc, gs)`` with gc [B, C] and gs [B, 1, H, W] in the accumulation dtype (float32;
@@ -48,6 +52,10 @@ def cbam(
     ``mlp`` maps [N, C] -> [N, C]; ``spatial`` maps [B, 2, H, W] -> [B, 1, H, W]. They receive
     float32 statistics (cast them to their parameters' dtype if needed); their outputs are
     gated in float32. ``spatial_gate`` (default: ``gate``) is the spatial branch's gate.
+
+    With ``residual`` (x's shape, dtype and layout), ``out = relu?(cbam(x) + residual)``: a
+    residual block's add and activation in the apply pass (``gate_apply_residual``), with
+    autograd; no pass of their own, forward or backward.
     """
     B, C, H, W = x.shape
     acc = acc_dtype(x.dtype)
@@ -62,7 +70,10 @@ def cbam(
     s = torch.stack(maps, dim=1).view(B, 2, H, W)
     gs = (spatial_gate or gate)(spatial(s).to(acc)).reshape(B, H * W)
 
-    out = passes.gate_apply(x, gc, gs)
+    if residual is not None:
+        out = passes.gate_apply_residual(x, gc, gs, residual, relu)
+    else:
+        out = passes.gate_apply(x, gc, gs)
     return out, gc, gs.view(B, 1, H, W)
 
 

@@ -1,12 +1,13 @@
 """The pooled-gating primitives shared by CBAM, SE and BAM, as ``attnkern::`` ops of PyTorch's
 dispatcher: one schema each, no backend argument.
 
-Nine primitives do every pass over the big tensor (their math: :mod:`attnkern.reference.gating`):
+Ten primitives do every pass over the big tensor (their math: :mod:`attnkern.reference.gating`):
 
 ==========================  ==============================================================
-forward                     ``channel_stats``, ``spatial_stats``, ``gate_apply``, ``bam_combine``
-inference, in place         ``gate_apply_residual_``: x = relu?(x * gc * gs + residual), the
-                            gate with a residual block's add and activation (no gradient)
+forward                     ``channel_stats``, ``spatial_stats``, ``gate_apply``, ``bam_combine``,
+                            ``gate_apply_residual``: relu?(x * gc * gs + residual), the gate
+                            with a residual block's add and activation
+inference, in place         ``gate_apply_residual_``: the same written into x (no gradient)
 gradients of small inputs   ``gate_apply_backward`` (the gates), ``spatial_stats_backward``
                             (the channel gate through the spatial statistics),
                             ``bam_combine_backward`` (BAM's logits)
@@ -21,7 +22,7 @@ Where each runs is the dispatcher's choice, by the device of the tensors:
 - anything else, or CPU when the C++ kernels are not built: the reference, registered as the
   ``CompositeExplicitAutograd`` kernel.
 
-Fake (meta) kernels make every op traceable, and the four forward primitives carry autograd
+Fake (meta) kernels make every op traceable, and the five forward primitives carry autograd
 formulas, so ``torch.compile(fullgraph=True)`` and ``torch.export`` take a model that calls
 them; an exported graph names the ops, not a backend, so it runs on either device.
 
@@ -32,8 +33,8 @@ way in. :data:`DISPATCHER` goes through the dispatcher; tests hand the blocks
 interpreter, or ``Primitives(attnkern.reference.gating)`` (see :func:`primitives_for`).
 
 Eager blocks chain three autograd nodes (``ChannelStatsNode``, ``SpatialStatsNode``,
-``ApplyNode``, or ``BamCombineNode``) so that the backward pass writes the input gradient once:
-``ApplyNode`` computes the gates' gradients and keeps grad_out, ``SpatialStatsNode`` the
+``ApplyNode`` or ``ApplyResidualNode``, or ``BamCombineNode``) so that the backward pass writes
+the input gradient once: ``ApplyNode`` computes the gates' gradients and keeps grad_out, ``SpatialStatsNode`` the
 channel gate's gradient through the spatial statistics, and ``ChannelStatsNode``, which
 autograd runs last, writes dx from everything the others kept (a shared ``Tape``; a token
 output of ``ChannelStatsNode`` feeds the others, so autograd always runs it after them).
@@ -53,7 +54,7 @@ from ..reference import gating as _ref
 
 __all__ = ["acc_dtype", "dense", "memory_format_of", "pointwise_projection", "pick_backend", "primitives_for",
            "Primitives", "DISPATCHER", "FLOAT_DTYPES", "OPS", "Tape", "ChannelStatsNode", "SpatialStatsNode",
-           "ApplyNode", "BamCombineNode", "BlockPasses"]
+           "ApplyNode", "ApplyResidualNode", "BamCombineNode", "BlockPasses"]
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 acc_dtype = _ref.acc_dtype
@@ -66,6 +67,7 @@ SCHEMAS = {
     "spatial_stats_backward": "(Tensor x, Tensor gc, Tensor smax, Tensor scount, Tensor grad_smean, "
                               "Tensor grad_smax) -> Tensor",
     "gate_apply": "(Tensor x, Tensor? gc, Tensor? gs) -> Tensor",
+    "gate_apply_residual": "(Tensor x, Tensor? gc, Tensor? gs, Tensor residual, bool relu) -> Tensor",
     "gate_apply_residual_": "(Tensor(a!) x, Tensor? gc, Tensor? gs, Tensor residual, bool relu) -> Tensor(a!)",
     "gate_apply_backward": "(Tensor grad_out, Tensor x, Tensor? gc, Tensor? gs, bool need_grad_gc, "
                            "bool need_grad_gs) -> (Tensor, Tensor)",
@@ -211,6 +213,11 @@ def _(x, gc, gs):
     return _big_like(x)
 
 
+@torch.library.register_fake("attnkern::gate_apply_residual", lib=_lib)
+def _(x, gc, gs, residual, relu):
+    return _big_like(x)
+
+
 @torch.library.register_fake("attnkern::gate_apply_residual_", lib=_lib)
 def _(x, gc, gs, residual, relu):
     return x
@@ -249,7 +256,7 @@ def _(x, grad_out, mc, ms, product, grad_cmean):
 # ----------------------------------------------------------------------------------------
 
 class Primitives:
-    """The nine primitives of one kernel set (``torch.ops.attnkern``, or a module with the same
+    """The ten primitives of one kernel set (``torch.ops.attnkern``, or a module with the same
     functions: :mod:`attnkern.triton.gating`, :mod:`attnkern.reference.gating`), with big
     tensors made dense in x's layout and small ones contiguous first: every kernel sees NCHW-
     or channels_last-contiguous inputs."""
@@ -270,6 +277,11 @@ class Primitives:
 
     def gate_apply(self, x: Tensor, gc: Optional[Tensor], gs: Optional[Tensor]) -> Tensor:
         return self.kernels.gate_apply(dense(x), _c(gc), _c(gs))
+
+    def gate_apply_residual(self, x: Tensor, gc: Optional[Tensor], gs: Optional[Tensor], residual: Tensor,
+                            relu: bool) -> Tensor:
+        x = dense(x)
+        return self.kernels.gate_apply_residual(x, _c(gc), _c(gs), dense(residual, memory_format_of(x)), relu)
 
     def gate_apply_residual_(self, x: Tensor, gc: Optional[Tensor], gs: Optional[Tensor], residual: Tensor,
                              relu: bool) -> Tensor:
@@ -418,6 +430,34 @@ torch.library.register_autograd("attnkern::gate_apply", _gate_apply_backward,
                                 setup_context=_gate_apply_setup, lib=_lib)
 
 
+def _relu_grad(grad_out: Tensor, out: Optional[Tensor]) -> Tensor:
+    """grad_out where the ReLU's output ``out`` is positive, 0 elsewhere (None: no ReLU)."""
+    return grad_out if out is None else torch.ops.aten.threshold_backward(grad_out, out, 0)
+
+
+def _gate_apply_residual_setup(ctx, inputs, output):
+    x, gc, gs, residual, relu = inputs
+    ctx.save_for_backward(x, gc, gs, output if relu else None)
+
+
+def _gate_apply_residual_backward(ctx, grad_out):
+    x, gc, gs, out = ctx.saved_tensors
+    grad = _relu_grad(dense(grad_out, memory_format_of(x)), out)
+    grad_x = grad_gc = grad_gs = None
+    if ctx.needs_input_grad[0]:
+        grad_x = _ops.gating_input_grad(x, grad, gc, gs, None, None, None, None, None, None, None, None)
+    need_gc = gc is not None and ctx.needs_input_grad[1]
+    need_gs = gs is not None and ctx.needs_input_grad[2]
+    if need_gc or need_gs:
+        grad_gc, grad_gs = _ops.gate_apply_backward(grad, x, gc, gs, need_gc, need_gs)
+    return (grad_x, grad_gc if need_gc else None, grad_gs if need_gs else None,
+            grad if ctx.needs_input_grad[3] else None, None)
+
+
+torch.library.register_autograd("attnkern::gate_apply_residual", _gate_apply_residual_backward,
+                                setup_context=_gate_apply_residual_setup, lib=_lib)
+
+
 def _bam_combine_setup(ctx, inputs, output):
     x, mc, ms, product = inputs
     ctx.product = product
@@ -559,6 +599,37 @@ class ApplyNode(torch.autograd.Function):
         return None, grad_gc, grad_gs, torch.zeros_like(gc[0, 0]), None
 
 
+class ApplyResidualNode(torch.autograd.Function):
+    """``relu?(x * gc * gs + residual)`` (a residual block's add and activation in the apply
+    pass). Its backward masks grad_out by the ReLU (``out > 0``), which is then the residual's
+    gradient, and goes on as :class:`ApplyNode` does with it. Saves the output for the mask, as
+    an in-place ``nn.ReLU`` after the add does."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, gc: Tensor, gs: Optional[Tensor], residual: Tensor, token: Tensor, tape: Tape,
+                relu: bool):
+        out = tape.prims.gate_apply_residual(x, gc, gs, residual, relu)
+        ctx.tape = tape
+        ctx.save_for_backward(x, gc, gs, out if relu else None)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        x, gc, gs, out = ctx.saved_tensors
+        t: Tape = ctx.tape
+        grad = _relu_grad(dense(grad_out, memory_format_of(x)), out)
+        need_gc, need_gs = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        grad_gc = grad_gs = None
+        if need_gc or need_gs:
+            grad_gc, grad_gs = t.prims.gate_apply_backward(grad, x, gc, gs, need_gc, need_gs)
+            grad_gc, grad_gs = (grad_gc if need_gc else None), (grad_gs if need_gs else None)
+        if ctx.needs_input_grad[0]:  # dx is written once, by ChannelStatsNode
+            t.grad_out, t.gc, t.gs = grad, gc, gs
+        grad_residual = grad if ctx.needs_input_grad[3] else None
+        return None, grad_gc, grad_gs, grad_residual, torch.zeros_like(gc[0, 0]), None, None
+
+
 class BamCombineNode(torch.autograd.Function):
     """BAM's combine; its backward computes the logits' gradients and leaves dx to
     ``ChannelStatsNode``, which writes grad_out * (1 + sigmoid(z)) + grad_mean / HW in one pass."""
@@ -670,6 +741,17 @@ class BlockPasses:
         if self.traced:
             return _ops.gate_apply(x, gc, gs)
         return ApplyNode.apply(x, gc, gs, self.token, self.tape)
+
+    def gate_apply_residual(self, x: Tensor, gc: Tensor, gs: Optional[Tensor], residual: Tensor,
+                            relu: bool) -> Tensor:
+        """relu?(x * gc[:, :, None, None] * gs + residual) (gs may be None), a new tensor in x's
+        dtype and layout: :meth:`gate_apply` with a residual block's add and activation."""
+        if self.direct is not None:
+            with self.below_autograd():
+                return self.direct.gate_apply_residual(x, gc, gs, residual, relu)
+        if self.traced:
+            return _ops.gate_apply_residual(x, gc, gs, residual, relu)
+        return ApplyResidualNode.apply(x, gc, gs, residual, self.token, self.tape, relu)
 
     def bam_combine(self, x: Tensor, mc: Tensor, ms: Tensor, product: bool) -> Tensor:
         """x * (1 + sigmoid(mc + ms)) (``product``: mc * ms inside the sigmoid)."""

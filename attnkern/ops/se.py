@@ -3,6 +3,8 @@
     mean, max = channel_stats(x)          1 read
     gc = gate(mlp(mean))                  PyTorch, [B, C] (mean/2 + max/2 with add_maxpool)
     out = gate_apply(x, gc)               1 read + 1 write
+          (in a residual block: relu?(gate_apply(x, gc) + residual), gate_apply_residual,
+          1 more read)
 
 Backward (eager): ``ApplyNode`` computes grad_gc = sum_hw grad_out * x (``gate_apply_backward``)
 and keeps grad_out; the MLP's backward gives grad_mean (and grad_max); ``ChannelStatsNode``
@@ -11,7 +13,7 @@ writes dx = grad_out * gc + grad_mean / HW (+ the max term) once (``gating_input
 """
 from __future__ import annotations
 
-from typing import Callable, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -26,14 +28,22 @@ def squeeze_excite(
     primitives=None,
     gate: Callable[[Tensor], Tensor] = torch.sigmoid,
     add_maxpool: bool = False,
+    residual: Optional[Tensor] = None,
+    relu: bool = False,
 ) -> Tuple[Tensor, Tensor]:
     """The fused SE block on a validated, dense x. Returns ``(out, gc)``, gc [B, C] in the
-    accumulation dtype. ``mlp`` receives float32 (float64) pooled vectors [B, C]."""
+    accumulation dtype. ``mlp`` receives float32 (float64) pooled vectors [B, C].
+
+    With ``residual`` (x's shape, dtype and layout), ``out = relu?(se(x) + residual)``: a
+    residual block's add and activation in the apply pass (``gate_apply_residual``), with
+    autograd; no pass of their own, forward or backward."""
     acc = acc_dtype(x.dtype)
     passes = BlockPasses(primitives)
     mean, mx = passes.channel_stats(x)
     s = 0.5 * mean + 0.5 * mx if add_maxpool else mean
     gc = gate(mlp(s).to(acc))
+    if residual is not None:
+        return passes.gate_apply_residual(x, gc, None, residual, relu), gc
     return passes.gate_apply(x, gc, None), gc
 
 

@@ -22,6 +22,7 @@ __all__ = [
     "channel_stats",
     "spatial_stats",
     "gate_apply",
+    "gate_apply_residual",
     "gate_apply_residual_",
     "gate_apply_backward",
     "spatial_stats_backward",
@@ -77,20 +78,32 @@ def gate_apply(x: Tensor, gc: Optional[Tensor], gs: Optional[Tensor]) -> Tensor:
     return _like_x(y, x)
 
 
-def gate_apply_residual_(x: Tensor, gc: Optional[Tensor], gs: Optional[Tensor], residual: Tensor,
-                         relu: bool) -> Tensor:
-    """In place: ``x = relu?((x * gc[b, c]) * gs[b, hw] + residual)``, computed in float32 and
-    rounded once to x's dtype: the gate applied with a residual block's add and activation
-    (inference only: it has no gradient). Returns x."""
+def _gated_residual(x: Tensor, gc: Optional[Tensor], gs: Optional[Tensor], residual: Tensor, relu: bool) -> Tensor:
     y = _flat(x)
     if gc is not None:
         y = y * gc.unsqueeze(2)
     if gs is not None:
         y = y * gs.unsqueeze(1)
     y = y + _flat(residual)
-    if relu:
-        y = torch.relu(y)
-    x.copy_(y.view(x.shape))
+    return torch.relu(y) if relu else y
+
+
+def gate_apply_residual(x: Tensor, gc: Optional[Tensor], gs: Optional[Tensor], residual: Tensor,
+                        relu: bool) -> Tensor:
+    """``relu?((x * gc[b, c]) * gs[b, hw] + residual)``, computed in float32 and rounded once to
+    x's dtype, in x's memory format: the gate applied with a residual block's add and activation
+    (timm's ``act(se(x) + shortcut)``), for training. Its gradient: with
+    ``g = grad_out * [out > 0]`` (``grad_out`` without ``relu``), the residual's is g and x's and
+    the gates' are those of :func:`gate_apply` for grad_out g."""
+    return _like_x(_gated_residual(x, gc, gs, residual, relu), x)
+
+
+def gate_apply_residual_(x: Tensor, gc: Optional[Tensor], gs: Optional[Tensor], residual: Tensor,
+                         relu: bool) -> Tensor:
+    """In place: ``x = relu?((x * gc[b, c]) * gs[b, hw] + residual)``, computed in float32 and
+    rounded once to x's dtype: :func:`gate_apply_residual` written into x, for inference (it
+    has no gradient). Returns x."""
+    x.copy_(_gated_residual(x, gc, gs, residual, relu).view(x.shape))
     return x
 
 

@@ -1,5 +1,6 @@
 """gate_apply: out = (x * gc) * gs, each gate optional (one read, one write);
-gate_apply_residual_: x = relu?((x * gc) * gs + residual) in place (two reads, one write); and
+gate_apply_residual: out = relu?((x * gc) * gs + residual) (two reads, one write);
+gate_apply_residual_: the same written into x; and
 gate_apply_backward, the gates' gradients (one read of grad_out and x)."""
 from __future__ import annotations
 
@@ -54,6 +55,24 @@ def gate_apply(x: Tensor, gc: Optional[Tensor], gs: Optional[Tensor]) -> Tensor:
         _launch_elementwise(_gate_apply_kernel, L, x, out, gc if gc is not None else ph,
                             gs if gs is not None else ph, x, HAS_GC=gc is not None, HAS_GS=gs is not None,
                             HAS_RESIDUAL=False, RELU=False)
+    return out
+
+
+def gate_apply_residual(x: Tensor, gc: Optional[Tensor], gs: Optional[Tensor], residual: Tensor,
+                        relu: bool) -> Tensor:
+    """``relu?((x * gc[b, c]) * gs[b, hw] + residual)`` (residual: x's shape, dtype and memory
+    format), in x's dtype and memory format."""
+    fn = "gate_apply_residual"
+    L = _check_x(x, fn)
+    _check_small(gc, "gc", L.B * L.C, x, fn, L.acc)
+    _check_small(gs, "gs", L.B * L.HW, x, fn, L.acc)
+    _check_big(residual, "residual", x, L, fn)
+    out = torch.empty_like(x)
+    ph = _placeholder(x, L.acc)
+    with _device_guard(x):
+        _launch_elementwise(_gate_apply_kernel, L, x, out, gc if gc is not None else ph,
+                            gs if gs is not None else ph, residual, HAS_GC=gc is not None,
+                            HAS_GS=gs is not None, HAS_RESIDUAL=True, RELU=bool(relu))
     return out
 
 

@@ -8,8 +8,9 @@ truth) and the C++ kernels. Each primitive's kernels sit next to their launcher:
 ``channel_stats``                  channel_stats.py: mean, max and tie count of x over H*W
 ``spatial_stats``,                 spatial_stats.py: mean, max and tie count over C of x*gc,
 ``spatial_stats_backward``         and the channel gate's gradient through them
-``gate_apply``,                    gate_apply.py: x*gc*gs, the same in place with a residual
-``gate_apply_residual_``,          add and ReLU, and the gates' gradients
+``gate_apply``,                    gate_apply.py: x*gc*gs, the same with a residual block's add
+``gate_apply_residual``,           and ReLU (out of place and in place), and the gates'
+``gate_apply_residual_``,          gradients
 ``gate_apply_backward``
 ``gating_input_grad``              gating_input_grad.py: the input gradient of a CBAM or SE
                                    block, every term optional, written once
@@ -27,11 +28,12 @@ from ._gating_common import (_MIN_BLOCK_C_FOR_HW_LOOP, SUPPORTED_DTYPES, _c_loop
                              _split_plan)
 from .bam_combine import bam_combine, bam_combine_backward, bam_input_grad
 from .channel_stats import channel_stats
-from .gate_apply import gate_apply, gate_apply_backward, gate_apply_residual_
+from .gate_apply import gate_apply, gate_apply_backward, gate_apply_residual, gate_apply_residual_
 from .gating_input_grad import gating_input_grad
 from .spatial_stats import spatial_stats, spatial_stats_backward
 
 __all__ = [
     "SUPPORTED_DTYPES", "channel_stats", "spatial_stats", "spatial_stats_backward", "gate_apply",
-    "gate_apply_residual_", "gate_apply_backward", "gating_input_grad", "bam_combine", "bam_combine_backward", "bam_input_grad",
+    "gate_apply_residual", "gate_apply_residual_", "gate_apply_backward", "gating_input_grad", "bam_combine",
+    "bam_combine_backward", "bam_input_grad",
 ]

@@ -270,6 +270,7 @@ def test_bf16_stores_round_as_the_avx512_copy(layout):
         "gate_apply": lambda: ext.gate_apply(x, gc, gs),
         "gate_apply_residual_": lambda: ext.gate_apply_residual_(x.clone(), gc, gs, res, True),
         "gate_apply_residual_ without gates": lambda: ext.gate_apply_residual_(x.clone(), None, None, res, False),
+        "gate_apply_residual": lambda: ext.gate_apply_residual(x, gc, None, res, True),
         "gating_input_grad": lambda: ext.gating_input_grad(x, dout, gc, gs, smax, scount, dsm, dsx, cmax, ccount,
                                                            dcm, dcx),
         "bam_combine": lambda: ext.bam_combine(x, mc, ms, False),

@@ -4,8 +4,10 @@ model with only its attention blocks converted): logits, the input gradient and 
 parameter gradient in float64 (folding reorders roundings only), logits and input gradient in
 float32 against the unpatched float64 model, NCHW and
 channels_last, batch 1 and 3, non-square maps, both backends; state_dict keys unchanged;
-training mode runs timm's forward; without autograd the attention's apply pass takes the residual
-add and the ReLU (attnkern::gate_apply_residual_) unless hooks need the block called; unknown
+training mode runs timm's forward with the residual add and the ReLU in the attention's apply pass
+(attnkern::gate_apply_residual, out of place, with autograd); without autograd the apply pass
+writes them into the block's own intermediate (attnkern::gate_apply_residual_); both give way to
+the unfused code where hooks need the block called; unknown
 block classes are left alone. The patched ResNet runs its features channels_last on CPU in
 float32 (eval and training), and in bfloat16 / float16 where oneDNN has native kernels for them,
 returns them in the input's layout and computes what timm's model does; its stem's BatchNorm is
@@ -116,14 +118,49 @@ def test_hooks_on_the_attention_block_still_fire():
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
 
 
-def test_training_mode_runs_timms_forward():
-    base = _model("cbam_resnet18", torch.float64).train()
+@pytest.mark.parametrize("name", list(MODELS))
+def test_training_mode_computes_timms_forward_with_the_tail_in_the_apply_pass(name, backend):
+    """Training mode: timm's forward module by module, the attention's apply pass taking the
+    residual add and the ReLU (attnkern::gate_apply_residual, out of place) and their
+    gradients; in float64 timm's values up to rounding (the kernels may contract the multiply
+    and the add into one FMA), and the same gradients (input, every parameter) and running
+    statistics."""
+    base = _model(name, torch.float64).train()
     patched = attnkern.convert(copy.deepcopy(base))
     unpatched = attnkern.convert(copy.deepcopy(base), patch_blocks=False)
-    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
-    torch.testing.assert_close(patched(x), unpatched(x), rtol=0, atol=0)
+    blocks = [m for m in patched.modules() if type(m) in FOLDED_BLOCKS.values()]
+    x = torch.randn(2, 3, 32, 36, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    with torch.autograd.profiler.profile() as prof:
+        y, dx, g = _grads(patched, x)
+    y_ref, dx_ref, g_ref = _grads(unpatched, x)
+    if backend == "cpu":
+        calls = [e.name for e in prof.function_events]
+        assert calls.count("attnkern::gate_apply_residual") == len(blocks), calls.count("attnkern::gate_apply_residual")
+        assert "attnkern::gate_apply" not in calls
+    assert_close(y, y_ref, name="logits (training)")
+    assert_close(dx, dx_ref, grad=True, name="grad x")
+    scale = max(t.abs().max().item() for t in g_ref.values())
+    for n in g_ref:
+        assert_close(g[n], g_ref[n], grad=True, name=f"grad {n}", scale=scale)
     for a, b in zip(patched.buffers(), unpatched.buffers()):  # running statistics updated alike
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        if a.is_floating_point():
+            assert_close(a, b, name="running statistic")
+        else:
+            assert torch.equal(a, b)
+
+
+def test_eval_mode_with_autograd_fuses_the_tail_and_keeps_timms_gradients():
+    """Eval mode under a gradient (Grad-CAM, attributions): the same out-of-place fused tail."""
+    base = _model("seresnet26", torch.float64)
+    patched = attnkern.convert(copy.deepcopy(base))
+    unpatched = attnkern.convert(copy.deepcopy(base), patch_blocks=False)
+    x = torch.randn(1, 3, 40, 36, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    with torch.autograd.profiler.profile() as prof:
+        y, dx, _ = _grads(patched, x)
+    y_ref, dx_ref, _ = _grads(unpatched, x)
+    assert "attnkern::gate_apply_residual" in [e.name for e in prof.function_events]
+    assert_close(y, y_ref, name="logits")
+    assert_close(dx, dx_ref, grad=True, name="grad x")
 
 
 def test_checkpoints_load_both_ways_and_the_model_pickles():

@@ -44,6 +44,20 @@ def test_opcheck_backward_primitives(layout):
                           (x, dout, gc, gs, smax, scount, d15, d15, cmax, ccount, d2, d2))
 
 
+@pytest.mark.parametrize("relu", [True, False], ids=["relu", "identity"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_gate_apply_residual_registered_autograd(layout, relu):
+    """The out-of-place apply with a residual block's add and ReLU: opcheck (schema, fake
+    kernel, its autograd formula) and a float64 gradcheck of the formula, with and without gs."""
+    x, gc, gs = _inputs(layout, torch.float64)
+    x, gc, gs = x.requires_grad_(), gc.double().requires_grad_(), gs.double().requires_grad_()
+    r = make_input(x.shape, layout, torch.float64, seed=5).requires_grad_()
+    op = torch.ops.attnkern.gate_apply_residual.default
+    torch.library.opcheck(op, (x, gc, gs, r, relu))
+    assert torch.autograd.gradcheck(lambda *a: op(*a, relu), (x, gc, gs, r), eps=1e-6, atol=1e-6)
+    assert torch.autograd.gradcheck(lambda a, b, c: op(a, b, None, c, relu), (x, gc, r), eps=1e-6, atol=1e-6)
+
+
 def test_custom_op_autograd_matches_reference():
     """The compiled path's autograd (each primitive with its own formula) equals autograd of
     the reference primitives' math."""
