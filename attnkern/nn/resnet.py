@@ -259,6 +259,7 @@ def _shortcut(downsample: Optional[nn.Module], x: Tensor) -> Tensor:
 
 
 def _unfolded_shortcut(downsample: Optional[nn.Module], x: Tensor) -> Tensor:
+    """The shortcut as timm's training-mode forward computes it (the downsampling module called)."""
     return x if downsample is None else downsample(x)
 
 
