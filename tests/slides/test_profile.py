@@ -245,11 +245,21 @@ def test_two_process_torchrun_shards_the_tiles(small_slide, tmp_path):
 
     out = str(tmp_path / "dist")
     env = dict(os.environ, OMP_NUM_THREADS="1", ATTNKERN_CACHE=str(tmp_path / "cache"))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29531",
-           "-m", "attnkern.cli", "profile", small_slide, "--model", "cbam_resnet18", "--tile", "64",
-           "--batch", "4", "--max-tiles", "10", "--workers", "0", "--compare", "naive,fused", "--out", out,
-           "--no-progress"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+
+    def torchrun(port):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port),
+               "-m", "attnkern.cli", "profile", small_slide, "--model", "cbam_resnet18", "--tile", "64",
+               "--batch", "4", "--max-tiles", "10", "--workers", "0", "--compare", "naive,fused", "--out", out,
+               "--no-progress"]
+        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+
+    proc = torchrun(29531)
+    if proc.returncode != 0 and "terminate called without an active exception" in proc.stderr:
+        # A rank can abort at interpreter exit in gloo's teardown, after its work is done (seen
+        # once in about twenty runs, not reproduced since; pytorch/pytorch#190489 reports the
+        # same message from torch.distributed's exit). One more run tells that from a failure of
+        # the job, which fails both.
+        proc = torchrun(29532)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.load(open(os.path.join(out, "report.json")))
     assert report["world_size"] == 2 and report["partial"] is False
