@@ -335,20 +335,29 @@ Tensor gate_apply(const Tensor& x, const OptTensor& gc, const OptTensor& gs) {
   return out;
 }
 
-Tensor gate_apply_residual(const Tensor& x, const OptTensor& gc, const OptTensor& gs,
-                           const Tensor& residual, bool relu) {
-  static constexpr const char* fn = "attnkern::gate_apply_residual";
-  const Shape s = check_x(x, fn);
+namespace {
+// gate_apply_residual(_)'s checks and kernel: out <- relu?(x * gc * gs + residual); out may be x.
+void gate_apply_residual_checked(const Tensor& x, const Tensor& out, const OptTensor& gc, const OptTensor& gs,
+                                 const Tensor& residual, bool relu, const Shape& s, const char* fn) {
   if (given(gc)) check_small(*gc, "gc", s.B, s.C, s.acc, fn);
   if (given(gs)) check_small(*gs, "gs", s.B, s.HW, s.acc, fn);
   TORCH_CHECK(residual.defined(), fn, ": residual is undefined");
   check_big(residual, "residual", x, s, fn);
-  Tensor out = empty_output_like(x);
-  ATTNKERN_DISPATCH(x, fn, [&] {
+  // check_x took x's dtype already: the dispatch's own message (its name) is never seen
+  ATTNKERN_DISPATCH(x, "attnkern::gate_apply_residual", [&] {
     gate_apply_residual_into<scalar_t, A>(x.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
                                           residual.data_ptr<scalar_t>(), given(gc) ? gc->data_ptr<A>() : nullptr,
                                           given(gs) ? gs->data_ptr<A>() : nullptr, s, relu);
   });
+}
+}  // namespace
+
+Tensor gate_apply_residual(const Tensor& x, const OptTensor& gc, const OptTensor& gs,
+                           const Tensor& residual, bool relu) {
+  static constexpr const char* fn = "attnkern::gate_apply_residual";
+  const Shape s = check_x(x, fn);
+  Tensor out = empty_output_like(x);
+  gate_apply_residual_checked(x, out, gc, gs, residual, relu, s, fn);
   return out;
 }
 
@@ -356,16 +365,8 @@ Tensor& gate_apply_residual_(Tensor& x, const OptTensor& gc, const OptTensor& gs
                              const Tensor& residual, bool relu) {
   static constexpr const char* fn = "attnkern::gate_apply_residual_";
   const Shape s = check_x(x, fn);
-  if (given(gc)) check_small(*gc, "gc", s.B, s.C, s.acc, fn);
-  if (given(gs)) check_small(*gs, "gs", s.B, s.HW, s.acc, fn);
-  TORCH_CHECK(residual.defined(), fn, ": residual is undefined");
-  check_big(residual, "residual", x, s, fn);
-  TORCH_CHECK(!residual.is_same(x), fn, ": residual must not be x itself");
-  ATTNKERN_DISPATCH(x, fn, [&] {
-    gate_apply_residual_into<scalar_t, A>(x.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(),
-                                          residual.data_ptr<scalar_t>(), given(gc) ? gc->data_ptr<A>() : nullptr,
-                                          given(gs) ? gs->data_ptr<A>() : nullptr, s, relu);
-  });
+  TORCH_CHECK(!residual.defined() || !residual.is_same(x), fn, ": residual must not be x itself");
+  gate_apply_residual_checked(x, x, gc, gs, residual, relu, s, fn);
   return x;
 }
 

@@ -58,16 +58,13 @@ def gate_apply(x: Tensor, gc: Optional[Tensor], gs: Optional[Tensor]) -> Tensor:
     return out
 
 
-def gate_apply_residual(x: Tensor, gc: Optional[Tensor], gs: Optional[Tensor], residual: Tensor,
-                        relu: bool) -> Tensor:
-    """``relu?((x * gc[b, c]) * gs[b, hw] + residual)`` (residual: x's shape, dtype and memory
-    format), in x's dtype and memory format."""
-    fn = "gate_apply_residual"
-    L = _check_x(x, fn)
+def _gate_apply_residual_into(out: Tensor, x: Tensor, gc: Optional[Tensor], gs: Optional[Tensor],
+                              residual: Tensor, relu: bool, fn: str, L) -> Tensor:
+    """gate_apply_residual(_)'s checks and launch: ``out = relu?((x * gc) * gs + residual)``
+    (out may be x)."""
     _check_small(gc, "gc", L.B * L.C, x, fn, L.acc)
     _check_small(gs, "gs", L.B * L.HW, x, fn, L.acc)
     _check_big(residual, "residual", x, L, fn)
-    out = torch.empty_like(x)
     ph = _placeholder(x, L.acc)
     with _device_guard(x):
         _launch_elementwise(_gate_apply_kernel, L, x, out, gc if gc is not None else ph,
@@ -76,23 +73,24 @@ def gate_apply_residual(x: Tensor, gc: Optional[Tensor], gs: Optional[Tensor], r
     return out
 
 
+def gate_apply_residual(x: Tensor, gc: Optional[Tensor], gs: Optional[Tensor], residual: Tensor,
+                        relu: bool) -> Tensor:
+    """``relu?((x * gc[b, c]) * gs[b, hw] + residual)`` (residual: x's shape, dtype and memory
+    format), in x's dtype and memory format."""
+    fn = "gate_apply_residual"
+    L = _check_x(x, fn)
+    return _gate_apply_residual_into(torch.empty_like(x), x, gc, gs, residual, relu, fn, L)
+
+
 def gate_apply_residual_(x: Tensor, gc: Optional[Tensor], gs: Optional[Tensor], residual: Tensor,
                          relu: bool) -> Tensor:
     """In place: ``x = relu?((x * gc[b, c]) * gs[b, hw] + residual)`` (residual: x's shape, dtype
     and memory format); returns x."""
     fn = "gate_apply_residual_"
     L = _check_x(x, fn)
-    _check_small(gc, "gc", L.B * L.C, x, fn, L.acc)
-    _check_small(gs, "gs", L.B * L.HW, x, fn, L.acc)
-    _check_big(residual, "residual", x, L, fn)
-    if residual.data_ptr() == x.data_ptr():
+    if isinstance(residual, Tensor) and residual.data_ptr() == x.data_ptr():
         raise ValueError(_err(fn, "residual must not be x itself"))
-    ph = _placeholder(x, L.acc)
-    with _device_guard(x):
-        _launch_elementwise(_gate_apply_kernel, L, x, x, gc if gc is not None else ph,
-                            gs if gs is not None else ph, residual, HAS_GC=gc is not None,
-                            HAS_GS=gs is not None, HAS_RESIDUAL=True, RELU=bool(relu))
-    return x
+    return _gate_apply_residual_into(x, x, gc, gs, residual, relu, fn, L)
 
 
 def gate_apply_backward(grad_out: Tensor, x: Tensor, gc: Optional[Tensor], gs: Optional[Tensor],
