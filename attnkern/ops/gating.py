@@ -413,9 +413,9 @@ def _gate_apply_setup(ctx, inputs, output):
     ctx.save_for_backward(x, gc, gs)
 
 
-def _gate_apply_backward(ctx, grad_out):
-    x, gc, gs = ctx.saved_tensors
-    grad_out = dense(grad_out, memory_format_of(x))
+def _gated_grads(ctx, grad_out: Tensor, x: Tensor, gc: Optional[Tensor], gs: Optional[Tensor]):
+    """The gradients of x, gc and gs of ``x * gc * gs`` for a dense grad_out (None where the
+    input needs none): the formula of gate_apply, and of gate_apply_residual after its mask."""
     grad_x = grad_gc = grad_gs = None
     if ctx.needs_input_grad[0]:
         grad_x = _ops.gating_input_grad(x, grad_out, gc, gs, None, None, None, None, None, None, None, None)
@@ -424,6 +424,11 @@ def _gate_apply_backward(ctx, grad_out):
     if need_gc or need_gs:
         grad_gc, grad_gs = _ops.gate_apply_backward(grad_out, x, gc, gs, need_gc, need_gs)
     return grad_x, grad_gc if need_gc else None, grad_gs if need_gs else None
+
+
+def _gate_apply_backward(ctx, grad_out):
+    x, gc, gs = ctx.saved_tensors
+    return _gated_grads(ctx, dense(grad_out, memory_format_of(x)), x, gc, gs)
 
 
 torch.library.register_autograd("attnkern::gate_apply", _gate_apply_backward,
@@ -443,15 +448,7 @@ def _gate_apply_residual_setup(ctx, inputs, output):
 def _gate_apply_residual_backward(ctx, grad_out):
     x, gc, gs, out = ctx.saved_tensors
     grad = _relu_grad(dense(grad_out, memory_format_of(x)), out)
-    grad_x = grad_gc = grad_gs = None
-    if ctx.needs_input_grad[0]:
-        grad_x = _ops.gating_input_grad(x, grad, gc, gs, None, None, None, None, None, None, None, None)
-    need_gc = gc is not None and ctx.needs_input_grad[1]
-    need_gs = gs is not None and ctx.needs_input_grad[2]
-    if need_gc or need_gs:
-        grad_gc, grad_gs = _ops.gate_apply_backward(grad, x, gc, gs, need_gc, need_gs)
-    return (grad_x, grad_gc if need_gc else None, grad_gs if need_gs else None,
-            grad if ctx.needs_input_grad[3] else None, None)
+    return (*_gated_grads(ctx, grad, x, gc, gs), grad if ctx.needs_input_grad[3] else None, None)
 
 
 torch.library.register_autograd("attnkern::gate_apply_residual", _gate_apply_residual_backward,
@@ -588,15 +585,22 @@ class ApplyNode(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         x, gc, gs = ctx.saved_tensors
-        t: Tape = ctx.tape
-        need_gc, need_gs = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
-        grad_gc = grad_gs = None
-        if need_gc or need_gs:
-            grad_gc, grad_gs = t.prims.gate_apply_backward(grad_out, x, gc, gs, need_gc, need_gs)
-            grad_gc, grad_gs = (grad_gc if need_gc else None), (grad_gs if need_gs else None)
-        if ctx.needs_input_grad[0]:  # dx is written once, by ChannelStatsNode
-            t.grad_out, t.gc, t.gs = dense(grad_out, memory_format_of(x)), gc, gs
+        grad_gc, grad_gs = _apply_node_grads(ctx, dense(grad_out, memory_format_of(x)), x, gc, gs)
         return None, grad_gc, grad_gs, torch.zeros_like(gc[0, 0]), None
+
+
+def _apply_node_grads(ctx, grad: Tensor, x: Tensor, gc: Tensor, gs: Optional[Tensor]):
+    """An apply node's backward for the (dense) gradient of ``x * gc * gs``: the gates' gradients
+    (None where not needed), and grad kept on the tape for the dx pass of ChannelStatsNode."""
+    t: Tape = ctx.tape
+    need_gc, need_gs = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+    grad_gc = grad_gs = None
+    if need_gc or need_gs:
+        grad_gc, grad_gs = t.prims.gate_apply_backward(grad, x, gc, gs, need_gc, need_gs)
+        grad_gc, grad_gs = (grad_gc if need_gc else None), (grad_gs if need_gs else None)
+    if ctx.needs_input_grad[0]:  # dx is written once, by ChannelStatsNode
+        t.grad_out, t.gc, t.gs = grad, gc, gs
+    return grad_gc, grad_gs
 
 
 class ApplyResidualNode(torch.autograd.Function):
@@ -617,15 +621,8 @@ class ApplyResidualNode(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         x, gc, gs, out = ctx.saved_tensors
-        t: Tape = ctx.tape
         grad = _relu_grad(dense(grad_out, memory_format_of(x)), out)
-        need_gc, need_gs = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
-        grad_gc = grad_gs = None
-        if need_gc or need_gs:
-            grad_gc, grad_gs = t.prims.gate_apply_backward(grad, x, gc, gs, need_gc, need_gs)
-            grad_gc, grad_gs = (grad_gc if need_gc else None), (grad_gs if need_gs else None)
-        if ctx.needs_input_grad[0]:  # dx is written once, by ChannelStatsNode
-            t.grad_out, t.gc, t.gs = grad, gc, gs
+        grad_gc, grad_gs = _apply_node_grads(ctx, grad, x, gc, gs)
         grad_residual = grad if ctx.needs_input_grad[3] else None
         return None, grad_gc, grad_gs, grad_residual, torch.zeros_like(gc[0, 0]), None, None
 
