@@ -55,7 +55,8 @@ def cbam(
 
     With ``residual`` (x's shape, dtype and layout), ``out = relu?(cbam(x) + residual)``: a
     residual block's add and activation in the apply pass (``gate_apply_residual``), with
-    autograd; no pass of their own, forward or backward.
+    autograd: no pass of their own forward; backward, the ReLU's mask is the one pass they keep
+    (as the ReLU's own backward).
     """
     B, C, H, W = x.shape
     acc = acc_dtype(x.dtype)

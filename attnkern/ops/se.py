@@ -36,7 +36,8 @@ def squeeze_excite(
 
     With ``residual`` (x's shape, dtype and layout), ``out = relu?(se(x) + residual)``: a
     residual block's add and activation in the apply pass (``gate_apply_residual``), with
-    autograd; no pass of their own, forward or backward."""
+    autograd: no pass of their own forward; backward, the ReLU's mask is the one pass they keep
+    (as the ReLU's own backward)."""
     acc = acc_dtype(x.dtype)
     passes = BlockPasses(primitives)
     mean, mx = passes.channel_stats(x)
