@@ -128,37 +128,18 @@ class CBAM(nn.Module):
         self.last_gates = (gc.detach(), gs.detach()) if self.keep_gates else None
         return out
 
-    def _residual_forward_(self, x: Tensor, residual: Tensor, relu: bool) -> Optional[Tensor]:
-        """For a residual block's inference (attnkern.nn.resnet): ``relu?(self(x) + residual)``
-        written into x, the block's own intermediate, with the add and the activation in the
-        apply pass. None where that does not apply (autograd, hooks, the reference backend,
-        layouts that differ): the caller then runs the unfused code."""
-        from ..ops import cbam as _cbam_op
-        from ..ops.gating import pick_backend, primitives_for
-
-        if not residual_epilogue_ok(self, x, residual):
-            return None
-        check_module_input("CBAM", x, self.channels, self.channel.fc1.weight)
-        backend = pick_backend("cbam", x)
-        if backend == "reference":
-            return None
-        out, gc, gs = _cbam_op.cbam_residual_(x, residual, self.channel, self.spatial,
-                                              primitives=primitives_for(backend, x), relu=relu,
-                                              pool_order=self.pool_order, gate=self.channel.gate,
-                                              spatial_gate=self.spatial.gate)
-        self.last_gates = (gc, gs) if self.keep_gates else None
-        return out
-
     def _residual_forward(self, x: Tensor, residual: Tensor, relu: bool) -> Optional[Tensor]:
-        """For a residual block with autograd (training, or attributions in eval mode;
-        attnkern.nn.resnet): ``relu?(self(x) + residual)`` as a new tensor, the add and the
-        activation in the apply pass forward and their gradients in the passes the block's
-        backward already makes; None where that does not apply (hooks, the reference backend,
+        """For a residual block (attnkern.nn.resnet): ``relu?(self(x) + residual)`` with the add
+        and the activation in the apply pass. Without autograd it is written into x, the
+        block's own intermediate (no new big tensor); with autograd (training, attributions in
+        eval mode) it is a new tensor, and their gradients come from the passes the block's
+        backward makes anyway. None where that does not apply (hooks, the reference backend,
         layouts that differ): the caller then runs the unfused code."""
         from ..ops import cbam as _cbam_op
         from ..ops.gating import pick_backend, primitives_for
 
-        if not residual_epilogue_ok(self, x, residual, in_place=False):
+        in_place = not torch.is_grad_enabled()
+        if not residual_epilogue_ok(self, x, residual, in_place):
             return None
         check_module_input("CBAM", x, self.channels, self.channel.fc1.weight)
         backend = pick_backend("cbam", x)
@@ -166,7 +147,8 @@ class CBAM(nn.Module):
             return None
         out, gc, gs = _cbam_op.cbam(x, self.channel, self.spatial, primitives=primitives_for(backend, x),
                                     pool_order=self.pool_order, gate=self.channel.gate,
-                                    spatial_gate=self.spatial.gate, residual=residual, relu=relu)
+                                    spatial_gate=self.spatial.gate, residual=residual, relu=relu,
+                                    in_place=in_place)
         self.last_gates = (gc.detach(), gs.detach()) if self.keep_gates else None
         return out
 

@@ -25,9 +25,9 @@ statistic changes). A patched block:
   attnkern's CBAM or SqueezeExcite, computes ``relu(attn(x) + shortcut)`` as a new tensor in the
   attention's apply pass (``attnkern::gate_apply_residual``), and in backward masks the gradient
   by the ReLU once for both branches: no pass of its own for the add or the activation forward
-  (timm's tail reads and writes the block's output three more times). In training mode the
-  rest of the block is timm's forward, module by module (BatchNorm with batch statistics; the
-  shortcut is computed before the attention block, as in eval mode);
+  (timm's tail reads and writes the block's output three more times). The same code runs in
+  both modes: a BatchNorm in training mode (batch statistics) is not folded and runs as timm
+  runs it, one in eval mode (frozen while the model trains, say) is folded;
 - while ``torch.compile`` traces it (the compiler fuses BatchNorm, the add and the ReLU on its
   own), runs timm's forward unchanged.
 
@@ -258,20 +258,15 @@ def _shortcut(downsample: Optional[nn.Module], x: Tensor) -> Tensor:
     return downsample(x)
 
 
-def _unfolded_shortcut(downsample: Optional[nn.Module], x: Tensor) -> Tensor:
-    """The shortcut as timm's training-mode forward computes it (the downsampling module called)."""
-    return x if downsample is None else downsample(x)
-
-
 def _gate_residual_relu(attn: Optional[nn.Module], drop_path: Optional[nn.Module], act: nn.Module,
                         x: Tensor, shortcut: Tensor) -> Optional[Tensor]:
     """``act(attn(x) + shortcut)`` with the add and the activation in the apply pass when
-    ``attn`` is an attnkern gating block that takes them: without autograd written into x, the
-    block's own intermediate (:meth:`attnkern.CBAM._residual_forward_`), with autograd as a new
-    tensor (:meth:`attnkern.CBAM._residual_forward`); None otherwise."""
+    ``attn`` is an attnkern gating block that takes them (:meth:`attnkern.CBAM._residual_forward`:
+    without autograd written into x, the block's own intermediate; with autograd a new
+    tensor); None otherwise."""
     if attn is None or drop_path is not None or type(act) not in (nn.ReLU, nn.Identity) or has_hooks(act):
         return None
-    fuse = getattr(attn, "_residual_forward" if torch.is_grad_enabled() else "_residual_forward_", None)
+    fuse = getattr(attn, "_residual_forward", None)
     if fuse is None:
         return None
     return fuse(x, shortcut, relu=type(act) is nn.ReLU)
@@ -295,10 +290,6 @@ def _basic_forward(self, x: Tensor) -> Tensor:
     if torch.compiler.is_compiling():
         return type(self).__mro__[1].forward(self, x)
     shortcut = x
-    if self.training:  # timm's forward, its tail fused
-        x = self.aa(self.act1(self.drop_block(self.bn1(self.conv1(x)))))
-        x = self.bn2(self.conv2(x))
-        return _attention_residual_act(self, x, _unfolded_shortcut(self.downsample, shortcut), self.act2)
     x = _conv_bn_drop_act(self.conv1, self.bn1, self.drop_block, self.act1, x)
     x = self.aa(x)
     x = conv_bn(self.conv2, self.bn2, x)
@@ -309,11 +300,6 @@ def _bottleneck_forward(self, x: Tensor) -> Tensor:
     if torch.compiler.is_compiling():
         return type(self).__mro__[1].forward(self, x)
     shortcut = x
-    if self.training:  # timm's forward, its tail fused
-        x = self.act1(self.bn1(self.conv1(x)))
-        x = self.aa(self.act2(self.drop_block(self.bn2(self.conv2(x)))))
-        x = self.bn3(self.conv3(x))
-        return _attention_residual_act(self, x, _unfolded_shortcut(self.downsample, shortcut), self.act3)
     x = conv_bn_act(self.conv1, self.bn1, self.act1, x)
     x = _conv_bn_drop_act(self.conv2, self.bn2, self.drop_block, self.act2, x)
     x = self.aa(x)

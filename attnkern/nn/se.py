@@ -105,41 +105,26 @@ class SqueezeExcite(nn.Module):
         self.last_gates = gc.detach() if self.keep_gates else None
         return out
 
-    def _residual_forward_(self, x: Tensor, residual: Tensor, relu: bool) -> Optional[Tensor]:
-        """For a residual block's inference (attnkern.nn.resnet): ``relu?(self(x) + residual)``
-        written into x, the block's own intermediate, with the add and the activation in the
-        apply pass; None where that does not apply (the caller then runs the unfused code)."""
-        from ..ops import se as _se_op
-        from ..ops.gating import pick_backend, primitives_for
-
-        if not residual_epilogue_ok(self, x, residual):
-            return None
-        check_module_input("SqueezeExcite", x, self.channels, self._weights()[0].weight)
-        backend = pick_backend("squeeze_excite", x)
-        if backend == "reference":
-            return None
-        out, gc = _se_op.squeeze_excite_residual_(x, residual, self.mlp, primitives=primitives_for(backend, x),
-                                                  relu=relu, gate=self._gate(), add_maxpool=self.add_maxpool)
-        self.last_gates = gc if self.keep_gates else None
-        return out
-
     def _residual_forward(self, x: Tensor, residual: Tensor, relu: bool) -> Optional[Tensor]:
-        """For a residual block with autograd (training, or attributions in eval mode;
-        attnkern.nn.resnet): ``relu?(self(x) + residual)`` as a new tensor, the add and the
-        activation in the apply pass forward and their gradients in the passes the block's
-        backward already makes; None where that does not apply (the caller then runs the
-        unfused code)."""
+        """For a residual block (attnkern.nn.resnet): ``relu?(self(x) + residual)`` with the add
+        and the activation in the apply pass. Without autograd it is written into x, the
+        block's own intermediate (no new big tensor); with autograd (training, attributions in
+        eval mode) it is a new tensor, and their gradients come from the passes the block's
+        backward makes anyway. None where that does not apply (hooks, the reference backend,
+        layouts that differ): the caller then runs the unfused code."""
         from ..ops import se as _se_op
         from ..ops.gating import pick_backend, primitives_for
 
-        if not residual_epilogue_ok(self, x, residual, in_place=False):
+        in_place = not torch.is_grad_enabled()
+        if not residual_epilogue_ok(self, x, residual, in_place):
             return None
         check_module_input("SqueezeExcite", x, self.channels, self._weights()[0].weight)
         backend = pick_backend("squeeze_excite", x)
         if backend == "reference":
             return None
         out, gc = _se_op.squeeze_excite(x, self.mlp, primitives=primitives_for(backend, x), gate=self._gate(),
-                                        add_maxpool=self.add_maxpool, residual=residual, relu=relu)
+                                        add_maxpool=self.add_maxpool, residual=residual, relu=relu,
+                                        in_place=in_place)
         self.last_gates = gc.detach() if self.keep_gates else None
         return out
 

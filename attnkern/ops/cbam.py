@@ -29,7 +29,7 @@ from typing import Callable, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .gating import BlockPasses, Primitives, acc_dtype
+from .gating import BlockPasses, acc_dtype
 
 
 def cbam(
@@ -43,6 +43,7 @@ def cbam(
     spatial_gate: Optional[Callable[[Tensor], Tensor]] = None,
     residual: Optional[Tensor] = None,
     relu: bool = False,
+    in_place: bool = False,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """The fused CBAM block on an already validated, dense (:func:`dense`) ``x``. Returns
     ``(out, gc, gs)`` with gc [B, C] and gs [B, 1, H, W] in the accumulation dtype (float32;
@@ -56,7 +57,8 @@ def cbam(
     With ``residual`` (x's shape, dtype and layout), ``out = relu?(cbam(x) + residual)``: a
     residual block's add and activation in the apply pass (``gate_apply_residual``), with
     autograd: no pass of their own forward; backward, the ReLU's mask is the one pass they keep
-    (as the ReLU's own backward).
+    (as the ReLU's own backward). ``in_place`` (inference without autograd, in a block that owns
+    x): the result written into x, no new big tensor.
     """
     B, C, H, W = x.shape
     acc = acc_dtype(x.dtype)
@@ -72,36 +74,7 @@ def cbam(
     gs = (spatial_gate or gate)(spatial(s).to(acc)).reshape(B, H * W)
 
     if residual is not None:
-        out = passes.gate_apply_residual(x, gc, gs, residual, relu)
+        out = passes.gate_apply_residual(x, gc, gs, residual, relu, in_place)
     else:
         out = passes.gate_apply(x, gc, gs)
     return out, gc, gs.view(B, 1, H, W)
-
-
-def cbam_residual_(
-    x: Tensor,
-    residual: Tensor,
-    mlp: Callable[[Tensor], Tensor],
-    spatial: Callable[[Tensor], Tensor],
-    *,
-    primitives: Primitives,
-    relu: bool,
-    pool_order: str = "mean_max",
-    gate: Callable[[Tensor], Tensor] = torch.sigmoid,
-    spatial_gate: Optional[Callable[[Tensor], Tensor]] = None,
-) -> Tuple[Tensor, Tensor, Tensor]:
-    """Inference in a residual block: ``x = relu?(cbam(x) + residual)`` written into x, which
-    the caller owns (a dense intermediate of its block); the same passes as :func:`cbam` with the
-    residual add and activation in the apply pass: 3 reads of x, 1 of residual, 1 write, no new
-    big tensor. No autograd (call it under ``torch.no_grad``). Returns ``(x, gc, gs)``."""
-    B, C, H, W = x.shape
-    acc = acc_dtype(x.dtype)
-    mean_c, max_c, _ = primitives.channel_stats(x)
-    logits = mlp(torch.cat([mean_c, max_c], dim=0)).to(acc)
-    gc = gate(logits[:B] + logits[B:])
-    mean_s, max_s, _ = primitives.spatial_stats(x, gc)
-    maps = (mean_s, max_s) if pool_order == "mean_max" else (max_s, mean_s)
-    s = torch.stack(maps, dim=1).view(B, 2, H, W)
-    gs = (spatial_gate or gate)(spatial(s).to(acc)).reshape(B, H * W)
-    primitives.gate_apply_residual_(x, gc, gs, residual, relu)
-    return x, gc, gs.view(B, 1, H, W)

@@ -740,12 +740,17 @@ class BlockPasses:
         return ApplyNode.apply(x, gc, gs, self.token, self.tape)
 
     def gate_apply_residual(self, x: Tensor, gc: Tensor, gs: Optional[Tensor], residual: Tensor,
-                            relu: bool) -> Tensor:
+                            relu: bool, in_place: bool = False) -> Tensor:
         """relu?(x * gc[:, :, None, None] * gs + residual) (gs may be None), a new tensor in x's
-        dtype and layout: :meth:`gate_apply` with a residual block's add and activation."""
+        dtype and layout: :meth:`gate_apply` with a residual block's add and activation.
+        ``in_place`` (without autograd only; x dense): written into x instead, which is returned."""
         if self.direct is not None:
             with self.below_autograd():
+                if in_place:
+                    return self.direct.gate_apply_residual_(x, gc, gs, residual, relu)
                 return self.direct.gate_apply_residual(x, gc, gs, residual, relu)
+        if in_place:
+            raise RuntimeError("attnkern: the residual apply writes into x only without autograd")
         if self.traced:
             return _ops.gate_apply_residual(x, gc, gs, residual, relu)
         return ApplyResidualNode.apply(x, gc, gs, residual, self.token, self.tape, relu)

@@ -18,7 +18,7 @@ from typing import Callable, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .gating import BlockPasses, Primitives, acc_dtype
+from .gating import BlockPasses, acc_dtype
 
 
 def squeeze_excite(
@@ -30,6 +30,7 @@ def squeeze_excite(
     add_maxpool: bool = False,
     residual: Optional[Tensor] = None,
     relu: bool = False,
+    in_place: bool = False,
 ) -> Tuple[Tensor, Tensor]:
     """The fused SE block on a validated, dense x. Returns ``(out, gc)``, gc [B, C] in the
     accumulation dtype. ``mlp`` receives float32 (float64) pooled vectors [B, C].
@@ -37,33 +38,13 @@ def squeeze_excite(
     With ``residual`` (x's shape, dtype and layout), ``out = relu?(se(x) + residual)``: a
     residual block's add and activation in the apply pass (``gate_apply_residual``), with
     autograd: no pass of their own forward; backward, the ReLU's mask is the one pass they keep
-    (as the ReLU's own backward)."""
+    (as the ReLU's own backward). ``in_place`` (inference without autograd, in a block that owns
+    x): the result written into x, no new big tensor."""
     acc = acc_dtype(x.dtype)
     passes = BlockPasses(primitives)
     mean, mx = passes.channel_stats(x)
     s = 0.5 * mean + 0.5 * mx if add_maxpool else mean
     gc = gate(mlp(s).to(acc))
     if residual is not None:
-        return passes.gate_apply_residual(x, gc, None, residual, relu), gc
+        return passes.gate_apply_residual(x, gc, None, residual, relu, in_place), gc
     return passes.gate_apply(x, gc, None), gc
-
-
-def squeeze_excite_residual_(
-    x: Tensor,
-    residual: Tensor,
-    mlp: Callable[[Tensor], Tensor],
-    *,
-    primitives: Primitives,
-    relu: bool,
-    gate: Callable[[Tensor], Tensor] = torch.sigmoid,
-    add_maxpool: bool = False,
-) -> Tuple[Tensor, Tensor]:
-    """Inference in a residual block: ``x = relu?(squeeze_excite(x) + residual)`` written into x
-    (which the caller owns): 2 reads of x, 1 of residual, 1 write, no new big tensor. No
-    autograd. Returns ``(x, gc)``."""
-    acc = acc_dtype(x.dtype)
-    mean, mx, _ = primitives.channel_stats(x)
-    s = 0.5 * mean + 0.5 * mx if add_maxpool else mean
-    gc = gate(mlp(s).to(acc))
-    primitives.gate_apply_residual_(x, gc, None, residual, relu)
-    return x, gc

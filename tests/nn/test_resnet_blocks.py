@@ -149,6 +149,27 @@ def test_training_mode_computes_timms_forward_with_the_tail_in_the_apply_pass(na
             assert torch.equal(a, b)
 
 
+def test_training_with_frozen_batchnorms_folds_them_and_keeps_timms_gradients():
+    """A model training with its BatchNorms frozen (in eval mode, as fine-tuning often does):
+    those are folded, the rest trains as timm's; logits and every gradient as timm's."""
+    base = _model("seresnet26", torch.float64).train()
+    for m in base.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.eval()
+    patched = attnkern.convert(copy.deepcopy(base))
+    unpatched = attnkern.convert(copy.deepcopy(base), patch_blocks=False)
+    x = torch.randn(2, 3, 32, 36, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    with torch.autograd.profiler.profile() as prof:
+        y, dx, g = _grads(patched, x)
+    y_ref, dx_ref, g_ref = _grads(unpatched, x)
+    assert "aten::batch_norm" not in [e.name for e in prof.function_events], "a frozen BatchNorm ran unfolded"
+    assert_close(y, y_ref, name="logits (frozen BatchNorms)")
+    assert_close(dx, dx_ref, grad=True, name="grad x")
+    scale = max(t.abs().max().item() for t in g_ref.values())
+    for n in g_ref:
+        assert_close(g[n], g_ref[n], grad=True, name=f"grad {n}", scale=scale)
+
+
 def test_eval_mode_with_autograd_fuses_the_tail_and_keeps_timms_gradients():
     """Eval mode under a gradient (Grad-CAM, attributions): the same out-of-place fused tail."""
     base = _model("seresnet26", torch.float64)
