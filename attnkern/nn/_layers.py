@@ -158,6 +158,25 @@ def pointwise_conv(conv: nn.Module, x: Tensor) -> Tensor:
     return pointwise_projection(x, conv.weight, conv.bias)
 
 
+def residual_epilogue_primitives(module: nn.Module, name: str, op: str, x: Tensor, residual: Tensor,
+                                 channels: int, param: Tensor):
+    """The first half of a gating block's ``_residual_forward``: ``(primitives, in_place)`` for
+    ``relu?(module(x) + residual)`` with the add and the activation in the apply pass (written
+    into x without autograd, a new tensor with it), or None where that does not apply
+    (:func:`residual_epilogue_ok`, or the reference backend). ``name``/``op``: the module's
+    and the fused op's names; ``channels``/``param`` as :func:`check_module_input` takes them."""
+    from ..ops.gating import pick_backend, primitives_for
+
+    in_place = not torch.is_grad_enabled()
+    if not residual_epilogue_ok(module, x, residual, in_place):
+        return None
+    check_module_input(name, x, channels, param)
+    backend = pick_backend(op, x)
+    if backend == "reference":
+        return None
+    return primitives_for(backend, x), in_place
+
+
 def residual_epilogue_ok(module: nn.Module, x: Tensor, residual: Tensor, in_place: bool = True) -> bool:
     """Whether a block may fuse its residual add and activation into ``module``'s apply pass:
     eager (not traced by ``torch.compile``), no hooks that expect ``module`` to be called, x

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from .. import functional as AF
 from ..reference.cbam import POOL_ORDERS
 from ._layers import (LayerSpec, NotConvertible, check_module_input, create_layer, make_divisible,
-                      require_pointwise, residual_epilogue_ok, reuse)
+                      require_pointwise, residual_epilogue_primitives, reuse)
 
 __all__ = ["CBAM", "cbam_state_dict_from_authors"]
 
@@ -136,16 +136,12 @@ class CBAM(nn.Module):
         backward makes anyway. None where that does not apply (hooks, the reference backend,
         layouts that differ): the caller then runs the unfused code."""
         from ..ops import cbam as _cbam_op
-        from ..ops.gating import pick_backend, primitives_for
 
-        in_place = not torch.is_grad_enabled()
-        if not residual_epilogue_ok(self, x, residual, in_place):
+        how = residual_epilogue_primitives(self, "CBAM", "cbam", x, residual, self.channels, self.channel.fc1.weight)
+        if how is None:
             return None
-        check_module_input("CBAM", x, self.channels, self.channel.fc1.weight)
-        backend = pick_backend("cbam", x)
-        if backend == "reference":
-            return None
-        out, gc, gs = _cbam_op.cbam(x, self.channel, self.spatial, primitives=primitives_for(backend, x),
+        primitives, in_place = how
+        out, gc, gs = _cbam_op.cbam(x, self.channel, self.spatial, primitives=primitives,
                                     pool_order=self.pool_order, gate=self.channel.gate,
                                     spatial_gate=self.spatial.gate, residual=residual, relu=relu,
                                     in_place=in_place)

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from .. import functional as AF
 from ._layers import (LayerSpec, NotConvertible, check_module_input, create_layer, make_divisible, require_pointwise,
-                      residual_epilogue_ok, reuse)
+                      residual_epilogue_primitives, reuse)
 
 __all__ = ["SqueezeExcite"]
 
@@ -106,23 +106,15 @@ class SqueezeExcite(nn.Module):
         return out
 
     def _residual_forward(self, x: Tensor, residual: Tensor, relu: bool) -> Optional[Tensor]:
-        """For a residual block (attnkern.nn.resnet): ``relu?(self(x) + residual)`` with the add
-        and the activation in the apply pass. Without autograd it is written into x, the
-        block's own intermediate (no new big tensor); with autograd (training, attributions in
-        eval mode) it is a new tensor, and their gradients come from the passes the block's
-        backward makes anyway. None where that does not apply (hooks, the reference backend,
-        layouts that differ): the caller then runs the unfused code."""
+        """For a residual block: as :meth:`attnkern.CBAM._residual_forward`."""
         from ..ops import se as _se_op
-        from ..ops.gating import pick_backend, primitives_for
 
-        in_place = not torch.is_grad_enabled()
-        if not residual_epilogue_ok(self, x, residual, in_place):
+        how = residual_epilogue_primitives(self, "SqueezeExcite", "squeeze_excite", x, residual, self.channels,
+                                           self._weights()[0].weight)
+        if how is None:
             return None
-        check_module_input("SqueezeExcite", x, self.channels, self._weights()[0].weight)
-        backend = pick_backend("squeeze_excite", x)
-        if backend == "reference":
-            return None
-        out, gc = _se_op.squeeze_excite(x, self.mlp, primitives=primitives_for(backend, x), gate=self._gate(),
+        primitives, in_place = how
+        out, gc = _se_op.squeeze_excite(x, self.mlp, primitives=primitives, gate=self._gate(),
                                         add_maxpool=self.add_maxpool, residual=residual, relu=relu,
                                         in_place=in_place)
         self.last_gates = gc.detach() if self.keep_gates else None

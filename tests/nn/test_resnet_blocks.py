@@ -53,6 +53,13 @@ def _model(name, dtype):
     return m.to(dtype).eval()
 
 
+def _assert_param_grads_close(g, g_ref):
+    """Every parameter gradient against the reference's, the floor scaled by the largest."""
+    scale = max(t.abs().max().item() for t in g_ref.values())
+    for n in g_ref:
+        assert_close(g[n], g_ref[n], grad=True, name=f"grad {n}", scale=scale)
+
+
 def _grads(model, x):
     x = x.clone().requires_grad_()
     logits = model(x)
@@ -98,9 +105,7 @@ def test_patched_model_computes_what_the_unpatched_one_does(name, dtype, shape, 
     assert_close(y, y_ref, name="logits")
     assert_close(dx, dx_ref, grad=True, name="grad x")
     if dtype == torch.float64:  # every parameter gradient (in float32 many are cancelling sums)
-        scale = max(t.abs().max().item() for t in g_ref.values())
-        for n in g_ref:
-            assert_close(g[n], g_ref[n], grad=True, name=f"grad {n}", scale=scale)
+        _assert_param_grads_close(g, g_ref)
 
 
 def test_hooks_on_the_attention_block_still_fire():
@@ -139,9 +144,7 @@ def test_training_mode_computes_timms_forward_with_the_tail_in_the_apply_pass(na
         assert "attnkern::gate_apply" not in calls
     assert_close(y, y_ref, name="logits (training)")
     assert_close(dx, dx_ref, grad=True, name="grad x")
-    scale = max(t.abs().max().item() for t in g_ref.values())
-    for n in g_ref:
-        assert_close(g[n], g_ref[n], grad=True, name=f"grad {n}", scale=scale)
+    _assert_param_grads_close(g, g_ref)
     for a, b in zip(patched.buffers(), unpatched.buffers()):  # running statistics updated alike
         if a.is_floating_point():
             assert_close(a, b, name="running statistic")
@@ -165,9 +168,7 @@ def test_training_with_frozen_batchnorms_folds_them_and_keeps_timms_gradients():
     assert "aten::batch_norm" not in [e.name for e in prof.function_events], "a frozen BatchNorm ran unfolded"
     assert_close(y, y_ref, name="logits (frozen BatchNorms)")
     assert_close(dx, dx_ref, grad=True, name="grad x")
-    scale = max(t.abs().max().item() for t in g_ref.values())
-    for n in g_ref:
-        assert_close(g[n], g_ref[n], grad=True, name=f"grad {n}", scale=scale)
+    _assert_param_grads_close(g, g_ref)
 
 
 def test_eval_mode_with_autograd_fuses_the_tail_and_keeps_timms_gradients():
