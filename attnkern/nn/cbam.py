@@ -16,7 +16,8 @@ from torch import Tensor, nn
 
 from .. import functional as AF
 from ..reference.cbam import POOL_ORDERS
-from ._layers import (LayerSpec, NotConvertible, check_module_input, create_layer, make_divisible,
+from ..ops.spatial_conv import spatial_conv
+from ._layers import (LayerSpec, NotConvertible, check_module_input, create_layer, has_hooks, make_divisible,
                       require_pointwise, residual_epilogue_primitives, reuse)
 
 __all__ = ["CBAM", "cbam_state_dict_from_authors"]
@@ -49,13 +50,15 @@ class _ConvBN(nn.Module):
         self.bn = nn.BatchNorm2d(1, eps=bn_eps, momentum=bn_momentum, **dd)
 
     def forward(self, s: Tensor) -> Tensor:
-        w = self.conv.weight
-        s = s.to(w.dtype) if not torch.is_autocast_enabled(s.device.type) else s
-        if s.dtype == torch.float32 and s.device.type == "cpu":
-            # oneDNN runs this 2-channel kxk conv (forward and backward) about 5x faster on a
-            # channels_last map; its bf16/fp16 kernels in that layout lose accuracy, so only fp32.
-            s = s.contiguous(memory_format=torch.channels_last)
-        return self.bn(self.conv(s))
+        conv = self.conv
+        w = conv.weight
+        s = s.to(w.dtype)
+        if (type(conv) is nn.Conv2d and conv.bias is None and conv.dilation == (1, 1)
+                and conv.padding_mode == "zeros" and not has_hooks(conv)):
+            # the direct kernels of attnkern::spatial_conv (oneDNN runs this one-output-channel
+            # convolution about 10x slower on CPU); the same sums in float32
+            return self.bn(spatial_conv(s, w))
+        return self.bn(conv(s))
 
 
 class _SpatialBranch(nn.Module):
