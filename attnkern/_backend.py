@@ -16,6 +16,8 @@ their reference math on CPU tensors unless a backend is forced: inductor then fu
 block's passes with its neighbours (the BatchNorm that produces x, the residual add and the
 activation after it), which opaque kernels prevent; on CPU that compiled graph is faster than
 one calling our kernels (``benchmarks/test_bench_models.py``). On CUDA the Triton kernels stay.
+CBAM's spatial convolution (``attnkern.ops.spatial_conv``) keeps its C++ kernel under ``auto``:
+a convolution is an opaque call in the compiled graph either way.
 ``ATTNKERN_COMPILE=kernels`` keeps the kernels under ``torch.compile`` everywhere,
 ``ATTNKERN_COMPILE=decompose`` hands over the math everywhere (default ``auto``: as above).
 """

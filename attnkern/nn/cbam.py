@@ -55,9 +55,13 @@ class _ConvBN(nn.Module):
         s = s.to(w.dtype)
         if (type(conv) is nn.Conv2d and conv.bias is None and conv.dilation == (1, 1)
                 and conv.padding_mode == "zeros" and not has_hooks(conv)):
-            # the direct kernels of attnkern::spatial_conv (oneDNN runs this one-output-channel
-            # convolution about 10x slower on CPU); the same sums in float32
+            # the direct kernels of attnkern::spatial_conv: oneDNN runs this one-output-channel
+            # convolution 4-13x slower on CPU (the same sums, in float32; float64 for float64)
             return self.bn(spatial_conv(s, w))
+        if s.dtype == torch.float32 and s.device.type == "cpu":
+            # oneDNN runs it (forward and backward) several times faster on a channels_last map;
+            # its bf16/fp16 kernels in that layout lose accuracy, so only fp32
+            s = s.contiguous(memory_format=torch.channels_last)
         return self.bn(conv(s))
 
 

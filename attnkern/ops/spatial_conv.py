@@ -77,9 +77,11 @@ torch.library.register_autograd("attnkern::spatial_conv", _backward, setup_conte
 def spatial_conv(s: Tensor, weight: Tensor) -> Tensor:
     """``conv2d(s, weight, padding=k // 2)`` for the pooled maps s [B, 2, H, W] and a weight
     [1, 2, k, k] (k odd) of s's dtype: [B, 1, H, W] in s's dtype, sums in float32 (float64 for
-    float64). On CPU tensors it runs the C++ kernels; elsewhere, while exporting or when
-    ``ATTNKERN_BACKEND=reference``, ``torch.nn.functional.conv2d``. Differentiable in both
-    inputs. Raises ValueError for other shapes or dtypes."""
+    float64). On CPU tensors it runs the C++ kernels, also while ``torch.compile`` traces
+    (a convolution is an opaque call in the compiled graph either way, so the compiler loses
+    no fusion); elsewhere, while exporting, when ``ATTNKERN_BACKEND=reference`` or, while
+    compiling, ``ATTNKERN_COMPILE=decompose``, ``torch.nn.functional.conv2d``. Differentiable
+    in both inputs. Raises ValueError for other shapes or dtypes."""
     if s.dim() != 4 or s.shape[1] != 2:
         raise ValueError(f"attnkern.spatial_conv: s must be [B, 2, H, W] (the two pooled maps), got {tuple(s.shape)}")
     k = weight.shape[-1] if weight.dim() == 4 else 0
@@ -87,6 +89,7 @@ def spatial_conv(s: Tensor, weight: Tensor) -> Tensor:
         raise ValueError(f"attnkern.spatial_conv: weight must be [1, 2, k, k] with k odd, got {tuple(weight.shape)}")
     if s.dtype != weight.dtype:
         raise ValueError(f"attnkern.spatial_conv: weight must have s's dtype {s.dtype}, got {weight.dtype}")
-    if s.device.type == "cpu" and _backend.pick("spatial_conv", s.device) == "cpu":
+    if (s.device.type == "cpu" and _backend.pick("spatial_conv", s.device) == "cpu"
+            and not (torch.compiler.is_compiling() and _backend.compile_policy() == "decompose")):
         return torch.ops.attnkern.spatial_conv(s, weight)
     return torch.nn.functional.conv2d(s, weight, padding=k // 2)
