@@ -24,19 +24,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from gating_bench import SHAPES, _input, _step  # noqa: E402
 
 from attnkern import _cpu  # noqa: E402
-from attnkern.compare import make_variant  # noqa: E402
+from attnkern.compare import make_variant, median_time  # noqa: E402
 
 PASSES = ("fwd eval no_grad", "fwd+bwd train")
 
 
 def _median_ms(fn, rounds: int) -> float:
-    fn()
-    times = []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+    return median_time(fn, rounds=rounds, warmup=1) * 1e3
 
 
 def conv_alone(shape, rounds: int) -> str:

@@ -155,12 +155,21 @@ def pointwise_projection_backward_(dx: Optional[Tensor], x: Tensor, weight: Tens
 # the ops: schemas, kernels per device, fake kernels
 # ----------------------------------------------------------------------------------------
 
-_cpu.extension()  # defines the schemas and the CPU kernels when the C++ library is built
-_lib = torch.library.Library("attnkern", "FRAGMENT")
-for _name, _schema in SCHEMAS.items():
-    if not hasattr(torch.ops.attnkern, _name):
-        _lib.define(_name + _schema)
-    _lib.impl(_name, getattr(_ref, _name), "CompositeExplicitAutograd")
+def define_ops(schemas, reference: ModuleType) -> torch.library.Library:
+    """Defines each ``attnkern::`` op of ``schemas`` (name -> schema) that the C++ library
+    (loaded first: it defines the same schemas with its CPU kernels) has not, and registers
+    ``reference``'s function of the same name as the op's ``CompositeExplicitAutograd`` kernel
+    (every device without a kernel of its own). Returns the fragment, for more registrations."""
+    _cpu.extension()
+    lib = torch.library.Library("attnkern", "FRAGMENT")
+    for name, schema in schemas.items():
+        if not hasattr(torch.ops.attnkern, name):
+            lib.define(name + schema)
+        lib.impl(name, getattr(reference, name), "CompositeExplicitAutograd")
+    return lib
+
+
+_lib = define_ops(SCHEMAS, _ref)
 
 
 def _triton_kernel(name: str):

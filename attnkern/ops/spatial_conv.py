@@ -25,8 +25,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import _backend, _cpu
+from .. import _backend
 from ..reference import spatial_conv as _ref
+from .gating import define_ops
 
 __all__ = ["SCHEMAS", "OPS", "spatial_conv"]
 
@@ -39,12 +40,7 @@ SCHEMAS = {
 }
 OPS = tuple(SCHEMAS)
 
-_cpu.extension()  # defines the schemas and the CPU kernels when the C++ library is built
-_lib = torch.library.Library("attnkern", "FRAGMENT")
-for _name, _schema in SCHEMAS.items():
-    if not hasattr(torch.ops.attnkern, _name):
-        _lib.define(_name + _schema)
-    _lib.impl(_name, getattr(_ref, _name), "CompositeExplicitAutograd")
+_lib = define_ops(SCHEMAS, _ref)
 
 
 @torch.library.register_fake("attnkern::spatial_conv", lib=_lib)
