@@ -56,7 +56,7 @@ class _ConvBN(nn.Module):
         if (type(conv) is nn.Conv2d and conv.bias is None and conv.dilation == (1, 1)
                 and conv.padding_mode == "zeros" and not has_hooks(conv)):
             # the direct kernels of attnkern::spatial_conv: oneDNN runs this one-output-channel
-            # convolution 4-13x slower on CPU (the same sums, in float32; float64 for float64)
+            # convolution 3.4-13x slower on CPU (the same sums, in float32; float64 for float64)
             return self.bn(spatial_conv(s, w))
         if s.dtype == torch.float32 and s.device.type == "cpu":
             # oneDNN runs it (forward and backward) several times faster on a channels_last map;

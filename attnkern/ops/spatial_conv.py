@@ -12,7 +12,7 @@ Where each runs:
 
 - CPU: the C++ kernels (csrc/spatial_conv.cpp, which defines the schemas). oneDNN runs this
   convolution, with its single output channel, at a few percent of the CPU's multiply-add
-  rate (see that file); the direct kernels run it about 10x faster.
+  rate (see that file); the direct kernels run it 3.4-13x faster (benchmarks/spatial_conv_ab.py).
 - every other device (CUDA included), or CPU when the C++ kernels are not built: the
   reference, registered as the ``CompositeExplicitAutograd`` kernel; on CUDA that is cuDNN's
   convolution, which has no such weakness, so there is no Triton kernel for it.
