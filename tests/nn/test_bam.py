@@ -256,3 +256,47 @@ def test_bam_hooks_on_the_spatial_branch_still_run():
     m.spatial.conv_reduce.register_forward_hook(lambda mod, i, o: seen.append("conv_reduce"))
     m(x).sum().backward()
     assert seen == ["conv_reduce", "spatial"]
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("channels", [64, 128, 256])
+def test_bam_narrow_branch_layouts_in_training(layout, channels, monkeypatch):
+    """In a float32 training step on CPU a branch at most CHANNELS_LAST_CONV_MAX_WIDTH wide runs
+    its dilated convolutions on channels_last copies (the BatchNorms on NCHW maps): the same
+    output and gradients as the one-layout step, and only for such branches."""
+    from attnkern.nn import bam as bam_module
+
+    taken = []
+    choose = bam_module._channels_last_convs
+    monkeypatch.setattr(bam_module, "_channels_last_convs", lambda h: taken.append(choose(h)) or taken[-1])
+    torch.manual_seed(0)
+    m = BAM(channels).train()
+    x = torch.randn(3, channels, 9, 11)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    g = torch.randn_like(x)
+
+    # biases that feed a training-mode BatchNorm: their true gradient is 0, the computed one
+    # rounding noise that two summation orders give differently
+    noise_only = ("channel.fc1.bias", "conv_reduce.bias", "conv_di.0.bias", "conv_di.1.bias")
+
+    def step(model):
+        xi = x.clone().requires_grad_()
+        out = model(xi)
+        out.backward(g)
+        return out, [xi.grad] + [p.grad for n, p in model.named_parameters() if not n.endswith(noise_only)]
+
+    out, grads = step(m)
+    assert taken == [channels // 16 <= bam_module.CHANNELS_LAST_CONV_MAX_WIDTH]
+    monkeypatch.setattr(bam_module, "CHANNELS_LAST_CONV_MAX_WIDTH", 0)
+    one = copy.deepcopy(m)
+    for p in one.parameters():
+        p.grad = None
+    ref_out, ref_grads = step(one)
+    assert taken[-1] is False
+    assert_close(out, ref_out.double(), name="out")
+    for i, (a, b) in enumerate(zip(grads, ref_grads)):
+        assert_close(a, b.double(), name=f"grad {i}", scale=b.abs().max().item())
+    with torch.no_grad():  # eval and no-grad calls keep one layout
+        m.eval()(x)
+    assert taken[-1] is False
