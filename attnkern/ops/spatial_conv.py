@@ -63,7 +63,7 @@ def _setup(ctx, inputs, output):
 def _backward(ctx, grad_out):
     s, weight = ctx.saved_tensors
     need_s, need_w = ctx.needs_input_grad
-    grad_s, grad_w = torch.ops.attnkern.spatial_conv_backward(grad_out.contiguous(), s, weight, need_s, need_w)
+    grad_s, grad_w = torch.ops.attnkern.spatial_conv_backward(grad_out, s, weight, need_s, need_w)
     return (grad_s if need_s else None), (grad_w if need_w else None)
 
 

@@ -17,16 +17,14 @@ from typing import Tuple
 import torch
 from torch import Tensor
 
+from .gating import acc_dtype
+
 __all__ = ["spatial_conv", "spatial_conv_backward"]
-
-
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def spatial_conv(s: Tensor, weight: Tensor) -> Tensor:
     """[B, 2, H, W] maps and a [1, 2, k, k] weight (k odd, s's dtype) -> [B, 1, H, W]."""
-    a = _acc(s.dtype)
+    a = acc_dtype(s.dtype)
     k = weight.shape[-1]
     out = torch.nn.functional.conv2d(s.to(a), weight.to(a), padding=k // 2)
     return out.to(s.dtype).contiguous()
@@ -36,7 +34,7 @@ def spatial_conv_backward(grad_out: Tensor, s: Tensor, weight: Tensor, need_grad
                           need_grad_weight: bool) -> Tuple[Tensor, Tensor]:
     """The gradients of s ([B, 2, H, W]) and of the weight ([1, 2, k, k]), in their dtypes, from
     grad_out [B, 1, H, W]; an empty tensor for one not asked for."""
-    a = _acc(s.dtype)
+    a = acc_dtype(s.dtype)
     k = weight.shape[-1]
     g, sa, wa = grad_out.to(a), s.to(a), weight.to(a)
     grad_s = grad_w = None

@@ -74,6 +74,25 @@ def test_float64_gradcheck():
     assert torch.autograd.gradcheck(sc.spatial_conv, (s, w))
 
 
+@pytest.mark.parametrize("grad_kind", ["expanded", "transposed", "sliced"])
+def test_backward_reads_grad_out_through_its_strides(grad_kind):
+    """The autograd formula hands grad_out to the kernel as autograd gives it: sum()'s stride-0
+    expansion, a transposed view, a slice of a wider tensor."""
+    B, H, W, k = 2, 9, 13, 7
+    s, w, _ = _case(B, H, W, k, "contiguous", torch.float64)
+    g = torch.Generator().manual_seed(7)
+    grad = {"expanded": torch.tensor(0.75, dtype=torch.float64).expand(B, 1, H, W),
+            "transposed": torch.randn(B, 1, W, H, generator=g, dtype=torch.float64).transpose(2, 3),
+            "sliced": torch.randn(B, 1, H, 2 * W, generator=g, dtype=torch.float64)[..., ::2]}[grad_kind]
+    assert not grad.is_contiguous()
+    s.requires_grad_()
+    w.requires_grad_()
+    gs, gw = torch.autograd.grad(sc.spatial_conv(s, w), (s, w), grad)
+    want_gs, want_gw = ref.spatial_conv_backward(grad.contiguous(), s.detach(), w.detach(), True, True)
+    torch.testing.assert_close(gs, want_gs, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gw, want_gw, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_opcheck(layout):
     s, w, grad = _case(2, 5, 7, 3, layout, torch.float32)
