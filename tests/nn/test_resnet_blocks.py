@@ -68,6 +68,17 @@ def _grads(model, x):
     return logits.detach(), x.grad, {n: p.grad for n, p in model.named_parameters()}
 
 
+def _patched_against_unpatched(base, x):
+    """convert() of copies of ``base`` with its blocks patched and without; each one's logits,
+    input gradient and parameter gradients for x (see _grads), and the names of the calls the
+    patched run made."""
+    patched = attnkern.convert(copy.deepcopy(base))
+    unpatched = attnkern.convert(copy.deepcopy(base), patch_blocks=False)
+    with torch.autograd.profiler.profile() as prof:
+        got = _grads(patched, x)
+    return patched, unpatched, got, _grads(unpatched, x), [e.name for e in prof.function_events]
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("shape", INPUTS, ids=["x".join(map(str, s)) for s in INPUTS])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
@@ -131,15 +142,10 @@ def test_training_mode_computes_timms_forward_with_the_tail_in_the_apply_pass(na
     and the add into one FMA), and the same gradients (input, every parameter) and running
     statistics."""
     base = _model(name, torch.float64).train()
-    patched = attnkern.convert(copy.deepcopy(base))
-    unpatched = attnkern.convert(copy.deepcopy(base), patch_blocks=False)
-    blocks = [m for m in patched.modules() if type(m) in FOLDED_BLOCKS.values()]
     x = torch.randn(2, 3, 32, 36, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
-    with torch.autograd.profiler.profile() as prof:
-        y, dx, g = _grads(patched, x)
-    y_ref, dx_ref, g_ref = _grads(unpatched, x)
+    patched, unpatched, (y, dx, g), (y_ref, dx_ref, g_ref), calls = _patched_against_unpatched(base, x)
+    blocks = [m for m in patched.modules() if type(m) in FOLDED_BLOCKS.values()]
     if backend == "cpu":
-        calls = [e.name for e in prof.function_events]
         assert calls.count("attnkern::gate_apply_residual") == len(blocks), calls.count("attnkern::gate_apply_residual")
         assert "attnkern::gate_apply" not in calls
     assert_close(y, y_ref, name="logits (training)")
@@ -159,13 +165,9 @@ def test_training_with_frozen_batchnorms_folds_them_and_keeps_timms_gradients():
     for m in base.modules():
         if isinstance(m, nn.BatchNorm2d):
             m.eval()
-    patched = attnkern.convert(copy.deepcopy(base))
-    unpatched = attnkern.convert(copy.deepcopy(base), patch_blocks=False)
     x = torch.randn(2, 3, 32, 36, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
-    with torch.autograd.profiler.profile() as prof:
-        y, dx, g = _grads(patched, x)
-    y_ref, dx_ref, g_ref = _grads(unpatched, x)
-    assert "aten::batch_norm" not in [e.name for e in prof.function_events], "a frozen BatchNorm ran unfolded"
+    _, _, (y, dx, g), (y_ref, dx_ref, g_ref), calls = _patched_against_unpatched(base, x)
+    assert "aten::batch_norm" not in calls, "a frozen BatchNorm ran unfolded"
     assert_close(y, y_ref, name="logits (frozen BatchNorms)")
     assert_close(dx, dx_ref, grad=True, name="grad x")
     _assert_param_grads_close(g, g_ref)
@@ -174,13 +176,9 @@ def test_training_with_frozen_batchnorms_folds_them_and_keeps_timms_gradients():
 def test_eval_mode_with_autograd_fuses_the_tail_and_keeps_timms_gradients():
     """Eval mode under a gradient (Grad-CAM, attributions): the same out-of-place fused tail."""
     base = _model("seresnet26", torch.float64)
-    patched = attnkern.convert(copy.deepcopy(base))
-    unpatched = attnkern.convert(copy.deepcopy(base), patch_blocks=False)
     x = torch.randn(1, 3, 40, 36, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
-    with torch.autograd.profiler.profile() as prof:
-        y, dx, _ = _grads(patched, x)
-    y_ref, dx_ref, _ = _grads(unpatched, x)
-    assert "attnkern::gate_apply_residual" in [e.name for e in prof.function_events]
+    _, _, (y, dx, _), (y_ref, dx_ref, _), calls = _patched_against_unpatched(base, x)
+    assert "attnkern::gate_apply_residual" in calls
     assert_close(y, y_ref, name="logits")
     assert_close(dx, dx_ref, grad=True, name="grad x")
 
