@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Build the C++ kernels with AddressSanitizer + UndefinedBehaviorSanitizer (CMakeLists.txt) and
 # run the tests that exercise the C++ backend against that build: the primitives (tests/cpu),
-# the torch.library registration, and the CBAM/SE/BAM block tests, the property tests, the
+# the torch.library registration, the direct convolutions (spatial_conv, dilated_conv), the
+# CBAM/SE/BAM block tests, the property tests, the
 # NaN/Inf tests and the thread tests forced onto the cpu backend. Any finding fails the run.
 # Works from a fresh clone (build/asan is created); tests/cpu/test_sanitizers.py runs it in CI.
 #   scripts/sanitize.sh [PYTEST ARGS...]       (extra arguments go to pytest, e.g. -x)
@@ -32,6 +33,7 @@ echo "[sanitize] running the C++ backend's tests" >&2
 # disassembly check of the ISA copies reads the normal build's instructions, not this one's.
 exec "$PY" -m pytest -q -p no:cacheprovider -m "not bigmem" --ignore=tests/cpu/test_sanitizers.py \
     tests/cpu tests/ops/test_gating.py tests/ops/test_cbam.py tests/ops/test_se.py tests/ops/test_bam.py \
-    tests/ops/test_special_values.py tests/ops/test_threads.py \
+    tests/ops/test_special_values.py tests/ops/test_threads.py tests/ops/test_spatial_conv.py \
+    tests/ops/test_dilated_conv.py \
     tests/ops/test_fuzz.py::test_cbam_cpu tests/ops/test_fuzz.py::test_se_cpu tests/ops/test_fuzz.py::test_bam_cpu \
     -k "not triton and not compile and not no_instruction_wider_than_its_copy" "$@"
