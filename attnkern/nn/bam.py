@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import functional as AF
+from ..ops.dilated_conv import dilated_conv
 from ..reference.bam import COMBINES
 from ._layers import check_module_input, has_hooks, plain_pointwise_conv, pointwise_conv
 
@@ -34,20 +35,25 @@ class _ChannelBranch(nn.Module):
         return self.fc2(self.act(self.bn(self.fc1(v))))
 
 
-# A training step's spatial branch on CPU in float32, at most this wide: each dilated
-# convolution runs on a channels_last copy of its input and hands back an NCHW map, on which
-# the BatchNorms run. With 4 channels (32x4x112x112) oneDNN's backward of the dilated 3x3
-# convolution took 29.5 ms on NCHW maps against 5.1 ms on channels_last ones, and ATen's
-# BatchNorm took 7x longer forward on channels_last maps than on NCHW ones. The block's training
-# step measured 1.11-1.51x faster at widths 4 and 8 and 0.84-0.91x at 16 and up, where the
-# copies cost more than the convolutions save; in eval 0.93-1.06x, so eval is left as it was
-# (benchmarks/bam_layout_ab.py).
-CHANNELS_LAST_CONV_MAX_WIDTH = 8
+# A spatial branch at most this wide runs its dilated convolutions on CPU with attnkern's direct
+# kernels (attnkern.ops.dilated_conv) in the fused block, eval and training alike. oneDNN runs a
+# convolution that narrow at a few GMAC/s (3x3, dilation 4, 4 channels, 32x4x112x112 NCHW maps:
+# 3-9 ms forward, 34 ms backward); benchmarks/bam_direct_conv_ab.py measures the block both ways.
+DIRECT_CONV_MAX_WIDTH = 8
 
 
-def _channels_last_convs(h: Tensor) -> bool:
-    return (h.device.type == "cpu" and h.dtype == torch.float32 and h.requires_grad and torch.is_grad_enabled()
-            and h.shape[1] <= CHANNELS_LAST_CONV_MAX_WIDTH)
+def _direct_dilated_conv(conv: nn.Module, h: Tensor) -> bool:
+    """Whether ``conv`` (a branch's dilated convolution) runs as attnkern.ops.dilated_conv on h:
+    a plain "same" ``nn.Conv2d`` (square odd kernel, stride 1, one group, zero padding of
+    dilation * (k // 2)) without hooks, on a CPU map of its weight's dtype at most
+    :data:`DIRECT_CONV_MAX_WIDTH` channels wide."""
+    if type(conv) is not nn.Conv2d or has_hooks(conv) or "forward" in conv.__dict__:
+        return False
+    k, d = conv.kernel_size[0], conv.dilation[0]
+    return (h.device.type == "cpu" and h.dim() == 4 and h.shape[1] <= DIRECT_CONV_MAX_WIDTH
+            and h.dtype == conv.weight.dtype and conv.kernel_size == (k, k) and k % 2 == 1
+            and conv.dilation == (d, d) and conv.padding == (d * (k // 2),) * 2 and conv.stride == (1, 1)
+            and conv.groups == 1 and conv.padding_mode == "zeros")
 
 
 class _SpatialBranch(nn.Module):
@@ -69,14 +75,18 @@ class _SpatialBranch(nn.Module):
         """The logits from ``conv_reduce(x)`` on: ``attnkern.BAM`` computes that first
         convolution beside its statistics pass. ``pointwise`` (the fused block's call): the last
         1x1 convolution as a matrix product where that applies
-        (:func:`attnkern.nn._layers.pointwise_conv`), and in a narrow branch's training step the
-        layouts of :data:`CHANNELS_LAST_CONV_MAX_WIDTH`."""
-        split_layouts = pointwise and _channels_last_convs(h)  # see CHANNELS_LAST_CONV_MAX_WIDTH
-        if split_layouts:
+        (:func:`attnkern.nn._layers.pointwise_conv`), and a narrow branch's dilated convolutions
+        with the direct kernels (:data:`DIRECT_CONV_MAX_WIDTH`)."""
+        if pointwise and any(_direct_dilated_conv(conv, h) for conv in self.conv_di):
+            # NCHW maps for the direct kernels' row reads and for the BatchNorms: ATen's
+            # BatchNorm over a few channels runs several times slower on channels_last maps
             h = h.contiguous()
         h = torch.relu(self.bn_reduce(h))
         for conv, bn in zip(self.conv_di, self.bn_di):
-            y = conv(h.contiguous(memory_format=torch.channels_last)).contiguous() if split_layouts else conv(h)
+            if pointwise and _direct_dilated_conv(conv, h):
+                y = dilated_conv(h, conv.weight, conv.bias, conv.dilation[0])
+            else:
+                y = conv(h)
             h = torch.relu(bn(y))
         return pointwise_conv(self.conv_final, h) if pointwise else self.conv_final(h)
 
@@ -99,7 +109,11 @@ class BAM(nn.Module):
     first 1x1 convolution itself, as a matrix product over x, and adds its input gradient into
     dx in place (:func:`attnkern.bam`'s ``spatial_projection``): the same math, 1.5-2.6x
     ``torch.compile`` of the reference in a training step where the convolution left it at
-    1.0-1.7x. A hook on ``spatial`` or ``spatial.conv_reduce`` keeps the module calls.
+    1.0-1.7x. A hook on ``spatial`` or ``spatial.conv_reduce`` keeps the module calls. There,
+    a spatial branch at most :data:`DIRECT_CONV_MAX_WIDTH` channels wide (``channels <= 128``
+    at the default ratio) also runs its dilated convolutions with attnkern's direct kernels
+    (:func:`attnkern.ops.dilated_conv.dilated_conv`), whose sums and results are those of
+    ``nn.Conv2d`` up to rounding; a hook on one of those convolutions keeps its module call.
     """
 
     def __init__(

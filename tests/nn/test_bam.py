@@ -258,19 +258,18 @@ def test_bam_hooks_on_the_spatial_branch_still_run():
     assert seen == ["conv_reduce", "spatial"]
 
 
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("channels", [64, 128, 256])
-def test_bam_narrow_branch_layouts_in_training(layout, channels, monkeypatch):
-    """In a float32 training step on CPU a branch at most CHANNELS_LAST_CONV_MAX_WIDTH wide runs
-    its dilated convolutions on channels_last copies (the BatchNorms on NCHW maps): the same
-    output and gradients as the one-layout step, and only for such branches."""
+def test_bam_narrow_branch_runs_the_direct_dilated_convolutions(train, layout, channels, monkeypatch):
+    """On CPU a branch at most DIRECT_CONV_MAX_WIDTH wide runs its dilated convolutions as
+    attnkern::dilated_conv, in training and in eval: the same output and gradients as with
+    nn.Conv2d, and only for such branches; a hook on one convolution keeps that one's module
+    call."""
     from attnkern.nn import bam as bam_module
 
-    taken = []
-    choose = bam_module._channels_last_convs
-    monkeypatch.setattr(bam_module, "_channels_last_convs", lambda h: taken.append(choose(h)) or taken[-1])
     torch.manual_seed(0)
-    m = BAM(channels).train()
+    m = BAM(channels).train(train)
     x = torch.randn(3, channels, 9, 11)
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
@@ -278,25 +277,30 @@ def test_bam_narrow_branch_layouts_in_training(layout, channels, monkeypatch):
 
     # biases that feed a training-mode BatchNorm: their true gradient is 0, the computed one
     # rounding noise that two summation orders give differently
-    noise_only = ("channel.fc1.bias", "conv_reduce.bias", "conv_di.0.bias", "conv_di.1.bias")
+    noise_only = ("channel.fc1.bias", "conv_reduce.bias", "conv_di.0.bias", "conv_di.1.bias") if train else ()
 
     def step(model):
         xi = x.clone().requires_grad_()
-        out = model(xi)
-        out.backward(g)
-        return out, [xi.grad] + [p.grad for n, p in model.named_parameters() if not n.endswith(noise_only)]
+        with torch.autograd.profiler.profile() as prof:
+            out = model(xi)
+            out.backward(g)
+        direct = sum(e.name == "attnkern::dilated_conv" for e in prof.function_events)
+        return out, [xi.grad] + [p.grad for n, p in model.named_parameters() if not n.endswith(noise_only)], direct
 
-    out, grads = step(m)
-    assert taken == [channels // 16 <= bam_module.CHANNELS_LAST_CONV_MAX_WIDTH]
-    monkeypatch.setattr(bam_module, "CHANNELS_LAST_CONV_MAX_WIDTH", 0)
-    one = copy.deepcopy(m)
-    for p in one.parameters():
-        p.grad = None
-    ref_out, ref_grads = step(one)
-    assert taken[-1] is False
+    ref = copy.deepcopy(m)
+    out, grads, direct = step(m)
+    assert direct == (2 if channels // 16 <= bam_module.DIRECT_CONV_MAX_WIDTH else 0)
+    monkeypatch.setattr(bam_module, "DIRECT_CONV_MAX_WIDTH", 0)
+    ref_out, ref_grads, ref_direct = step(ref)
+    assert ref_direct == 0
     assert_close(out, ref_out.double(), name="out")
     for i, (a, b) in enumerate(zip(grads, ref_grads)):
         assert_close(a, b.double(), name=f"grad {i}", scale=b.abs().max().item())
-    with torch.no_grad():  # eval and no-grad calls keep one layout
-        m.eval()(x)
-    assert taken[-1] is False
+    monkeypatch.undo()
+    seen = []
+    m.spatial.conv_di[0].register_forward_hook(lambda mod, i, o: seen.append(o.shape))
+    for p in m.parameters():
+        p.grad = None
+    _, _, direct = step(m)
+    assert seen == [torch.Size([3, channels // 16, 9, 11])]
+    assert direct == (1 if channels // 16 <= bam_module.DIRECT_CONV_MAX_WIDTH else 0)
