@@ -17,9 +17,9 @@
 #pragma once
 
 #include <algorithm>
-#include <vector>
 
 #include "common.h"
+#include "scratch.h"
 
 namespace attnkern {
 namespace cpu {
@@ -69,15 +69,15 @@ inline int64_t padded_width(int64_t W, int64_t p, int64_t L) { return ceil_div(W
 // correlate_rows), zeros outside the map; a row holds columns -p .. W + p - 1, then zeros up
 // to `width`.
 template <typename T, typename A>
-void pad_rows(const Map<T>& in, int64_t b, int64_t n, int64_t H, int64_t W, int64_t y0, int64_t rows, int64_t p,
-              int64_t width, std::vector<A>& buf) {
+A* pad_rows(const Map<T>& in, int64_t b, int64_t n, int64_t H, int64_t W, int64_t y0, int64_t rows, int64_t p,
+              int64_t width, Scratch<A>& scratch) {
   const int64_t R = rows + 2 * p;
-  buf.assign(n * R * width, A(0));
+  A* buf = scratch.zeros(n * R * width);
   for (int64_t c = 0; c < n; ++c) {
     for (int64_t r = 0; r < R; ++r) {
       const int64_t y = y0 - p + r;
       if (y < 0 || y >= H) continue;
-      A* dst = buf.data() + (c * R + r) * width + p;
+      A* dst = buf + (c * R + r) * width + p;
       const T* src = in.row(b, c, y);
       if (in.sw == 1) {
         for (int64_t x = 0; x < W; ++x) dst[x] = static_cast<A>(src[x]);
@@ -86,6 +86,7 @@ void pad_rows(const Map<T>& in, int64_t b, int64_t n, int64_t H, int64_t W, int6
       }
     }
   }
+  return buf;
 }
 
 // lines[o][col .. col + NV * L) for padded row r and the OB output channels o0 .. o0 + OB - 1
@@ -122,7 +123,7 @@ inline void correlate_vectors(const A* buf, int64_t n_in, int64_t R, int64_t wid
 // out[b, o0 + o, y, :] for o < OB and the task's rows y0 .. y0 + rows - 1 (see correlate_rows),
 // through `lines` (OB rows of nvec * L).
 template <int OB, typename T, typename A>
-void correlate_channel_block(const std::vector<A>& buf, int64_t n_in, int64_t rows, int64_t width, const A* taps,
+void correlate_channel_block(const A* buf, int64_t n_in, int64_t rows, int64_t width, const A* taps,
                              const A* bias, int64_t o0, Window win, int64_t W, T* out, int64_t ob, int64_t oc,
                              int64_t oh, int64_t ow, int64_t b, int64_t y0, A* lines) {
   constexpr int64_t L = Vectorized<A>::size();
@@ -133,13 +134,13 @@ void correlate_channel_block(const std::vector<A>& buf, int64_t n_in, int64_t ro
   for (int64_t r = 0; r < rows; ++r) {
     int64_t v = 0;
     for (; v + NV <= nvec; v += NV)
-      correlate_vectors<OB, NV, A>(buf.data(), n_in, R, width, taps_o0, win, r, v * L, bias_o0, lines, stride);
+      correlate_vectors<OB, NV, A>(buf, n_in, R, width, taps_o0, win, r, v * L, bias_o0, lines, stride);
     if constexpr (NV > 2) {
       for (; v + 2 <= nvec; v += 2)
-        correlate_vectors<OB, 2, A>(buf.data(), n_in, R, width, taps_o0, win, r, v * L, bias_o0, lines, stride);
+        correlate_vectors<OB, 2, A>(buf, n_in, R, width, taps_o0, win, r, v * L, bias_o0, lines, stride);
     }
     for (; v < nvec; ++v)
-      correlate_vectors<OB, 1, A>(buf.data(), n_in, R, width, taps_o0, win, r, v * L, bias_o0, lines, stride);
+      correlate_vectors<OB, 1, A>(buf, n_in, R, width, taps_o0, win, r, v * L, bias_o0, lines, stride);
     for (int o = 0; o < OB; ++o) {
       const A* line = lines + o * stride;
       T* dst = out + b * ob + (o0 + o) * oc + (y0 + r) * oh;
@@ -157,28 +158,28 @@ void correlate_channel_block(const std::vector<A>& buf, int64_t n_in, int64_t ro
 // (none when bias is null), written through the output's strides as T; kOutBlock output
 // channels at a time.
 template <typename T, typename A>
-void correlate_rows(const std::vector<A>& buf, int64_t n_in, int64_t rows, int64_t width, const A* taps,
-                    const A* bias, int64_t n_out, Window win, int64_t W, T* out, int64_t ob, int64_t oc, int64_t oh,
-                    int64_t ow, int64_t b, int64_t y0) {
+void correlate_rows(const A* buf, int64_t n_in, int64_t rows, int64_t width, const A* taps, const A* bias,
+                    int64_t n_out, Window win, int64_t W, T* out, int64_t ob, int64_t oc, int64_t oh, int64_t ow,
+                    int64_t b, int64_t y0, Scratch<A>& line_scratch) {
   constexpr int64_t L = Vectorized<A>::size();
-  std::vector<A> lines(kOutBlock * ceil_div(W, L) * L);
+  A* lines = line_scratch.get(kOutBlock * ceil_div(W, L) * L);
   static_assert(kOutBlock == 4, "the switch below takes the remainders 1 to 3");
   int64_t o0 = 0;
   for (; o0 + kOutBlock <= n_out; o0 += kOutBlock)
     correlate_channel_block<kOutBlock, T, A>(buf, n_in, rows, width, taps, bias, o0, win, W, out, ob, oc, oh, ow, b,
-                                             y0, lines.data());
+                                             y0, lines);
   switch (n_out - o0) {
     case 3:
       correlate_channel_block<3, T, A>(buf, n_in, rows, width, taps, bias, o0, win, W, out, ob, oc, oh, ow, b, y0,
-                                       lines.data());
+                                       lines);
       break;
     case 2:
       correlate_channel_block<2, T, A>(buf, n_in, rows, width, taps, bias, o0, win, W, out, ob, oc, oh, ow, b, y0,
-                                       lines.data());
+                                       lines);
       break;
     case 1:
       correlate_channel_block<1, T, A>(buf, n_in, rows, width, taps, bias, o0, win, W, out, ob, oc, oh, ow, b, y0,
-                                       lines.data());
+                                       lines);
       break;
     default:
       break;
@@ -205,11 +206,11 @@ void correlate(const Map<T>& in, int64_t n_in, const A* taps, const A* bias, int
   T* o = out.data_ptr<T>();
   const int64_t ob = out.stride(0), oc = out.stride(1), oh = out.stride(2), ow = out.stride(3);
   at::parallel_for(0, tasks.count(), 1, [&](int64_t t0, int64_t t1) {
-    std::vector<A> buf;
+    Scratch<A> buf, lines;
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = tasks.image(t), y0 = tasks.first_row(t), rows = tasks.rows(t);
-      pad_rows<T, A>(in, b, n_in, H, W, y0, rows, p, width, buf);
-      correlate_rows<T, A>(buf, n_in, rows, width, taps, bias, n_out, win, W, o, ob, oc, oh, ow, b, y0);
+      const A* padded = pad_rows<T, A>(in, b, n_in, H, W, y0, rows, p, width, buf);
+      correlate_rows<T, A>(padded, n_in, rows, width, taps, bias, n_out, win, W, o, ob, oc, oh, ow, b, y0, lines);
     }
   });
 }
@@ -293,15 +294,15 @@ void weight_grad(const Map<T>& g, int64_t n_out, const Map<T>& s, int64_t n_in, 
   const int64_t width = padded_width(W, p, L), nvec = ceil_div(W, L), taps = n_out * n_in * k * k;
   const int64_t per_task = taps + (grad_bias ? n_out : 0);
   const Tasks tasks(B, H);
-  std::vector<A> partial(tasks.count() * per_task);
+  Scratch<A> partials;
+  A* partial = partials.get(tasks.count() * per_task);
   at::parallel_for(0, tasks.count(), 1, [&](int64_t t0, int64_t t1) {
-    std::vector<A> sbuf, gbuf;
+    Scratch<A> sbuf, gbuf;
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = tasks.image(t), y0 = tasks.first_row(t), rows = tasks.rows(t), R = rows + 2 * p;
-      pad_rows<T, A>(s, b, n_in, H, W, y0, rows, p, width, sbuf);
-      pad_rows<T, A>(g, b, n_out, H, W, y0, rows, 0, nvec * L, gbuf);
-      A* out = partial.data() + t * per_task;
-      const A *gb = gbuf.data(), *sb = sbuf.data();
+      const A* sb = pad_rows<T, A>(s, b, n_in, H, W, y0, rows, p, width, sbuf);
+      const A* gb = pad_rows<T, A>(g, b, n_out, H, W, y0, rows, 0, nvec * L, gbuf);
+      A* out = partial + t * per_task;
       switch (k) {
         case 1: weight_grad_task<1, A>(gb, sb, rows, nvec, width, R, win, n_out, n_in, out); break;
         case 3: weight_grad_task<3, A>(gb, sb, rows, nvec, width, R, win, n_out, n_in, out); break;
@@ -310,7 +311,7 @@ void weight_grad(const Map<T>& g, int64_t n_out, const Map<T>& s, int64_t n_in, 
         default: weight_grad_task<0, A>(gb, sb, rows, nvec, width, R, win, n_out, n_in, out); break;
       }
       for (int64_t o = 0; grad_bias && o < n_out; ++o) {
-        const A* go = gbuf.data() + o * rows * nvec * L;
+        const A* go = gb + o * rows * nvec * L;
         V acc(0);
         for (int64_t v = 0; v < rows * nvec; ++v) acc = acc + V::loadu(go + v * L);
         out[taps + o] = sum_lanes(acc);
@@ -320,32 +321,20 @@ void weight_grad(const Map<T>& g, int64_t n_out, const Map<T>& s, int64_t n_in, 
   std::fill_n(grad_w, taps, A(0));
   if (grad_bias) std::fill_n(grad_bias, n_out, A(0));
   for (int64_t t = 0; t < tasks.count(); ++t) {
-    const A* src = partial.data() + t * per_task;
+    const A* src = partial + t * per_task;
     for (int64_t q = 0; q < taps; ++q) grad_w[q] += src[q];
     for (int64_t o = 0; grad_bias && o < n_out; ++o) grad_bias[o] += src[taps + o];
   }
 }
 
-// The taps of w [n_out, n_in, k, k] in the accumulation dtype: as they are
-// (taps[((o * n_in + c) * k + i) * k + j]), or for the input gradient, channel axes swapped and
+// The taps of w [n_out, n_in, k, k] in the accumulation dtype, as a contiguous tensor: as they
+// are (taps[((o * n_in + c) * k + i) * k + j]), or for the input gradient, channel axes swapped and
 // flipped (taps[((c * n_out + o) * k + i) * k + j] = w[o, c, k - 1 - i, k - 1 - j]).
 template <typename A>
-std::vector<A> taps_of(const Tensor& weight, bool for_input_grad) {
-  const int64_t n_out = weight.size(0), n_in = weight.size(1), k = weight.size(2);
-  const Tensor w = weight.to(c10::CppTypeToScalarType<A>::value).contiguous();
-  const A* src = w.data_ptr<A>();
-  std::vector<A> taps(n_out * n_in * k * k);
-  for (int64_t o = 0; o < n_out; ++o)
-    for (int64_t c = 0; c < n_in; ++c)
-      for (int64_t i = 0; i < k; ++i)
-        for (int64_t j = 0; j < k; ++j) {
-          const A v = src[((o * n_in + c) * k + i) * k + j];
-          if (for_input_grad)
-            taps[((c * n_out + o) * k + (k - 1 - i)) * k + (k - 1 - j)] = v;
-          else
-            taps[((o * n_in + c) * k + i) * k + j] = v;
-        }
-  return taps;
+Tensor taps_of(const Tensor& weight, bool for_input_grad) {
+  const auto acc = c10::CppTypeToScalarType<A>::value;
+  const Tensor w = weight.to(acc);
+  return (for_input_grad ? w.flip({2, 3}).transpose(0, 1) : w).contiguous();
 }
 
 }  // namespace

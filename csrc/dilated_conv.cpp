@@ -45,11 +45,11 @@ Window check_dilated_conv(const Tensor& x, const Tensor& weight, const std::opti
   return Window{weight.size(2), dilation};
 }
 
+// The bias in the accumulation dtype, or an undefined tensor.
 template <typename A>
-std::vector<A> bias_of(const std::optional<Tensor>& bias) {
-  if (!bias.has_value() || !bias->defined()) return {};
-  const Tensor b = bias->to(c10::CppTypeToScalarType<A>::value).contiguous();
-  return std::vector<A>(b.data_ptr<A>(), b.data_ptr<A>() + b.numel());
+Tensor bias_of(const std::optional<Tensor>& bias) {
+  if (!bias.has_value() || !bias->defined()) return Tensor();
+  return bias->to(c10::CppTypeToScalarType<A>::value).contiguous();
 }
 
 }  // namespace
@@ -62,10 +62,9 @@ Tensor dilated_conv(const Tensor& x, const Tensor& weight, const std::optional<T
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), C_out = weight.size(0);
   Tensor out = at::empty({B, C_out, H, W}, x.options());
   ATTNKERN_DISPATCH(x, fn, [&] {
-    const std::vector<A> taps = taps_of<A>(weight, false);
-    const std::vector<A> b = bias_of<A>(bias);
-    correlate<scalar_t, A>(map_of<scalar_t>(x), C, taps.data(), b.empty() ? nullptr : b.data(), C_out, win, B, H, W,
-                           out);
+    const Tensor taps = taps_of<A>(weight, false), b = bias_of<A>(bias);
+    correlate<scalar_t, A>(map_of<scalar_t>(x), C, taps.data_ptr<A>(), b.defined() ? b.data_ptr<A>() : nullptr, C_out,
+                           win, B, H, W, out);
   });
   return out;
 }
@@ -86,15 +85,16 @@ std::tuple<Tensor, Tensor, Tensor> dilated_conv_backward(const Tensor& grad_out,
   Tensor grad_b = need_b ? at::empty({C_out}, weight.options()) : at::empty({0}, weight.options());
   ATTNKERN_DISPATCH(x, fn, [&] {
     if (need_x) {
-      const std::vector<A> taps = taps_of<A>(weight, true);
-      correlate<scalar_t, A>(map_of<scalar_t>(grad_out), C_out, taps.data(), nullptr, C, win, B, H, W, grad_x);
+      const Tensor taps = taps_of<A>(weight, true);
+      correlate<scalar_t, A>(map_of<scalar_t>(grad_out), C_out, taps.data_ptr<A>(), nullptr, C, win, B, H, W, grad_x);
     }
     if (need_w || need_b) {
-      std::vector<A> gw(weight.numel()), gb(C_out);
-      weight_grad<scalar_t, A>(map_of<scalar_t>(grad_out), C_out, map_of<scalar_t>(x), C, win, B, H, W, gw.data(),
-                               need_b ? gb.data() : nullptr);
-      if (need_w) std::copy(gw.begin(), gw.end(), grad_w.data_ptr<scalar_t>());
-      if (need_b) std::copy(gb.begin(), gb.end(), grad_b.data_ptr<scalar_t>());
+      const auto acc = c10::CppTypeToScalarType<A>::value;
+      Tensor gw = at::empty({weight.numel()}, x.options().dtype(acc)), gb = at::empty({C_out}, x.options().dtype(acc));
+      weight_grad<scalar_t, A>(map_of<scalar_t>(grad_out), C_out, map_of<scalar_t>(x), C, win, B, H, W, gw.data_ptr<A>(),
+                               need_b ? gb.data_ptr<A>() : nullptr);
+      if (need_w) grad_w.copy_(gw.view(weight.sizes()));
+      if (need_b) grad_b.copy_(gb);
     }
   });
   return {grad_x, grad_w, grad_b};

@@ -46,8 +46,8 @@ Tensor spatial_conv(const Tensor& s, const Tensor& weight) {
   const int64_t B = s.size(0), H = s.size(2), W = s.size(3);
   Tensor out = at::empty({B, 1, H, W}, s.options());
   ATTNKERN_DISPATCH(s, fn, [&] {
-    const std::vector<A> taps = taps_of<A>(weight, false);
-    correlate<scalar_t, A>(map_of<scalar_t>(s), 2, taps.data(), nullptr, 1, Window{k, 1}, B, H, W, out);
+    const Tensor taps = taps_of<A>(weight, false);
+    correlate<scalar_t, A>(map_of<scalar_t>(s), 2, taps.data_ptr<A>(), nullptr, 1, Window{k, 1}, B, H, W, out);
   });
   return out;
 }
@@ -66,16 +66,15 @@ std::tuple<Tensor, Tensor> spatial_conv_backward(const Tensor& grad_out, const T
   Tensor grad_w = need_grad_weight ? at::empty({1, 2, k, k}, weight.options()) : at::empty({0}, weight.options());
   ATTNKERN_DISPATCH(s, fn, [&] {
     if (need_grad_s) {
-      const std::vector<A> taps = taps_of<A>(weight, true);
-      correlate<scalar_t, A>(map_of<scalar_t>(grad_out), 1, taps.data(), nullptr, 2, Window{k, 1}, B, H, W,
+      const Tensor taps = taps_of<A>(weight, true);
+      correlate<scalar_t, A>(map_of<scalar_t>(grad_out), 1, taps.data_ptr<A>(), nullptr, 2, Window{k, 1}, B, H, W,
                               grad_s);
     }
     if (need_grad_weight) {
-      std::vector<A> gw(2 * k * k);
-      weight_grad<scalar_t, A>(map_of<scalar_t>(grad_out), 1, map_of<scalar_t>(s), 2, Window{k, 1}, B, H, W, gw.data(),
-                               nullptr);
-      scalar_t* dst = grad_w.data_ptr<scalar_t>();
-      for (int64_t q = 0; q < 2 * k * k; ++q) dst[q] = static_cast<scalar_t>(gw[q]);
+      Tensor gw = at::empty({1, 2, k, k}, s.options().dtype(c10::CppTypeToScalarType<A>::value));
+      weight_grad<scalar_t, A>(map_of<scalar_t>(grad_out), 1, map_of<scalar_t>(s), 2, Window{k, 1}, B, H, W,
+                               gw.data_ptr<A>(), nullptr);
+      grad_w.copy_(gw);
     }
   });
   return {grad_s, grad_w};
