@@ -1,9 +1,12 @@
 // BAM's combine out = x * (1 + sigmoid(z)) with the logits z = mc[b, c] + ms[b, hw] (or
 // mc * ms, the authors' released code): bam_combine, bam_combine_backward (the logits'
-// gradients) and bam_input_grad (the block's input gradient, with the mean-pool term).
+// gradients) and bam_input_grad (the block's input gradient, with the mean-pool term and,
+// optionally, the input gradient of the 1x1 projection the spatial branch starts with, so that
+// dx is written once instead of written, then read and written again by a matrix product).
 #include "both_axes.h"
 #include "common.h"
 #include "output_cache.h"
+#include "scratch.h"
 
 namespace attnkern {
 namespace cpu {
@@ -185,25 +188,97 @@ inline void bam_row(const T* src, T* out, int64_t n, const BamGate<A>& gate, Row
   }
 }
 
-// out = src * (1 + s) (+ mean_cmean[b, c] when given), both layouts.
+// The input gradient of a 1x1 projection h = W x (W [R, C]) that a branch of the block starts
+// with, added into the block's dx pass: dx[b, c, p] += sum over r < R of W[r, c] * g[b, r, p],
+// g = dL/dh [B, R, H, W] dense in x's layout, both in the accumulation dtype.
+template <typename A>
+struct ProjectionGrad {
+  const A* g;
+  const A* w;
+  int64_t R;
+};
+
+// term[j] = base (base_vec[j] when given, else base_scalar) + sum over r < R, in order, of
+// scale[r * scale_stride] * rows[r * row_stride + j], for j < n: a row's projection term (NCHW:
+// scales are W's column c, rows g's maps; channels_last: scales are g at one pixel, rows W's).
+template <typename A>
+void projection_term(A* term, int64_t n, const A* base_vec, A base_scalar, const A* scale, int64_t scale_stride,
+                     const A* rows, int64_t row_stride, int64_t R) {
+  using V = Vectorized<A>;
+  constexpr int64_t L = V::size();
+  int64_t j = 0;
+  for (; j + L <= n; j += L) {
+    V acc = base_vec ? V::loadu(base_vec + j) : V(base_scalar);
+    for (int64_t r = 0; r < R; ++r) acc = at::vec::fmadd(V(scale[r * scale_stride]), V::loadu(rows + r * row_stride + j), acc);
+    acc.store(term + j);
+  }
+  for (; j < n; ++j) {
+    A acc = base_vec ? base_vec[j] : base_scalar;
+    for (int64_t r = 0; r < R; ++r) acc += scale[r * scale_stride] * rows[r * row_stride + j];
+    term[j] = acc;
+  }
+}
+
+// out = src * (1 + s) (+ mean_cmean[b, c] when given) (+ the projection's input gradient when
+// proj is not null), both layouts.
 template <typename T, typename A>
-void bam_rows(const T* src, T* out, const BamGate<A>& gate, const A* mean_term, const Shape& s) {
+void bam_rows(const T* src, T* out, const BamGate<A>& gate, const A* mean_term, const Shape& s,
+              const ProjectionGrad<A>* proj = nullptr) {
   const int64_t B = s.B, C = s.C, HW = s.HW;
   if (!s.channels_last) {
     at::parallel_for(0, B * C, 1, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r)
-        bam_row<T, A>(src + r * HW, out + r * HW, HW, gate, RowStart{r / C, r % C, 0, true},
-                      fixed(mean_term ? mean_term[r] : A(0)));
+      Scratch<A> scratch;
+      A* term = proj ? scratch.get(HW) : nullptr;
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t b = r / C, c = r % C;
+        const A mean = mean_term ? mean_term[r] : A(0);
+        if (proj) {
+          projection_term<A>(term, HW, nullptr, mean, proj->w + c, C, proj->g + b * proj->R * HW, HW, proj->R);
+          bam_row<T, A>(src + r * HW, out + r * HW, HW, gate, RowStart{b, c, 0, true}, along<A>(term));
+        } else {
+          bam_row<T, A>(src + r * HW, out + r * HW, HW, gate, RowStart{b, c, 0, true}, fixed(mean));
+        }
+      }
     });
   } else {
     at::parallel_for(0, B * HW, 64, [&](int64_t r0, int64_t r1) {
+      Scratch<A> scratch;
+      A* term = proj ? scratch.get(C) : nullptr;
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t b = r / HW;
-        bam_row<T, A>(src + r * C, out + r * C, C, gate, RowStart{b, 0, r % HW, false},
-                      mean_term ? along(mean_term + b * C) : fixed(A(0)));
+        const A* mean = mean_term ? mean_term + b * C : nullptr;
+        if (proj) {
+          projection_term<A>(term, C, mean, A(0), proj->g + r * proj->R, 1, proj->w, C, proj->R);
+          bam_row<T, A>(src + r * C, out + r * C, C, gate, RowStart{b, 0, r % HW, false}, along<A>(term));
+        } else {
+          bam_row<T, A>(src + r * C, out + r * C, C, gate, RowStart{b, 0, r % HW, false},
+                        mean ? along(mean) : fixed(A(0)));
+        }
       }
     });
   }
+}
+
+// out = mean_cmean[b, c] + the projection's input gradient, both layouts (bam_input_grad without
+// grad_out).
+template <typename T, typename A>
+void projection_rows(T* out, const A* mean_term, const Shape& s, const ProjectionGrad<A>& proj) {
+  const int64_t B = s.B, C = s.C, HW = s.HW;
+  const bool cl = s.channels_last;
+  const int64_t rows = cl ? B * HW : B * C, n = cl ? C : HW;
+  at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
+    Scratch<A> scratch;
+    A* term = scratch.get(n);
+    for (int64_t r = r0; r < r1; ++r) {
+      if (cl) {
+        projection_term<A>(term, n, mean_term + (r / HW) * C, A(0), proj.g + r * proj.R, 1, proj.w, C, proj.R);
+      } else {
+        projection_term<A>(term, n, nullptr, mean_term[r], proj.w + r % C, C, proj.g + (r / C) * proj.R * HW, HW,
+                           proj.R);
+      }
+      for (int64_t j = 0; j < n; ++j) out[r * n + j] = static_cast<T>(term[j]);
+    }
+  });
 }
 
 void check_logits(const Tensor& mc, const Tensor& ms, const Shape& s, const char* fn) {
@@ -250,25 +325,47 @@ std::tuple<Tensor, Tensor> bam_combine_backward(const Tensor& grad_out, const Te
   return {grad_mc, grad_ms};
 }
 
-Tensor bam_input_grad(const Tensor& x, const OptTensor& grad_out, const Tensor& mc,
-                      const Tensor& ms, bool product, const OptTensor& grad_cmean) {
+Tensor bam_input_grad(const Tensor& x, const OptTensor& grad_out, const Tensor& mc, const Tensor& ms, bool product,
+                      const OptTensor& grad_cmean, const OptTensor& grad_proj, const OptTensor& proj_weight) {
   static constexpr const char* fn = "attnkern::bam_input_grad";
   const Shape s = check_x(x, fn);
   check_logits(mc, ms, s, fn);
   if (given(grad_out)) check_big(*grad_out, "grad_out", x, s, fn);
   if (given(grad_cmean)) check_small(*grad_cmean, "grad_cmean", s.B, s.C, s.acc, fn);
+  TORCH_CHECK(given(grad_proj) == given(proj_weight), fn, ": grad_proj and proj_weight must be given together");
+  const bool has_proj = given(grad_proj);
+  int64_t R = 0;
+  if (has_proj) {
+    R = proj_weight->size(0);
+    TORCH_CHECK(proj_weight->dim() == 2 && R > 0 && proj_weight->size(1) == s.C, fn,
+                ": proj_weight must be [R, C] with C = ", s.C, ", got shape ", proj_weight->sizes());
+    check_small(*proj_weight, "proj_weight", R, s.C, s.acc, fn);
+    TORCH_CHECK(grad_proj->sizes() == at::IntArrayRef({s.B, R, x.size(2), x.size(3)}), fn,
+                ": grad_proj must be [B, R, H, W] = [", s.B, ", ", R, ", ", x.size(2), ", ", x.size(3), "], got shape ",
+                grad_proj->sizes());
+    TORCH_CHECK(grad_proj->device().is_cpu() && grad_proj->scalar_type() == s.acc, fn, ": grad_proj must be a CPU ",
+                s.acc, " tensor, got ", grad_proj->scalar_type(), " on ", grad_proj->device());
+    TORCH_CHECK(grad_proj->is_contiguous(s.channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous),
+                fn, ": grad_proj must have x's memory format (", s.channels_last ? "channels_last" : "contiguous", ")");
+  }
   Tensor dx = empty_output_like(x);
   ATTNKERN_DISPATCH(x, fn, [&] {
     const BamLogits<A> z{mc.data_ptr<A>(), ms.data_ptr<A>(), s.C, s.HW, product};
     Tensor mean_term = given(grad_cmean) ? (*grad_cmean / static_cast<double>(s.HW))
                                          : at::zeros({s.B, s.C}, x.options().dtype(s.acc));
-    if (!given(grad_out)) {  // only the mean-pool term: dx[b, c, :] = grad_cmean / HW
-      dx.copy_(mean_term.view({s.B, s.C, 1, 1}).expand(x.sizes()).to(x.scalar_type()));
+    const ProjectionGrad<A> proj{has_proj ? grad_proj->data_ptr<A>() : nullptr,
+                                 has_proj ? proj_weight->data_ptr<A>() : nullptr, R};
+    if (!given(grad_out)) {  // no combine term: dx = grad_cmean / HW (+ the projection's term)
+      if (has_proj) {
+        projection_rows<scalar_t, A>(dx.data_ptr<scalar_t>(), mean_term.data_ptr<A>(), s, proj);
+      } else {
+        dx.copy_(mean_term.view({s.B, s.C, 1, 1}).expand(x.sizes()).to(x.scalar_type()));
+      }
       return;
     }
     Tensor factors;
     bam_rows<scalar_t, A>(grad_out->data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), bam_gate<A>(z, s.B, factors),
-                          mean_term.data_ptr<A>(), s);
+                          mean_term.data_ptr<A>(), s, has_proj ? &proj : nullptr);
   });
   return dx;
 }
@@ -288,7 +385,7 @@ TORCH_LIBRARY_FRAGMENT(attnkern, m) {
   m.def("bam_combine_backward(Tensor grad_out, Tensor x, Tensor mc, Tensor ms, bool product) "
       "-> (Tensor, Tensor)");
   m.def("bam_input_grad(Tensor x, Tensor? grad_out, Tensor mc, Tensor ms, bool product, "
-      "Tensor? grad_cmean) -> Tensor");
+      "Tensor? grad_cmean, Tensor? grad_proj=None, Tensor? proj_weight=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(attnkern, CPU, m) {

@@ -137,6 +137,13 @@ def check_primitives(mod, shape, layout, dtype, ties=False, device="cpu"):
                    dtype, "bam dx")
         _close_big(mod, "bam_input_grad", (x, None, mc, ms, product, dcm), (f32(x), None, mc, ms, product, dcm),
                    dtype, "bam dx (mean term only)")
+        # with the input gradient of the spatial branch's 1x1 projection (R = 3) in the same pass
+        fmt = torch.channels_last if not x.is_contiguous() else torch.contiguous_format
+        gp = _small(B, 3 * H * W, 10, "grad", device).to(a).view(B, 3, H, W).contiguous(memory_format=fmt)
+        pw = _small(3, C, 11, "grad", device).to(a)
+        for g_out, n in ((dout, "bam dx + projection"), (None, "bam dx (mean + projection)")):
+            _close_big(mod, "bam_input_grad", (x, g_out, mc, ms, product, dcm, gp, pw),
+                       (f32(x), f32(g_out), mc, ms, product, dcm, gp, pw), dtype, n)
 
 
 def check_deterministic(mod, device="cpu"):

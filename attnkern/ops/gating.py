@@ -78,7 +78,7 @@ SCHEMAS = {
     "bam_combine_backward": "(Tensor grad_out, Tensor x, Tensor mc, Tensor ms, bool product) "
                             "-> (Tensor, Tensor)",
     "bam_input_grad": "(Tensor x, Tensor? grad_out, Tensor mc, Tensor ms, bool product, "
-                      "Tensor? grad_cmean) -> Tensor",
+                      "Tensor? grad_cmean, Tensor? grad_proj=None, Tensor? proj_weight=None) -> Tensor",
 }
 OPS = tuple(SCHEMAS)
 
@@ -256,7 +256,7 @@ def _(grad_out, x, mc, ms, product):
 
 
 @torch.library.register_fake("attnkern::bam_input_grad", lib=_lib)
-def _(x, grad_out, mc, ms, product, grad_cmean):
+def _(x, grad_out, mc, ms, product, grad_cmean, grad_proj=None, proj_weight=None):
     return _big_like(x)
 
 
@@ -318,11 +318,22 @@ class Primitives:
         return self.kernels.bam_combine_backward(dense(grad_out, memory_format_of(x)), x, mc.contiguous(),
                                                  ms.contiguous(), product)
 
-    def bam_input_grad(self, x, grad_out, mc, ms, product: bool, grad_cmean) -> Tensor:
+    def bam_input_grad(self, x, grad_out, mc, ms, product: bool, grad_cmean, grad_proj=None,
+                       proj_weight=None) -> Tensor:
+        """``grad_proj`` [B, R, H, W] and ``proj_weight`` [R, C, 1, 1] or [R, C]: the spatial
+        branch's 1x1 projection of x and its output's gradient, whose input gradient the pass
+        adds (see :func:`pointwise_projection`)."""
         x = dense(x)
-        grad_out = dense(grad_out, memory_format_of(x)) if grad_out is not None else None
+        fmt = memory_format_of(x)
+        grad_out = dense(grad_out, fmt) if grad_out is not None else None
+        if grad_proj is None:
+            return self.kernels.bam_input_grad(x, grad_out, mc.contiguous(), ms.contiguous(), product,
+                                               _c(grad_cmean))
+        acc = acc_dtype(x.dtype)
+        grad_proj = dense(grad_proj.to(acc), fmt)
+        proj_weight = proj_weight.detach().reshape(proj_weight.shape[0], -1).to(acc).contiguous()
         return self.kernels.bam_input_grad(x, grad_out, mc.contiguous(), ms.contiguous(), product,
-                                           _c(grad_cmean))
+                                           _c(grad_cmean), grad_proj, proj_weight)
 
 
 #: The primitives through the dispatcher: C++ on CPU, Triton on CUDA, the reference elsewhere.
@@ -504,14 +515,22 @@ class Tape:
         self.bam = None  # (mc, ms, product) when the block is BAM
 
 
+#: BAM's spatial branch at most this wide (its 1x1 projection's output channels R) has the
+#: projection's input gradient added in ``bam_input_grad``'s pass; wider ones add it with a
+#: matrix product into dx in place. Each element of dx then takes R multiply-adds, and past
+#: 16 that pass ran slower than the two transfers it saves (benchmarks/bam_projection_grad_ab.py).
+FUSED_PROJECTION_GRAD_MAX_RANK = 16
+
+
 class ChannelStatsNode(torch.autograd.Function):
     """The channel statistics of x; its backward writes dx.
 
     With ``branch``, it also returns what a branch of the block computed in PyTorch reads (BAM's
     spatial convolutions): x itself, or with ``proj_weight`` the 1x1 projection of x the branch
-    starts with (:func:`pointwise_projection`). The branch's gradient then arrives here and is
-    added into dx in place (for the projection, as ``W^T grad``), instead of autograd adding two
-    x-sized gradients into a third, new one."""
+    starts with (:func:`pointwise_projection`). The branch's gradient then arrives here and goes
+    into dx instead of autograd adding two x-sized gradients into a third, new one: for BAM's
+    projection as ``W^T grad`` inside ``bam_input_grad``'s pass (dx written once), otherwise
+    added into dx in place."""
 
     @staticmethod
     def forward(ctx, x: Tensor, tape: Tape, branch: bool = False, proj_weight: Optional[Tensor] = None,
@@ -533,10 +552,17 @@ class ChannelStatsNode(torch.autograd.Function):
         x, mx, cnt, proj_weight = ctx.saved_tensors
         t: Tape = ctx.tape
         dx = None
+        grad_branch_in_dx = False
         if ctx.needs_input_grad[0]:
             if t.bam is not None:
                 mc, ms, product = t.bam
-                dx = t.prims.bam_input_grad(x, t.grad_out, mc, ms, product, grad_mean)
+                if grad_branch is not None and proj_weight is not None and \
+                        proj_weight.shape[0] <= FUSED_PROJECTION_GRAD_MAX_RANK:
+                    # the projection's input gradient W^T grad_branch in the same pass
+                    dx = t.prims.bam_input_grad(x, t.grad_out, mc, ms, product, grad_mean, grad_branch, proj_weight)
+                    grad_branch_in_dx = True
+                else:
+                    dx = t.prims.bam_input_grad(x, t.grad_out, mc, ms, product, grad_mean)
             else:
                 spatial = t.grad_smean is not None
                 dx = t.prims.gating_input_grad(
@@ -552,8 +578,9 @@ class ChannelStatsNode(torch.autograd.Function):
             if proj_weight is None:
                 dx = dx.add_(grad_branch) if dx is not None else None
             else:
-                grad_w, grad_b = pointwise_projection_backward_(dx, x, proj_weight, grad_branch,
-                                                                ctx.needs_input_grad[3], ctx.needs_input_grad[4])
+                grad_w, grad_b = pointwise_projection_backward_(None if grad_branch_in_dx else dx, x, proj_weight,
+                                                                grad_branch, ctx.needs_input_grad[3],
+                                                                ctx.needs_input_grad[4])
         return dx, None, None, grad_w, grad_b
 
 

@@ -218,10 +218,13 @@ def bam_combine_backward(grad_out: Tensor, x: Tensor, mc: Tensor, ms: Tensor, pr
 
 
 def bam_input_grad(x: Tensor, grad_out: Optional[Tensor], mc: Tensor, ms: Tensor, product: bool,
-                   grad_cmean: Optional[Tensor]) -> Tensor:
-    """The input gradient of the combine plus the channel branch's mean-pool term:
+                   grad_cmean: Optional[Tensor], grad_proj: Optional[Tensor] = None,
+                   proj_weight: Optional[Tensor] = None) -> Tensor:
+    """The input gradient of the combine plus the channel branch's mean-pool term and the input
+    gradient of a 1x1 projection h = W x the spatial branch starts with (W = proj_weight [R, C],
+    grad_proj = dL/dh [B, R, H, W]):
 
-    dx = grad_out * (1 + sigmoid(z)) + grad_cmean / HW      (each term optional)
+    dx = grad_out * (1 + sigmoid(z)) + grad_cmean / HW + W^T grad_proj      (each term optional)
     """
     HW = x.shape[2] * x.shape[3]
     dx = torch.zeros_like(_flat(x))
@@ -229,4 +232,7 @@ def bam_input_grad(x: Tensor, grad_out: Optional[Tensor], mc: Tensor, ms: Tensor
         dx = dx + _flat(grad_out) * (1 + torch.sigmoid(_bam_z(mc, ms, product)))
     if grad_cmean is not None:
         dx = dx + grad_cmean.unsqueeze(2) / HW
+    if grad_proj is not None:
+        w = proj_weight.reshape(proj_weight.shape[0], -1).to(dx.dtype)
+        dx = dx + torch.einsum("rc,brp->bcp", w, _flat(grad_proj))
     return _like_x(dx, x)

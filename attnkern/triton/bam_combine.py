@@ -76,14 +76,30 @@ def bam_combine_backward(grad_out: Tensor, x: Tensor, mc: Tensor, ms: Tensor,
 
 
 def bam_input_grad(x: Tensor, grad_out: Optional[Tensor], mc: Tensor, ms: Tensor, product: bool,
-                   grad_cmean: Optional[Tensor]) -> Tensor:
-    """``grad_out * (1 + sigmoid(z)) + grad_cmean / HW``, each term optional; x's dtype and
-    memory format."""
+                   grad_cmean: Optional[Tensor], grad_proj: Optional[Tensor] = None,
+                   proj_weight: Optional[Tensor] = None) -> Tensor:
+    """``grad_out * (1 + sigmoid(z)) + grad_cmean / HW + proj_weight^T grad_proj``, each term
+    optional; x's dtype and memory format. The projection's term (grad_proj [B, R, H, W] dense in
+    x's layout and proj_weight [R, C], both in the accumulation dtype) is added after the kernel
+    by a batched matrix product (cuBLAS), in place."""
     fn = "bam_input_grad"
     L = _check_bam(x, mc, ms, fn)
     if grad_out is not None:
         _check_big(grad_out, "grad_out", x, L, fn)
     _check_small(grad_cmean, "grad_cmean", L.B * L.C, x, fn, L.acc)
+    if (grad_proj is None) != (proj_weight is None):
+        raise ValueError(_err(fn, "grad_proj and proj_weight must be given together"))
+    if grad_proj is not None:
+        R = proj_weight.shape[0]
+        _check_small(proj_weight, "proj_weight", R * L.C, x, fn, L.acc)
+        if (tuple(grad_proj.shape) != (L.B, R) + tuple(x.shape[2:]) or grad_proj.dtype != L.acc
+                or grad_proj.device != x.device):
+            raise ValueError(_err(fn, f"grad_proj must be a {L.acc} tensor [B, R, H, W] = "
+                                      f"{[L.B, R] + list(x.shape[2:])} on {x.device}, got {grad_proj.dtype}, "
+                                      f"shape {tuple(grad_proj.shape)}, device {grad_proj.device}"))
+        dx = bam_input_grad(x, grad_out, mc, ms, product, grad_cmean)
+        term = torch.einsum("rc,brhw->bchw", proj_weight.view(R, L.C), grad_proj)
+        return dx.add_(term.to(dx.dtype))
     dx = torch.empty_like(x)
     with _device_guard(x):
         _launch_elementwise(_bam_elementwise_kernel, L, grad_out if grad_out is not None else x, dx, mc, ms,
