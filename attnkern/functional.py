@@ -130,7 +130,8 @@ def bam(
             branch starts with (weight [R, C, 1, 1], bias [R] or None, x's dtype and device).
             Given, ``spatial`` receives that convolution of x, [B, R, H, W], instead of x: the
             block computes it as a matrix product over x's memory and in the backward pass adds
-            its input gradient into dx in place (BAM's ``conv_reduce``).
+            its input gradient into dx: inside the pass that writes dx for R <= 16, in place
+            after it otherwise (BAM's ``conv_reduce``).
 
     Returns:
         ``(out, mc, ms)``: the output (x's dtype and memory format), the channel logits [B, C]

@@ -6,8 +6,10 @@ convs run in PyTorch on x; ``bam_combine`` (1 read + 1 write). Backward (eager):
 ``BamCombineNode`` computes grad_mc = sum_hw dz and grad_ms = sum_c dz (dz = grad_out * x *
 s(1 - s)) in one pass (``bam_combine_backward``) and keeps grad_out; the branches' backward gives
 their parameters' gradients and grad_mean; then ``ChannelStatsNode`` writes dx = grad_out *
-(1 + s) + grad_mean / HW once (``bam_input_grad``) and adds the spatial convs' own input
-gradient into it in place (the branch reads x, or its first 1x1 convolution of x, as
+(1 + s) + grad_mean / HW once (``bam_input_grad``) with the spatial convs' own input gradient:
+when the branch starts with a 1x1 convolution of x to at most 16 channels
+(``FUSED_PROJECTION_GRAD_MAX_RANK``), its ``W^T grad`` inside that same pass; otherwise added into
+dx in place afterwards (the branch reads x, or its first 1x1 convolution of x, as
 ``ChannelStatsNode`` returns it). Under ``torch.compile``: the ops with their own autograd formulas.
 """
 from __future__ import annotations
