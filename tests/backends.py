@@ -15,3 +15,19 @@ def forced_backend_fixture(*names: str):
         return request.param
 
     return backend
+
+
+def assert_registered_with_cpu_kernels(schemas):
+    """Each ``attnkern::`` op of ``schemas`` (name -> schema, as its ``attnkern/ops`` module
+    defines them for builds without C++) has that schema in the dispatcher, a CPU kernel
+    registered from ``csrc/``, a Meta (fake) kernel and the reference as its
+    CompositeExplicitAutograd kernel."""
+    import torch
+
+    has = torch._C._dispatch_has_kernel_for_dispatch_key
+    for name, schema in schemas.items():
+        assert str(getattr(torch.ops.attnkern, name).default._schema) == f"attnkern::{name}{schema}"
+        qualname = f"attnkern::{name}"
+        assert has(qualname, "CPU") and has(qualname, "Meta") and has(qualname, "CompositeExplicitAutograd")
+        cpu = [line for line in torch._C._dispatch_dump(qualname).splitlines() if line.startswith("CPU:")]
+        assert len(cpu) == 1 and "csrc/" in cpu[0], cpu

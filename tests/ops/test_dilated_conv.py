@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from attnkern import _cpu
 from attnkern.ops import dilated_conv as dc  # registers torch.ops.attnkern.dilated_conv*
 from attnkern.reference import dilated_conv as ref
+from tests.backends import assert_registered_with_cpu_kernels
 from tests.cases import make_input
 from tests.tolerance import assert_close
 
@@ -114,13 +115,7 @@ def test_opcheck(layout):
 
 
 def test_schemas_and_kernels():
-    has = torch._C._dispatch_has_kernel_for_dispatch_key
-    for name, schema in dc.SCHEMAS.items():
-        assert str(getattr(ops, name).default._schema) == f"attnkern::{name}{schema}"
-        qualname = f"attnkern::{name}"
-        assert has(qualname, "CPU") and has(qualname, "Meta") and has(qualname, "CompositeExplicitAutograd")
-        cpu = [line for line in torch._C._dispatch_dump(qualname).splitlines() if line.startswith("CPU:")]
-        assert len(cpu) == 1 and "csrc/" in cpu[0], cpu
+    assert_registered_with_cpu_kernels(dc.SCHEMAS)
 
 
 def test_compiles_without_graph_breaks():
