@@ -65,12 +65,12 @@ struct Window {
 // inside it
 inline int64_t padded_width(int64_t W, int64_t p, int64_t L) { return ceil_div(W, L) * L + 2 * p; }
 
-// Copies rows y0 - p .. y0 + rows + p - 1 of the n channels of image b of `in` into buf (see
-// correlate_rows), zeros outside the map; a row holds columns -p .. W + p - 1, then zeros up
-// to `width`.
+// Copies rows y0 - p .. y0 + rows + p - 1 of the n channels of image b of `in` into a buffer
+// from `scratch` (see correlate_rows), zeros outside the map, and returns it; a row holds
+// columns -p .. W + p - 1, then zeros up to `width`.
 template <typename T, typename A>
 A* pad_rows(const Map<T>& in, int64_t b, int64_t n, int64_t H, int64_t W, int64_t y0, int64_t rows, int64_t p,
-              int64_t width, Scratch<A>& scratch) {
+            int64_t width, Scratch<A>& scratch) {
   const int64_t R = rows + 2 * p;
   A* buf = scratch.zeros(n * R * width);
   for (int64_t c = 0; c < n; ++c) {
