@@ -77,13 +77,14 @@ class _SpatialBranch(nn.Module):
         1x1 convolution as a matrix product where that applies
         (:func:`attnkern.nn._layers.pointwise_conv`), and a narrow branch's dilated convolutions
         with the direct kernels (:data:`DIRECT_CONV_MAX_WIDTH`)."""
-        if pointwise and any(_direct_dilated_conv(conv, h) for conv in self.conv_di):
+        direct = [pointwise and _direct_dilated_conv(conv, h) for conv in self.conv_di]
+        if any(direct):
             # NCHW maps for the direct kernels' row reads and for the BatchNorms: ATen's
             # BatchNorm over a few channels runs several times slower on channels_last maps
             h = h.contiguous()
         h = torch.relu(self.bn_reduce(h))
-        for conv, bn in zip(self.conv_di, self.bn_di):
-            if pointwise and _direct_dilated_conv(conv, h):
+        for conv, bn, use_direct in zip(self.conv_di, self.bn_di, direct):
+            if use_direct:
                 y = dilated_conv(h, conv.weight, conv.bias, conv.dilation[0])
             else:
                 y = conv(h)

@@ -81,7 +81,7 @@ def bam_input_grad(x: Tensor, grad_out: Optional[Tensor], mc: Tensor, ms: Tensor
     """``grad_out * (1 + sigmoid(z)) + grad_cmean / HW + proj_weight^T grad_proj``, each term
     optional; x's dtype and memory format. The projection's term (grad_proj [B, R, H, W] dense in
     x's layout and proj_weight [R, C], both in the accumulation dtype) is added after the kernel
-    by a batched matrix product (cuBLAS), in place."""
+    by a matrix product into dx in place (cuBLAS; ``pointwise_projection_backward_``)."""
     fn = "bam_input_grad"
     L = _check_bam(x, mc, ms, fn)
     if grad_out is not None:
@@ -97,9 +97,11 @@ def bam_input_grad(x: Tensor, grad_out: Optional[Tensor], mc: Tensor, ms: Tensor
             raise ValueError(_err(fn, f"grad_proj must be a {L.acc} tensor [B, R, H, W] = "
                                       f"{[L.B, R] + list(x.shape[2:])} on {x.device}, got {grad_proj.dtype}, "
                                       f"shape {tuple(grad_proj.shape)}, device {grad_proj.device}"))
+        from ..ops.gating import pointwise_projection_backward_  # the ops layer imports this module
+
         dx = bam_input_grad(x, grad_out, mc, ms, product, grad_cmean)
-        term = torch.einsum("rc,brhw->bchw", proj_weight.view(R, L.C), grad_proj)
-        return dx.add_(term.to(dx.dtype))
+        pointwise_projection_backward_(dx, x, proj_weight.to(dx.dtype), grad_proj.to(dx.dtype), False, False)
+        return dx
     dx = torch.empty_like(x)
     with _device_guard(x):
         _launch_elementwise(_bam_elementwise_kernel, L, grad_out if grad_out is not None else x, dx, mc, ms,
